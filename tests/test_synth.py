@@ -1,0 +1,160 @@
+"""The sample world: determinism, the real formats read back by their conventions, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.synth.scene import PREDICATES, predicate
+from pipeline.synth.world import REL_ALIASES, generate
+
+SMALL = {"vg_images": 40, "laion_samples": 30, "laion_shard_size": 20, "flickr_images": 20,
+         "laion_fail_rate": 0.1}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate(out, seed=3, params=SMALL)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_help_lists_commands():
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0
+    assert "synth" in res.output
+
+
+def test_same_seed_gives_identical_bytes(world, tmp_path):
+    generate(tmp_path / "again", seed=3, params=SMALL)
+    first, again = _files(world), _files(tmp_path / "again")
+    assert first.keys() == again.keys()
+    assert first == again
+    generate(tmp_path / "other", seed=4, params=SMALL)
+    other = _files(tmp_path / "other")
+    assert other["flickr30k/results.csv"] != first["flickr30k/results.csv"]
+
+
+def test_visual_genome_schema_and_geometry(world):
+    vg = world / "vg"
+    images = json.loads((vg / "image_data.json").read_text())
+    assert len(images) == 40 and all({"image_id", "width", "height", "url"} <= set(i) for i in images)
+    objects = json.loads((vg / "objects.json").read_text())
+    assert all("names" in o for entry in objects for o in entry["objects"])
+    rels = json.loads((vg / "relationships.json").read_text())
+    alias = {a: canon for canon, al in REL_ALIASES.items() for a in al}
+    kinds, seen_preds, n_checked = Counter(), set(), 0
+    for entry in rels:
+        for r in entry["relationships"]:
+            for role in ("subject", "object"):
+                kinds["names" if "names" in r[role] else "name"] += 1
+            pred = " ".join(r["predicate"].lower().split())
+            pred = alias.get(pred, pred)
+            s, o = r["subject"], r["object"]
+            if not pred or s["object_id"] == o["object_id"]:
+                continue  # the planted quirks
+            box = lambda d: (d["x"], d["y"], d["w"], d["h"])
+            assert predicate(box(s), box(o)) == pred, r
+            seen_preds.add(pred)
+            n_checked += 1
+    assert kinds["name"] > 0 and kinds["names"] > 0  # v1.4's mix
+    assert n_checked > 40
+    assert len(seen_preds) >= 6
+    files = {p.stem for p in (vg / "VG_100K").glob("*.jpg")} | {p.stem for p in (vg / "VG_100K_2").glob("*.jpg")}
+    assert len(files) <= 40 and (vg / "VG_100K_2").is_dir()
+    assert (vg / "relationship_alias.txt").read_text().startswith("next to,beside")
+
+
+def test_laion_webdataset_shards(world):
+    laion = world / "laion"
+    shards = sorted(laion.glob("*.tar"))
+    assert [p.name for p in shards] == ["00000.tar", "00001.tar"]
+    total_ok = 0
+    for tar_path in shards:
+        table = pq.read_table(tar_path.with_suffix(".parquet")).to_pylist()
+        stats = json.loads((laion / f"{tar_path.stem}_stats.json").read_text())
+        ok = [r for r in table if r["status"] == "success"]
+        assert stats["count"] == len(table) and stats["successes"] == len(ok)
+        with tarfile.open(tar_path) as tar:
+            names = tar.getnames()
+            assert sorted(names) == sorted(f"{r['key']}.{e}" for r in ok for e in ("jpg", "txt", "json"))
+            for r in ok:
+                assert tar.extractfile(f"{r['key']}.txt").read().decode() == r["caption"]
+                img = Image.open(io.BytesIO(tar.extractfile(f"{r['key']}.jpg").read()))
+                assert img.size == (192, 144) and img.mode == "RGB"
+        total_ok += len(ok)
+    assert 0 < total_ok < 30  # some rows failed to download, like a real img2dataset run
+
+
+def test_flickr30k_csv_and_karpathy(world):
+    root = world / "flickr30k"
+    lines = (root / "results.csv").read_text().splitlines()
+    assert lines[0] == "image_name| comment_number| comment"
+    parsed = [line.split("| ") for line in lines[1:]]
+    good = [p for p in parsed if len(p) == 3]
+    assert len(parsed) - len(good) == 1  # the real file's missing separator
+    assert len(good) == 20 * 5 - 1
+    karpathy = json.loads((root / "dataset_flickr30k.json").read_text())
+    assert karpathy["dataset"] == "flickr30k"
+    splits = Counter(i["split"] for i in karpathy["images"])
+    assert splits == {"train": 16, "val": 2, "test": 2}
+    for img in karpathy["images"]:
+        assert len(img["sentences"]) == 5 and img["sentids"] == [s["sentid"] for s in img["sentences"]]
+        assert (root / "flickr30k_images" / img["filename"]).is_file()
+        for s in img["sentences"]:
+            assert s["tokens"] == re.findall(r"[a-z0-9]+", s["raw"].lower())
+
+
+def test_world_covers_categories_and_predicates():
+    import random
+
+    from pipeline.synth.scene import make_scene
+
+    rng, cats, preds = random.Random(0), set(), set()
+    for _ in range(200):
+        objs, rels = make_scene(rng, 192, 144, 4)
+        cats |= {o.category for o in objs}
+        preds |= {p for _, p, _ in rels}
+    assert len(cats) >= 20 and preds == set(PREDICATES)
+
+
+@pytest.mark.parametrize("kind", ["file", "under-file", "foreign"])
+def test_invalid_out_is_one_line_error(tmp_path, kind):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"synth": SMALL}))
+    target = tmp_path / "target"
+    if kind in ("file", "under-file"):
+        target.write_text("x")
+        if kind == "under-file":
+            target = target / "sub"
+    else:
+        (target / "vg").mkdir(parents=True)  # someone's real data: never deleted
+    res = CliRunner().invoke(app, ["synth", "--out", str(target), "--params", str(params)])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and res.output.startswith("error:")
+    if kind == "foreign":
+        assert (target / "vg").is_dir()
+
+
+def test_cli_writes_three_datasets(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"synth": SMALL}))
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "w"), "--seed", "1",
+                                   "--params", str(params)])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in (tmp_path / "w").iterdir()} >= {"vg", "laion", "flickr30k"}
