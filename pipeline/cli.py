@@ -69,5 +69,22 @@ def synth(
     typer.echo(summary)
 
 
+@app.command("prepare-vqa")
+@one_line_errors
+def prepare_vqa(
+    vg: Annotated[Path | None, typer.Option(help="Visual Genome folder (JSON + VG_100K*)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder for the QA parquet")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Build relation/object QA parquet splits + answer vocabulary from Visual Genome JSON."""
+    from pipeline.params import load_params
+    from pipeline.prepare_vqa import run, summary
+
+    p = load_params("prepare_vqa", params)
+    vg = Path(pick(vg, p, "vg", "data/sample/vg"))
+    out = Path(pick(out, p, "out", "data/qa"))
+    typer.echo(summary(run(vg, out, p)))
+
+
 if __name__ == "__main__":
     app()

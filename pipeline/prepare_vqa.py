@@ -1,0 +1,572 @@
+"""prepare_vqa: Visual Genome JSON -> relation / object QA parquet, streaming at full scale.
+
+Reads `image_data.json`, `relationships.json` and `objects.json` one image entry at a
+time (see `pipeline.formats.vg`) and writes `{train,val,test}.parquet` in row groups, so
+peak memory does not grow with the input (it holds one row group per split, the
+per-image metadata and the answer counts).
+
+- Relation questions: "What is the relationship between {subject} and {object}?" ->
+  predicate, one per relationship. Skipped and counted by reason: malformed entry, image
+  unknown to image_data.json, empty predicate, subject/object without a name, bad box,
+  self-relation (same object id, or same name and box), and duplicate (subject,
+  predicate, object) triples within an image when `dedupe_triples`.
+- Object questions: "What is this?" about one object's box -> its name, from
+  objects.json; at most `max_objects_per_image` per image (largest boxes first; None = no
+  cap, 0 = none). Counted separately (report `objects`).
+- `image_path` is relative to the VG folder (`VG_100K/1.jpg`), null when the file is
+  missing; the report records the folder (`image_path_base`).
+- Names and predicates: lower-case, strip, collapse whitespace, then the alias files.
+- Split per image by a hash of (seed, image_id): deterministic, an image never straddles
+  splits.
+- Answer vocabulary: answers of the *train* rows, most frequent first (ties by text), at
+  least `min_count`, at most `top_k`. Rows outside it are kept with `in_vocab = false`.
+  As the vocabulary needs global counts, rows are first staged without `in_vocab`, then
+  each split is rewritten row group by row group with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_path, write_json
+from pipeline.errors import UserError
+from pipeline.formats import vg
+from pipeline.report import Report
+
+SPLITS = ("train", "val", "test")
+BOX = pa.list_(pa.int32(), 4)
+SCHEMA = pa.schema(
+    [
+        ("qid", pa.string()),
+        ("image_id", pa.int64()),
+        ("image_path", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("qtype", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("subject", pa.string()),
+        ("object", pa.string()),
+        ("subj_box", BOX),
+        ("obj_box", BOX),
+        ("union_box", BOX),
+        ("in_vocab", pa.bool_()),
+        ("split", pa.string()),
+    ]
+)
+STAGED = pa.schema([f for f in SCHEMA if f.name not in ("in_vocab", "split")])
+RELATION_QUESTION = "What is the relationship between {} and {}?"
+OBJECT_QUESTION = "What is this?"
+
+DEFAULTS: dict[str, Any] = {
+    "val_fraction": 0.1,
+    "test_fraction": 0.1,
+    "top_k": 1000,
+    "min_count": 1,
+    "dedupe_triples": True,
+    "max_objects_per_image": 5,
+    "row_group_size": 65536,
+}
+
+
+def check_params(params: dict) -> dict[str, Any]:
+    """Defaults + `params`, validated (`UserError` on a bad value)."""
+    p = {**DEFAULTS, "seed": 0, **{k: v for k, v in params.items() if v is not None}}
+    p["max_objects_per_image"] = params.get("max_objects_per_image", 5)
+    val, test = p["val_fraction"], p["test_fraction"]
+    for key, v in (("val_fraction", val), ("test_fraction", test)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            raise UserError(f"prepare_vqa.{key} must be a number in [0, 1], got {v!r}")
+    if val + test > 1:
+        raise UserError(f"prepare_vqa: val_fraction + test_fraction = {val + test} > 1")
+    for key in ("top_k", "min_count", "row_group_size"):
+        v = p[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"prepare_vqa.{key} must be an integer >= 1, got {v!r}")
+    cap = p["max_objects_per_image"]
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
+        raise UserError(f"prepare_vqa.max_objects_per_image must be null or >= 0, got {cap!r}")
+    if not isinstance(p["dedupe_triples"], bool):
+        raise UserError("prepare_vqa.dedupe_triples must be true or false")
+    return p
+
+
+def split_of(image_id: int, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of an image: a uniform number from blake2b(seed:image_id)."""
+    digest = hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+class _Columns:
+    """Column buffers of one split's pending rows (one parquet row group when flushed)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.qid: list[str] = []
+        self.image_id: list[int] = []
+        self.image_path: list[str | None] = []
+        self.width: list[int | None] = []
+        self.height: list[int | None] = []
+        self.qtype: list[str] = []
+        self.question: list[str] = []
+        self.answer: list[str] = []
+        self.subject: list[str] = []
+        self.object: list[str | None] = []
+        self.subj: list[int] = []  # flat x, y, w, h
+        self.obj: list[int] = []
+        self.union: list[int] = []
+        self.no_obj: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.qid)
+
+    def add_image(
+        self, n: int, image_id: int, path: str | None, w: int | None, h: int | None, qtype: str
+    ) -> None:
+        """Per-image columns for the `n` rows just added."""
+        self.image_id.extend([image_id] * n)
+        self.image_path.extend([path] * n)
+        self.width.extend([w] * n)
+        self.height.extend([h] * n)
+        self.qtype.extend([qtype] * n)
+        self.no_obj.extend([qtype == "object"] * n)
+
+    def to_batch(self) -> pa.RecordBatch:
+        mask = pa.array(self.no_obj, pa.bool_())
+
+        def boxes(flat: list[int], with_mask: bool) -> pa.Array:
+            values = pa.array(flat, pa.int32())
+            return pa.FixedSizeListArray.from_arrays(values, 4, mask=mask if with_mask else None)
+
+        arrays = [
+            pa.array(self.qid, pa.string()),
+            pa.array(self.image_id, pa.int64()),
+            pa.array(self.image_path, pa.string()),
+            pa.array(self.width, pa.int32()),
+            pa.array(self.height, pa.int32()),
+            pa.array(self.qtype, pa.string()),
+            pa.array(self.question, pa.string()),
+            pa.array(self.answer, pa.string()),
+            pa.array(self.subject, pa.string()),
+            pa.array(self.object, pa.string()),
+            boxes(self.subj, False),
+            boxes(self.obj, True),
+            boxes(self.union, True),
+        ]
+        return pa.RecordBatch.from_arrays(arrays, schema=STAGED)
+
+
+class QABuilder:
+    """Turns VG image entries into QA rows, buffered per split and handed to `emit`.
+
+    `emit(split, batch)` receives record batches (schema `STAGED`, at most
+    `row_group_size` rows) as buffers fill and on `flush()`. Counts go to `relations`
+    (a Report over relationships), `objects` (a Report over objects), `answer_counts`,
+    `rows` and `images`.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        images: dict[int, tuple[int | None, int | None]],
+        files: vg.ImageFiles,
+        rel_norm: vg.Normalizer,
+        obj_norm: vg.Normalizer,
+        emit: Callable[[str, pa.RecordBatch], None],
+    ):
+        self.p = check_params(params)
+        self.images = images
+        self.files = files
+        self.rel_norm = rel_norm
+        self.obj_norm = obj_norm
+        self.emit = emit
+        self.relations = Report("prepare_vqa")
+        self.objects = Report("prepare_vqa.objects")
+        self.buffers = {s: _Columns() for s in SPLITS}
+        self.answer_counts = {s: Counter() for s in SPLITS}
+        self.rows = {s: {"relation": 0, "object": 0} for s in SPLITS}
+        self.images_with_rows: dict[str, set[int]] = {s: set() for s in SPLITS}
+        self.rows_without_image_file = 0
+        self.entries = {"relationships": 0, "objects": 0}
+        self.malformed_entries = {"relationships": 0, "objects": 0}
+
+    def _image(self, image_id: int | None) -> tuple[str, str | None, int | None, int | None] | None:
+        if image_id is None or image_id not in self.images:
+            return None
+        w, h = self.images[image_id]
+        p = self.p
+        split = split_of(image_id, p["seed"], p["val_fraction"], p["test_fraction"])
+        return split, self.files.path(image_id), w, h
+
+    def _items(self, entry: Any, key: str, report: Report) -> tuple[int | None, list] | None:
+        """(image_id, items) of an entry, counting malformed entries; None to skip it."""
+        self.entries[key] += 1
+        items = entry.get(key) if isinstance(entry, dict) else None
+        if not isinstance(items, list):
+            self.malformed_entries[key] += 1
+            return None
+        report.read += len(items)
+        return vg.image_id_of(entry), items
+
+    def _done(self, split: str, image_id: int, path: str | None, n: int, qtype: str) -> None:
+        if not n:
+            return
+        cols = self.buffers[split]
+        w, h = self.images[image_id]
+        cols.add_image(n, image_id, path, w, h, qtype)
+        self.rows[split][qtype] += n
+        self.images_with_rows[split].add(image_id)
+        if path is None:
+            self.rows_without_image_file += n
+        if len(cols) >= self.p["row_group_size"]:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        cols = self.buffers[split]
+        if len(cols):
+            self.emit(split, cols.to_batch())
+            cols.clear()
+
+    def flush(self) -> None:
+        for split in SPLITS:
+            self._flush(split)
+
+    def add_relationships(self, entry: Any) -> None:
+        """One relationships.json entry -> relation rows (or counted skips)."""
+        got = self._items(entry, "relationships", self.relations)
+        if got is None or not got[1]:
+            return
+        image_id, rels = got
+        rep = self.relations
+        img = self._image(image_id)
+        if img is None:
+            reason = "no_image_id" if image_id is None else "image_not_in_image_data"
+            rep.skip(reason, image_id if image_id is not None else "?", n=len(rels))
+            return
+        split, path, _, _ = img
+        cols = self.buffers[split]
+        rnorm, onorm, name_of, box_of = self.rel_norm, self.obj_norm, vg.entity_name, vg.box_of
+        union_box = vg.union_box
+        seen: set[tuple[str, str, str]] | None = set() if self.p["dedupe_triples"] else None
+        counts = self.answer_counts[split]
+        n = 0
+        # hot loop (millions of rows): plain dict lookups, no helper calls in the common case
+        for i, rel in enumerate(rels):
+            qid = f"{image_id}/r{i}"
+            if rel.__class__ is not dict:
+                rep.skip("malformed", qid)
+                continue
+            subj, obj = rel.get("subject"), rel.get("object")
+            if subj.__class__ is not dict or obj.__class__ is not dict:
+                rep.skip("malformed", qid)
+                continue
+            pred = rel.get("predicate")
+            pred = rnorm[pred] if pred.__class__ is str else ""
+            if not pred:
+                rep.skip("empty_predicate", qid)
+                continue
+            s = subj.get("name")
+            s = onorm[s] if s.__class__ is str else ""
+            if not s and not (s := onorm[name_of(subj)]):  # blank "name": try "names"
+                rep.skip("subject_no_name", qid)
+                continue
+            o = obj.get("name")
+            o = onorm[o] if o.__class__ is str else ""
+            if not o and not (o := onorm[name_of(obj)]):
+                rep.skip("object_no_name", qid)
+                continue
+            sb, ob = box_of(subj), box_of(obj)
+            if sb is None or ob is None:
+                rep.skip("bad_box", qid)
+                continue
+            sid = subj.get("object_id")
+            if (sid is not None and sid == obj.get("object_id")) or (s == o and sb == ob):
+                rep.skip("self_relation", qid)
+                continue
+            if seen is not None:
+                triple = (s, pred, o)
+                if triple in seen:
+                    rep.skip("duplicate_triple", qid)
+                    continue
+                seen.add(triple)
+            cols.qid.append(qid)
+            cols.question.append(RELATION_QUESTION.format(s, o))
+            cols.answer.append(pred)
+            cols.subject.append(s)
+            cols.object.append(o)
+            cols.subj.extend(sb)
+            cols.obj.extend(ob)
+            cols.union.extend(union_box(sb, ob))
+            counts[pred] += 1
+            n += 1
+        rep.written += n
+        self._done(split, image_id, path, n, "relation")
+
+    def add_objects(self, entry: Any) -> None:
+        """One objects.json entry -> object rows (largest boxes first, capped)."""
+        got = self._items(entry, "objects", self.objects)
+        if got is None or not got[1]:
+            return
+        image_id, objs = got
+        rep = self.objects
+        img = self._image(image_id)
+        if img is None:
+            reason = "no_image_id" if image_id is None else "image_not_in_image_data"
+            rep.skip(reason, image_id if image_id is not None else "?", n=len(objs))
+            return
+        split, path, _, _ = img
+        onorm = self.obj_norm
+        kept: list[tuple[int, int, str, vg.Box]] = []
+        seen_ids: set[int] = set()
+        name_of, box_of = vg.entity_name, vg.box_of
+        for j, ob in enumerate(objs):
+            if ob.__class__ is not dict:
+                rep.skip("malformed", f"{image_id}/o{j}")
+                continue
+            name = onorm[name_of(ob)]
+            if not name:
+                rep.skip("no_name", f"{image_id}/o{j}")
+                continue
+            box = box_of(ob)
+            if box is None:
+                rep.skip("bad_box", f"{image_id}/o{j}")
+                continue
+            oid = ob.get("object_id")
+            if oid.__class__ is int:
+                if oid in seen_ids:
+                    rep.skip("duplicate_object", f"{image_id}/o{j}")
+                    continue
+                seen_ids.add(oid)
+            kept.append((-box[2] * box[3], j, name, box))
+        kept.sort()
+        cap = self.p["max_objects_per_image"]
+        if cap is not None and len(kept) > cap:
+            rep.skip("over_image_cap", f"{image_id}/o{kept[cap][1]}", n=len(kept) - cap)
+            kept = kept[:cap]
+        cols = self.buffers[split]
+        counts = self.answer_counts[split]
+        for _, j, name, box in kept:
+            cols.qid.append(f"{image_id}/o{j}")
+            cols.question.append(OBJECT_QUESTION)
+            cols.answer.append(name)
+            cols.subject.append(name)
+            cols.object.append(None)
+            cols.subj.extend(box)
+            cols.obj.extend((0, 0, 0, 0))
+            cols.union.extend((0, 0, 0, 0))
+            counts[name] += 1
+        rep.written += len(kept)
+        self._done(split, image_id, path, len(kept), "object")
+
+
+def read_image_data(path: Path, report: Report) -> dict[int, tuple[int | None, int | None]]:
+    """image_id -> (width, height) from image_data.json; bad/duplicate entries noted."""
+    images: dict[int, tuple[int | None, int | None]] = {}
+    for k, (image_id, w, h) in enumerate(vg.iter_image_data(path)):
+        if image_id is None:
+            report.note("image_data_entry_without_id", f"#{k}")
+            continue
+        if image_id in images:
+            report.note("image_data_duplicate_id", image_id)
+        images[image_id] = (w, h)
+    return images
+
+
+def build_vocab(counts: Counter, top_k: int, min_count: int) -> list[tuple[str, int]]:
+    """Most frequent answers first (ties by text), count >= min_count, at most top_k."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [(a, c) for a, c in ranked if c >= min_count][:top_k]
+
+
+def finalize_split(staged: Path, final: Path, split: str, vocab: pa.Array) -> int:
+    """Rewrite a staged split row group by row group, adding `in_vocab` and `split`."""
+    n_in = 0
+    pf = pq.ParquetFile(staged)
+    with (
+        atomic_path(final) as tmp,
+        pq.ParquetWriter(tmp, SCHEMA, use_compliant_nested_type=False) as writer,
+    ):
+        for i in range(pf.num_row_groups):
+            t = pf.read_row_group(i)
+            in_vocab = pc.is_in(t["answer"], value_set=vocab)
+            n_in += pc.sum(in_vocab).as_py() or 0
+            split_col = pa.array([split] * len(t), pa.string())
+            cols = [t[name] for name in STAGED.names] + [in_vocab, split_col]
+            writer.write_table(pa.Table.from_arrays(cols, schema=SCHEMA))
+    return n_in
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause the cyclic GC: parsed entries hold no reference cycles, so refcounting frees
+    them; otherwise the collector rescans the live heap as millions of dicts come and go."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _progress(it, total: int, desc: str):
+    return tqdm(
+        it, total=total, desc=desc, unit="img", mininterval=1.0, disable=not sys.stderr.isatty()
+    )
+
+
+def run(vg_dir: Path, out_dir: Path, params: dict) -> Report:
+    """Build `out_dir/{train,val,test}.parquet`, `answers.json`, `report.json` from `vg_dir`."""
+    p = check_params(params)
+    vg_dir, out_dir = Path(vg_dir), Path(out_dir)
+    if not vg_dir.is_dir():
+        raise UserError(f"Visual Genome folder not found: {vg_dir}")
+    want_objects = p["max_objects_per_image"] != 0
+    needed = [vg.IMAGE_DATA, vg.RELATIONSHIPS] + ([vg.OBJECTS] if want_objects else [])
+    for name in needed:
+        if not (vg_dir / name).is_file():
+            raise UserError(f"{vg_dir}: {name} not found (is this a Visual Genome folder?)")
+
+    rel_aliases = vg.load_aliases(vg_dir / vg.RELATIONSHIP_ALIAS)
+    obj_aliases = vg.load_aliases(vg_dir / vg.OBJECT_ALIAS)
+    meta = Report("prepare_vqa.images")
+    images = read_image_data(vg_dir / vg.IMAGE_DATA, meta)
+    files = vg.ImageFiles(vg_dir)
+    missing = [i for i in images if i not in files]
+    for image_id in missing:
+        meta.note("image_file_missing", image_id)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = {s: out_dir / f".{s}.parquet.staged" for s in SPLITS}
+    writers: dict[str, pq.ParquetWriter] = {}
+    try:
+        for s in SPLITS:
+            writers[s] = pq.ParquetWriter(
+                staged[s], STAGED, compression="none", use_compliant_nested_type=False
+            )
+        builder = QABuilder(
+            p,
+            images,
+            files,
+            vg.Normalizer(rel_aliases),
+            vg.Normalizer(obj_aliases),
+            lambda s, b: writers[s].write_batch(b),
+        )
+        with _gc_paused():
+            for entry in _progress(vg.iter_array(vg_dir / vg.RELATIONSHIPS), len(images), "rels"):
+                builder.add_relationships(entry)
+            if want_objects:
+                for entry in _progress(vg.iter_array(vg_dir / vg.OBJECTS), len(images), "objs"):
+                    builder.add_objects(entry)
+            builder.flush()
+        for w in writers.values():
+            w.close()
+
+        vocab = build_vocab(builder.answer_counts["train"], p["top_k"], p["min_count"])
+        vocab_arr = pa.array([a for a, _ in vocab], pa.string())
+        in_vocab = {
+            s: finalize_split(staged[s], out_dir / f"{s}.parquet", s, vocab_arr) for s in SPLITS
+        }
+    finally:
+        for w in writers.values():
+            if w.is_open:
+                w.close()
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+
+    write_json(
+        out_dir / "answers.json",
+        {
+            "answers": [{"answer": a, "count": c} for a, c in vocab],
+            "top_k": p["top_k"],
+            "min_count": p["min_count"],
+            "counted_on": "train",
+        },
+    )
+    report = _report(builder, meta, p, vg_dir, files, len(images), len(missing), vocab, in_vocab)
+    report.save(out_dir / "report.json")
+    return report
+
+
+def summary(report: Report) -> str:
+    """One line: relationships (read, written, skipped by reason), objects, rows per split."""
+    objects = report.extra.get("objects", {})
+    splits = report.extra.get("splits", {})
+    rows = "/".join(str(splits.get(s, {}).get("rows", 0)) for s in SPLITS)
+    return (
+        f"{report.summary()}; objects: read {objects.get('read', 0)}, "
+        f"wrote {objects.get('written', 0)}; rows train/val/test {rows}"
+    )
+
+
+def _report(
+    b: QABuilder,
+    meta: Report,
+    p: dict,
+    vg_dir: Path,
+    files: vg.ImageFiles,
+    n_images: int,
+    n_missing: int,
+    vocab: list,
+    in_vocab: dict[str, int],
+) -> Report:
+    """Top-level counts are relationships; objects, images and splits go in extras."""
+    rep = b.relations
+    objects = b.objects.to_dict()
+    objects.pop("stage")
+    images = meta.to_dict()
+    images.pop("stage")
+    for key in ("read", "written", "skipped_total", "skipped"):
+        images.pop(key)
+    splits = {}
+    for s in SPLITS:
+        rows = b.rows[s]["relation"] + b.rows[s]["object"]
+        splits[s] = {
+            "rows": rows,
+            "relation": b.rows[s]["relation"],
+            "object": b.rows[s]["object"],
+            "images": len(b.images_with_rows[s]),
+            "in_vocab": in_vocab[s],
+        }
+    rep.extra = {
+        "counts": "read/written/skipped count relationships (relation questions); "
+        "object questions are counted under 'objects'",
+        "objects": objects,
+        "images": {
+            "in_image_data": n_images,
+            "files_found": len(files),
+            "files_per_folder": files.per_folder,
+            "missing_file": n_missing,
+            "rows_without_image_file": b.rows_without_image_file,
+            **images,
+        },
+        "json_entries": {"read": b.entries, "malformed": b.malformed_entries},
+        "splits": splits,
+        "answers": {
+            "vocab_size": len(vocab),
+            "distinct_train_answers": len(b.answer_counts["train"]),
+        },
+        "image_path_base": str(vg_dir),
+        "json_backend": vg.json_backend(),
+        "params": {k: p[k] for k in sorted(p)},
+    }
+    return rep
