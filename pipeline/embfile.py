@@ -28,8 +28,11 @@ def vector_array(mat: np.ndarray) -> pa.FixedSizeListArray:
 
 def write_table(path: str | Path, table: pa.Table) -> None:
     """Write `table` atomically as an uncompressed Arrow IPC file (mmap-able)."""
-    with (atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink,
-          ipc.new_file(sink, table.schema) as writer):
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        ipc.new_file(sink, table.schema) as writer,
+    ):
         writer.write_table(table)
 
 

@@ -23,6 +23,27 @@ ROOT = Path(__file__).resolve().parents[1]
 # Only sizes and lengths: what each stage does is the default run's.
 TINY: dict[str, dict] = {
     "synth": {"vg_images": 40, "laion_samples": 80, "laion_shard_size": 40, "flickr_images": 30},
+    "clip_bootstrap": {
+        "epochs": 1,
+        "width": 32,
+        "layers": 1,
+        "heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+        "projection_dim": 32,
+        "vocab_size": 300,
+        "warmup_steps": 2,
+    },
+    "embed": {"shard_size": 30, "num_workers": 1},
+    "train_caption": {
+        "model": {"width": 32, "layers": 1, "heads": 2},
+        "pretrain_epochs": 1,
+        "adapt_epochs": 1,
+        "finetune_epochs": 1,
+        "warmup_steps": 2,
+    },
+    "evaluate_caption": {"beam_size": 2, "max_len": 12},
+    "train_vqa": {"epochs": 1, "hidden": [32]},
 }
 
 
@@ -34,8 +55,12 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    res = subprocess.run(
+        cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    )
     return res
 
 
@@ -43,13 +68,18 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 def repro(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("e2e")
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    shutil.copytree(ROOT / "pipeline", work / "pipeline",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / ".dvcignore", work / ".dvcignore")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONHASHSEED": "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONHASHSEED": "0",
+    }
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "init", "--no-scm", "-q"], work, env)
     _run([*dvc, "repro"], work, env)
@@ -71,3 +101,25 @@ def test_every_stage_ran(repro):
 def test_sample_world_written(repro):
     info = json.loads((repro / "data/sample/SAMPLE_WORLD.json").read_text())
     assert info["vg"]["images"] == 40 and info["flickr30k"]["captions"] == 150
+
+
+def test_reports_account_for_every_input(repro):
+    qa = json.loads((repro / "data/qa/report.json").read_text())
+    assert qa["written"] + qa["skipped_total"] == qa["read"] > 0
+    for name in ("vg", "laion", "flickr30k"):
+        rep = json.loads((repro / f"data/emb/{name}/report.json").read_text())
+        assert rep["written"] > 0, name
+        assert (repro / f"data/emb/{name}/manifest.json").is_file()
+
+
+def test_metrics_side_by_side(repro):
+    clip = json.loads((repro / "metrics/clip.json").read_text())
+    assert {"before", "after"} <= set(clip)
+    caption = json.loads((repro / "metrics/caption.json").read_text())
+    assert {"noada", "ada", "nn_baseline"} <= set(caption)
+    assert all(0.0 <= caption[v]["bleu4"] <= 1.0 for v in ("noada", "ada", "nn_baseline"))
+    vqa = json.loads((repro / "metrics/vqa.json").read_text())
+    for qtype in ("relation", "object", "overall"):
+        assert {"model_top1", "zeroshot_top1", "prior_top1", "majority_top1"} <= set(vqa[qtype])
+    for plot in ("clip.tsv", "vqa.tsv", "caption_noada.tsv", "caption_ada.tsv"):
+        assert (repro / "metrics/plots" / plot).read_text().startswith("epoch")

@@ -19,8 +19,13 @@ from pipeline.cli import app
 from pipeline.synth.scene import PREDICATES, predicate
 from pipeline.synth.world import REL_ALIASES, generate
 
-SMALL = {"vg_images": 40, "laion_samples": 30, "laion_shard_size": 20, "flickr_images": 20,
-         "laion_fail_rate": 0.1}
+SMALL = {
+    "vg_images": 40,
+    "laion_samples": 30,
+    "laion_shard_size": 20,
+    "flickr_images": 20,
+    "laion_fail_rate": 0.1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,9 @@ def world(tmp_path_factory) -> Path:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_help_lists_commands():
@@ -53,7 +60,9 @@ def test_same_seed_gives_identical_bytes(world, tmp_path):
 def test_visual_genome_schema_and_geometry(world):
     vg = world / "vg"
     images = json.loads((vg / "image_data.json").read_text())
-    assert len(images) == 40 and all({"image_id", "width", "height", "url"} <= set(i) for i in images)
+    assert len(images) == 40 and all(
+        {"image_id", "width", "height", "url"} <= set(i) for i in images
+    )
     objects = json.loads((vg / "objects.json").read_text())
     assert all("names" in o for entry in objects for o in entry["objects"])
     rels = json.loads((vg / "relationships.json").read_text())
@@ -75,7 +84,9 @@ def test_visual_genome_schema_and_geometry(world):
     assert kinds["name"] > 0 and kinds["names"] > 0  # v1.4's mix
     assert n_checked > 40
     assert len(seen_preds) >= 6
-    files = {p.stem for p in (vg / "VG_100K").glob("*.jpg")} | {p.stem for p in (vg / "VG_100K_2").glob("*.jpg")}
+    files = {p.stem for p in (vg / "VG_100K").glob("*.jpg")} | {
+        p.stem for p in (vg / "VG_100K_2").glob("*.jpg")
+    }
     assert len(files) <= 40 and (vg / "VG_100K_2").is_dir()
     assert (vg / "relationship_alias.txt").read_text().startswith("next to,beside")
 
@@ -92,7 +103,9 @@ def test_laion_webdataset_shards(world):
         assert stats["count"] == len(table) and stats["successes"] == len(ok)
         with tarfile.open(tar_path) as tar:
             names = tar.getnames()
-            assert sorted(names) == sorted(f"{r['key']}.{e}" for r in ok for e in ("jpg", "txt", "json"))
+            assert sorted(names) == sorted(
+                f"{r['key']}.{e}" for r in ok for e in ("jpg", "txt", "json")
+            )
             for r in ok:
                 assert tar.extractfile(f"{r['key']}.txt").read().decode() == r["caption"]
                 img = Image.open(io.BytesIO(tar.extractfile(f"{r['key']}.jpg").read()))
@@ -114,7 +127,9 @@ def test_flickr30k_csv_and_karpathy(world):
     splits = Counter(i["split"] for i in karpathy["images"])
     assert splits == {"train": 16, "val": 2, "test": 2}
     for img in karpathy["images"]:
-        assert len(img["sentences"]) == 5 and img["sentids"] == [s["sentid"] for s in img["sentences"]]
+        assert len(img["sentences"]) == 5 and img["sentids"] == [
+            s["sentid"] for s in img["sentences"]
+        ]
         assert (root / "flickr30k_images" / img["filename"]).is_file()
         for s in img["sentences"]:
             assert s["tokens"] == re.findall(r"[a-z0-9]+", s["raw"].lower())
@@ -154,7 +169,8 @@ def test_invalid_out_is_one_line_error(tmp_path, kind):
 def test_cli_writes_three_datasets(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"synth": SMALL}))
-    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "w"), "--seed", "1",
-                                   "--params", str(params)])
+    res = CliRunner().invoke(
+        app, ["synth", "--out", str(tmp_path / "w"), "--seed", "1", "--params", str(params)]
+    )
     assert res.exit_code == 0, res.output
     assert {p.name for p in (tmp_path / "w").iterdir()} >= {"vg", "laion", "flickr30k"}

@@ -10,8 +10,18 @@ import random
 
 from pipeline.synth.scene import Obj
 
-ALT_SUFFIXES = ["clipart", "vector", "icon", "png", "stock illustration", "flat design",
-                "isolated on white", "clip art", "vector graphic", "cartoon"]
+ALT_SUFFIXES = [
+    "clipart",
+    "vector",
+    "icon",
+    "png",
+    "stock illustration",
+    "flat design",
+    "isolated on white",
+    "clip art",
+    "vector graphic",
+    "cartoon",
+]
 PHRASES = {
     "on": ["on", "on top of", "resting on"],
     "above": ["above", "over"],
@@ -44,8 +54,9 @@ def _np(rng: random.Random, o: Obj, article: str) -> str:
     return f"{art} {size}{o.colour} {o.category}"
 
 
-def sentences(rng: random.Random, objs: list[Obj], rels: list[tuple[int, str, int]],
-              n: int = 5) -> list[str]:
+def sentences(
+    rng: random.Random, objs: list[Obj], rels: list[tuple[int, str, int]], n: int = 5
+) -> list[str]:
     """`n` different descriptive sentences, each about one true relation (or the objects)."""
     out: list[str] = []
     for k in range(n * 4):
@@ -53,8 +64,11 @@ def sentences(rng: random.Random, objs: list[Obj], rels: list[tuple[int, str, in
             break
         if not rels or k % 5 == 4:
             names = [_np(rng, o, "a") for o in objs]
-            body = f"{names[0]} and {names[1]}" if len(names) == 2 else (
-                ", ".join(names[:-1]) + f" and {names[-1]}")
+            body = (
+                f"{names[0]} and {names[1]}"
+                if len(names) == 2
+                else (", ".join(names[:-1]) + f" and {names[-1]}")
+            )
             s = f"There are {len(objs)} shapes : {body} ."
             if len(objs) == 1:
                 s = f"There is {names[0]} on a dark background ."

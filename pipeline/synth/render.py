@@ -17,8 +17,13 @@ from pipeline.synth.scene import COLOURS, Obj
 
 
 def _regular(n: int, phase: float = -math.pi / 2, r: float = 0.5):
-    return [(0.5 + r * math.cos(phase + 2 * math.pi * k / n),
-             0.5 + r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (
+            0.5 + r * math.cos(phase + 2 * math.pi * k / n),
+            0.5 + r * math.sin(phase + 2 * math.pi * k / n),
+        )
+        for k in range(n)
+    ]
 
 
 def _star():
@@ -41,10 +46,14 @@ def _heart():
 
 
 def _crescent():
-    outer = [(0.5 + 0.5 * math.cos(a), 0.5 + 0.5 * math.sin(a))
-             for a in np.linspace(math.pi / 2, 3 * math.pi / 2, 20)]
-    inner = [(0.75 + 0.35 * math.cos(a), 0.5 + 0.45 * math.sin(a))
-             for a in np.linspace(3 * math.pi / 2, math.pi / 2, 20)]
+    outer = [
+        (0.5 + 0.5 * math.cos(a), 0.5 + 0.5 * math.sin(a))
+        for a in np.linspace(math.pi / 2, 3 * math.pi / 2, 20)
+    ]
+    inner = [
+        (0.75 + 0.35 * math.cos(a), 0.5 + 0.45 * math.sin(a))
+        for a in np.linspace(3 * math.pi / 2, math.pi / 2, 20)
+    ]
     return outer + inner
 
 
@@ -55,15 +64,28 @@ SHAPES = {
     "pentagon": _regular(5),
     "octagon": _regular(8, math.pi / 8),
     "star": _star(),
-    "cross": [(0.35, 0), (0.65, 0), (0.65, 0.35), (1, 0.35), (1, 0.65), (0.65, 0.65),
-              (0.65, 1), (0.35, 1), (0.35, 0.65), (0, 0.65), (0, 0.35), (0.35, 0.35)],
+    "cross": [
+        (0.35, 0),
+        (0.65, 0),
+        (0.65, 0.35),
+        (1, 0.35),
+        (1, 0.65),
+        (0.65, 0.65),
+        (0.65, 1),
+        (0.35, 1),
+        (0.35, 0.65),
+        (0, 0.65),
+        (0, 0.35),
+        (0.35, 0.35),
+    ],
     "heart": _heart(),
     "arrow": [(0, 0.35), (0.6, 0.35), (0.6, 0.1), (1, 0.5), (0.6, 0.9), (0.6, 0.65), (0, 0.65)],
     "crescent": _crescent(),
     "trapezoid": [(0.25, 0.1), (0.75, 0.1), (1, 0.9), (0, 0.9)],
     "parallelogram": [(0.3, 0.15), (1, 0.15), (0.7, 0.85), (0, 0.85)],
-    "semicircle": [(0.5 + 0.5 * math.cos(a), 0.75 - 0.7 * math.sin(a))
-                   for a in np.linspace(0, math.pi, 24)],
+    "semicircle": [
+        (0.5 + 0.5 * math.cos(a), 0.75 - 0.7 * math.sin(a)) for a in np.linspace(0, math.pi, 24)
+    ],
     "kite": [(0.5, 0), (0.9, 0.35), (0.5, 1), (0.1, 0.35)],
     "chevron": [(0, 0), (0.5, 0.45), (1, 0), (1, 0.45), (0.5, 0.95), (0, 0.45)],
     "house": [(0.5, 0), (1, 0.45), (0.85, 0.45), (0.85, 1), (0.15, 1), (0.15, 0.45), (0, 0.45)],
@@ -81,19 +103,23 @@ def _draw_obj(draw: ImageDraw.ImageDraw, o: Obj, fill, outline, line: int) -> No
     elif o.category == "ring":
         if outline is not None:
             draw.ellipse(box, outline=outline, width=thick + 2 * line)
-        draw.ellipse((box[0] + line, box[1] + line, box[2] - line, box[3] - line),
-                     outline=fill, width=thick)
+        draw.ellipse(
+            (box[0] + line, box[1] + line, box[2] - line, box[3] - line), outline=fill, width=thick
+        )
     elif o.category == "frame":
         if outline is not None:
             draw.rectangle(box, outline=outline, width=thick + 2 * line)
-        draw.rectangle((box[0] + line, box[1] + line, box[2] - line, box[3] - line),
-                       outline=fill, width=thick)
+        draw.rectangle(
+            (box[0] + line, box[1] + line, box[2] - line, box[3] - line), outline=fill, width=thick
+        )
     else:
         pts = [(x + px * (w - 1), y + py * (h - 1)) for px, py in SHAPES[o.category]]
         draw.polygon(pts, fill=fill, outline=outline, width=line)
 
 
-def render(objs: list[Obj], width: int, height: int, style: str, rng: np.random.Generator) -> Image.Image:
+def render(
+    objs: list[Obj], width: int, height: int, style: str, rng: np.random.Generator
+) -> Image.Image:
     """Draw the objects (in placement order, so contained objects lie on top)."""
     if style == "clipart":
         bg = tuple(int(v) for v in rng.integers(236, 256, size=3))

@@ -11,15 +11,41 @@ import random
 from dataclasses import dataclass
 
 CATEGORIES = [
-    "circle", "square", "triangle", "star", "diamond", "hexagon", "pentagon", "octagon",
-    "cross", "ring", "heart", "arrow", "crescent", "ellipse", "rectangle", "trapezoid",
-    "parallelogram", "semicircle", "kite", "chevron", "house", "frame",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "diamond",
+    "hexagon",
+    "pentagon",
+    "octagon",
+    "cross",
+    "ring",
+    "heart",
+    "arrow",
+    "crescent",
+    "ellipse",
+    "rectangle",
+    "trapezoid",
+    "parallelogram",
+    "semicircle",
+    "kite",
+    "chevron",
+    "house",
+    "frame",
 ]
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220),
-    "yellow": (240, 210, 20), "orange": (245, 130, 20), "purple": (140, 50, 180),
-    "pink": (245, 120, 180), "brown": (130, 80, 40), "black": (20, 20, 20),
-    "gray": (128, 128, 128), "cyan": (20, 200, 210),
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "orange": (245, 130, 20),
+    "purple": (140, 50, 180),
+    "pink": (245, 120, 180),
+    "brown": (130, 80, 40),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+    "cyan": (20, 200, 210),
 }
 SIZES = {"small": (0.12, 0.17), "large": (0.26, 0.36)}  # fraction of the canvas height
 PREDICATES = ["on", "above", "below", "left of", "right of", "next to", "in", "near"]
@@ -45,8 +71,7 @@ def _v_overlap(a, b) -> int:
 
 
 def _inside(a, b) -> bool:
-    return (a[0] > b[0] and a[1] > b[1] and a[0] + a[2] < b[0] + b[2]
-            and a[1] + a[3] < b[1] + b[3])
+    return a[0] > b[0] and a[1] > b[1] and a[0] + a[2] < b[0] + b[2] and a[1] + a[3] < b[1] + b[3]
 
 
 def predicate(a, b, near_frac: float = 0.9, touch: int = 3, next_gap: int = 8) -> str | None:
@@ -82,7 +107,12 @@ def _place(rng: random.Random, pred: str, anchor, w: int, h: int, width: int, he
     gap = rng.randint(12, 30)
     if pred == "in":
         jx, jy = max(0, (aw - w) // 6), max(0, (ah - h) // 6)
-        return (ax + (aw - w) // 2 + rng.randint(-jx, jx), ay + (ah - h) // 2 + rng.randint(-jy, jy), w, h)
+        return (
+            ax + (aw - w) // 2 + rng.randint(-jx, jx),
+            ay + (ah - h) // 2 + rng.randint(-jy, jy),
+            w,
+            h,
+        )
     if pred == "on":
         return (ax + rng.randint(0, max(0, aw - w)), ay - h, w, h)
     if pred == "next to":
@@ -102,7 +132,9 @@ def _place(rng: random.Random, pred: str, anchor, w: int, h: int, width: int, he
 
 
 def _fits(box, width: int, height: int) -> bool:
-    return box[0] >= 1 and box[1] >= 1 and box[0] + box[2] < width - 1 and box[1] + box[3] < height - 1
+    return (
+        box[0] >= 1 and box[1] >= 1 and box[0] + box[2] < width - 1 and box[1] + box[3] < height - 1
+    )
 
 
 def _clear(box, others, anchor) -> bool:

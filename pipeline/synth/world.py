@@ -49,8 +49,12 @@ DEFAULTS: dict[str, Any] = {
     "objects_per_image": [2, 4],
     "quirks": True,
 }
-REL_ALIASES = {"next to": ["beside", "by"], "in": ["inside", "within"],
-               "below": ["under", "beneath"], "on": ["on top of", "atop"]}
+REL_ALIASES = {
+    "next to": ["beside", "by"],
+    "in": ["inside", "within"],
+    "below": ["under", "beneath"],
+    "on": ["on top of", "atop"],
+}
 OBJ_ALIASES = {"circle": ["round"], "square": ["box"]}
 
 
@@ -76,7 +80,9 @@ def _prepare_out(out: Path) -> None:
         raise UserError(f"--out {out} is a file, not a folder")
     for name in ("vg", "laion", "flickr30k"):
         if (out / name).exists() and not (out / MARKER).exists():
-            raise UserError(f"refusing to overwrite {out / name}: it was not written by clipda synth")
+            raise UserError(
+                f"refusing to overwrite {out / name}: it was not written by clipda synth"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -89,6 +95,7 @@ def _prepare_out(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- Visual Genome
+
 
 def _vg_name(rng: random.Random, name: str, quirks: bool) -> str:
     if quirks and name in OBJ_ALIASES and rng.random() < 0.1:
@@ -112,7 +119,13 @@ def _vg_predicate(rng: random.Random, pred: str, quirks: bool) -> str:
 
 
 def _vg_obj(o: Obj, oid: int, name: str, rng: random.Random, quirks: bool, list_names: bool):
-    d: dict[str, Any] = {"object_id": oid, "x": o.box[0], "y": o.box[1], "w": o.box[2], "h": o.box[3]}
+    d: dict[str, Any] = {
+        "object_id": oid,
+        "x": o.box[0],
+        "y": o.box[1],
+        "w": o.box[2],
+        "h": o.box[3],
+    }
     d["names" if list_names else "name"] = [name] if list_names else name
     if not (quirks and rng.random() < 0.1):
         d["synsets"] = [f"{o.category}.n.01"]
@@ -137,32 +150,60 @@ def write_vg(out: Path, seed: int, cfg: dict) -> dict:
             _write_bytes(out / "vg" / folder / f"{image_id}.jpg", _jpeg(img))
         else:
             n_missing += 1
-        image_data.append({"image_id": image_id, "url": f"https://example.org/{folder}/{image_id}.jpg",
-                           "width": width, "height": height, "coco_id": None, "flickr_id": None})
+        image_data.append(
+            {
+                "image_id": image_id,
+                "url": f"https://example.org/{folder}/{image_id}.jpg",
+                "width": width,
+                "height": height,
+                "coco_id": None,
+                "flickr_id": None,
+            }
+        )
         oids = list(range(next_oid, next_oid + len(objs)))
         next_oid += len(objs)
         names = [_vg_name(rng, o.category, quirks) for o in objs]
-        objects.append({"image_id": image_id, "objects": [
-            _vg_obj(o, oid, nm, rng, quirks, True) for o, oid, nm in zip(objs, oids, names)]})
+        objects.append(
+            {
+                "image_id": image_id,
+                "objects": [
+                    _vg_obj(o, oid, nm, rng, quirks, True) for o, oid, nm in zip(objs, oids, names)
+                ],
+            }
+        )
         rel_list = []
         for s, pred, o in rels:
-            rel_list.append({
-                "relationship_id": next_rid,
-                "predicate": _vg_predicate(rng, pred, quirks),
-                "synsets": [f"{pred.replace(' ', '_')}.r.01"],
-                "subject": _vg_obj(objs[s], oids[s], names[s], rng, quirks, rng.random() < 0.5),
-                "object": _vg_obj(objs[o], oids[o], names[o], rng, quirks, rng.random() < 0.5),
-            })
+            rel_list.append(
+                {
+                    "relationship_id": next_rid,
+                    "predicate": _vg_predicate(rng, pred, quirks),
+                    "synsets": [f"{pred.replace(' ', '_')}.r.01"],
+                    "subject": _vg_obj(objs[s], oids[s], names[s], rng, quirks, rng.random() < 0.5),
+                    "object": _vg_obj(objs[o], oids[o], names[o], rng, quirks, rng.random() < 0.5),
+                }
+            )
             next_rid += 1
         if quirks and rng.random() < 0.02:  # a self-relation, as the real data has
-            rel_list.append({"relationship_id": next_rid, "predicate": "near", "synsets": [],
-                             "subject": _vg_obj(objs[0], oids[0], names[0], rng, quirks, True),
-                             "object": _vg_obj(objs[0], oids[0], names[0], rng, quirks, False)})
+            rel_list.append(
+                {
+                    "relationship_id": next_rid,
+                    "predicate": "near",
+                    "synsets": [],
+                    "subject": _vg_obj(objs[0], oids[0], names[0], rng, quirks, True),
+                    "object": _vg_obj(objs[0], oids[0], names[0], rng, quirks, False),
+                }
+            )
             next_rid += 1
         if quirks and rng.random() < 0.02 and len(objs) > 1:  # an empty predicate
-            rel_list.append({"relationship_id": next_rid, "predicate": "", "synsets": [],
-                             "subject": _vg_obj(objs[1], oids[1], names[1], rng, quirks, True),
-                             "object": _vg_obj(objs[0], oids[0], names[0], rng, quirks, True)})
+            rel_list.append(
+                {
+                    "relationship_id": next_rid,
+                    "predicate": "",
+                    "synsets": [],
+                    "subject": _vg_obj(objs[1], oids[1], names[1], rng, quirks, True),
+                    "object": _vg_obj(objs[0], oids[0], names[0], rng, quirks, True),
+                }
+            )
             next_rid += 1
         n_rel += len(rel_list)
         relationships.append({"image_id": image_id, "relationships": rel_list})
@@ -170,14 +211,18 @@ def write_vg(out: Path, seed: int, cfg: dict) -> dict:
     write_text(vg / "image_data.json", json.dumps(image_data))
     write_text(vg / "objects.json", json.dumps(objects))
     write_text(vg / "relationships.json", json.dumps(relationships))
-    write_text(vg / "relationship_alias.txt",
-               "".join(",".join([k, *v]) + "\n" for k, v in REL_ALIASES.items()))
-    write_text(vg / "object_alias.txt",
-               "".join(",".join([k, *v]) + "\n" for k, v in OBJ_ALIASES.items()))
+    write_text(
+        vg / "relationship_alias.txt",
+        "".join(",".join([k, *v]) + "\n" for k, v in REL_ALIASES.items()),
+    )
+    write_text(
+        vg / "object_alias.txt", "".join(",".join([k, *v]) + "\n" for k, v in OBJ_ALIASES.items())
+    )
     return {"images": n, "relationships": n_rel, "missing_image_files": n_missing}
 
 
 # --------------------------------------------------------------------------- LAION
+
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -195,19 +240,28 @@ def write_laion(out: Path, seed: int, cfg: dict) -> dict:
     ok_total = 0
     for shard in range((n + per_shard - 1) // per_shard):
         rows = []
-        with atomic_path(laion / f"{shard:05d}.tar") as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with (
+            atomic_path(laion / f"{shard:05d}.tar") as tmp,
+            tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar,
+        ):
             for idx in range(min(per_shard, n - shard * per_shard)):
                 key = f"{shard:05d}{idx:04d}"
                 objs, rels = _scene(rng, cfg)
                 caption = alt_text(rng, objs, rels)
                 failed = rng.random() < float(cfg["laion_fail_rate"])
-                row = {"url": f"https://example.org/img/{key}.jpg", "caption": caption, "key": key,
-                       "status": "failed_to_download" if failed else "success",
-                       "error_message": "HTTP Error 404: Not Found" if failed else None,
-                       "width": None if failed else width, "height": None if failed else height,
-                       "original_width": None if failed else width * 2,
-                       "original_height": None if failed else height * 2,
-                       "exif": None if failed else "{}", "sha256": None}
+                row = {
+                    "url": f"https://example.org/img/{key}.jpg",
+                    "caption": caption,
+                    "key": key,
+                    "status": "failed_to_download" if failed else "success",
+                    "error_message": "HTTP Error 404: Not Found" if failed else None,
+                    "width": None if failed else width,
+                    "height": None if failed else height,
+                    "original_width": None if failed else width * 2,
+                    "original_height": None if failed else height * 2,
+                    "exif": None if failed else "{}",
+                    "sha256": None,
+                }
                 if not failed:
                     jpg = _jpeg(render(objs, width, height, "clipart", nrng))
                     row["sha256"] = hashlib.sha256(jpg).hexdigest()
@@ -219,14 +273,24 @@ def write_laion(out: Path, seed: int, cfg: dict) -> dict:
         with atomic_path(laion / f"{shard:05d}.parquet") as tmp:
             pq.write_table(pa.Table.from_pylist(rows), tmp)
         ok = sum(r["status"] == "success" for r in rows)
-        write_json(laion / f"{shard:05d}_stats.json", {
-            "count": len(rows), "successes": ok, "failed_to_download": len(rows) - ok,
-            "failed_to_resize": 0, "duration": 0.0, "start_time": 0.0, "end_time": 0.0,
-            "status_dict": {"success": ok, "HTTP Error 404: Not Found": len(rows) - ok}})
+        write_json(
+            laion / f"{shard:05d}_stats.json",
+            {
+                "count": len(rows),
+                "successes": ok,
+                "failed_to_download": len(rows) - ok,
+                "failed_to_resize": 0,
+                "duration": 0.0,
+                "start_time": 0.0,
+                "end_time": 0.0,
+                "status_dict": {"success": ok, "HTTP Error 404: Not Found": len(rows) - ok},
+            },
+        )
     return {"samples": n, "downloaded": ok_total}
 
 
 # --------------------------------------------------------------------------- Flickr30k
+
 
 def write_flickr30k(out: Path, seed: int, cfg: dict) -> dict:
     rng = random.Random(f"{seed}-flickr30k")
@@ -240,7 +304,9 @@ def write_flickr30k(out: Path, seed: int, cfg: dict) -> dict:
     for i in range(n):
         name = f"{1000000 + 7919 * i}.jpg"
         objs, rels = _scene(rng, cfg)
-        _write_bytes(root / "flickr30k_images" / name, _jpeg(render(objs, width, height, "photo", nrng)))
+        _write_bytes(
+            root / "flickr30k_images" / name, _jpeg(render(objs, width, height, "photo", nrng))
+        )
         sents = sentences(rng, objs, rels, 5)
         split = "train" if i < f_train * n else ("val" if i < (f_train + f_val) * n else "test")
         entry = {"filename": name, "imgid": i, "split": split, "sentids": [], "sentences": []}
@@ -253,7 +319,9 @@ def write_flickr30k(out: Path, seed: int, cfg: dict) -> dict:
             sentid += 1
         karpathy.append(entry)
     write_text(root / "results.csv", "\n".join(csv_lines) + "\n")
-    write_text(root / "dataset_flickr30k.json", json.dumps({"images": karpathy, "dataset": "flickr30k"}))
+    write_text(
+        root / "dataset_flickr30k.json", json.dumps({"images": karpathy, "dataset": "flickr30k"})
+    )
     return {"images": n, "captions": sentid}
 
 
@@ -263,12 +331,17 @@ def generate(out: Path, seed: int = 0, params: dict | None = None) -> str:
     out = Path(out)
     _prepare_out(out)
     t0 = time.perf_counter()
-    info = {"seed": seed, "params": cfg,
-            "vg": write_vg(out, seed, cfg),
-            "laion": write_laion(out, seed, cfg),
-            "flickr30k": write_flickr30k(out, seed, cfg)}
+    info = {
+        "seed": seed,
+        "params": cfg,
+        "vg": write_vg(out, seed, cfg),
+        "laion": write_laion(out, seed, cfg),
+        "flickr30k": write_flickr30k(out, seed, cfg),
+    }
     write_json(out / MARKER, info)
-    return (f"synth: {info['vg']['images']} VG images ({info['vg']['relationships']} relationships), "
-            f"{info['laion']['downloaded']}/{info['laion']['samples']} LAION pairs, "
-            f"{info['flickr30k']['images']} Flickr30k images ({info['flickr30k']['captions']} captions) "
-            f"in {time.perf_counter() - t0:.1f}s -> {out}")
+    return (
+        f"synth: {info['vg']['images']} VG images ({info['vg']['relationships']} relationships), "
+        f"{info['laion']['downloaded']}/{info['laion']['samples']} LAION pairs, "
+        f"{info['flickr30k']['images']} Flickr30k images ({info['flickr30k']['captions']} captions) "
+        f"in {time.perf_counter() - t0:.1f}s -> {out}"
+    )

@@ -1,0 +1,142 @@
+"""Caption training data from the embed stage's cached Arrow files (no image decoding).
+
+`data/emb/laion` and `data/emb/flickr30k` hold one row per caption: `image_emb`
+(fixed_size_list<float16>[d]), `token_ids` (list<int32>, BOS ... EOS), `split`, ids.
+The shards are memory-mapped (`pipeline.embfile`); only the rows of the requested splits
+are copied into tensors. Token ids are right-padded into a (n, L) tensor with their
+lengths; captions longer than `max_len` are cut to `max_len` tokens ending in EOS.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from safetensors.torch import load_file
+
+from pipeline.embfile import read_dataset, vectors
+from pipeline.errors import UserError
+
+TOKEN_TABLE_FILE = "token_embedding.safetensors"
+
+
+@dataclass
+class CaptionSet:
+    """Caption rows of some splits of one embedding folder, as tensors."""
+
+    image_emb: torch.Tensor  # (n, d) one row per caption, dtype as stored (float16)
+    ids: torch.Tensor  # (n, L) int64, right-padded with pad id
+    lengths: torch.Tensor  # (n,) int64 tokens incl. BOS and EOS
+    image_index: torch.Tensor  # (n,) int64 row -> index into `image_ids`
+    image_ids: list[str]  # unique image ids in order of first appearance
+    row_ids: list[str]
+    captions: list[str]
+    truncated: int = 0  # captions cut to max_len
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def images(self) -> torch.Tensor:
+        """(n_images, d): one embedding per unique image."""
+        first = torch.zeros(len(self.image_ids), dtype=torch.long)
+        first[self.image_index.flip(0)] = torch.arange(len(self) - 1, -1, -1)
+        return self.image_emb[first]
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{folder}: no manifest.json (run the embed stage first)")
+    return json.loads(path.read_text())
+
+
+def load_token_table(folder: str | Path) -> torch.Tensor:
+    """The frozen CLIP token-embedding table (vocab, width) float32 cached by `embed`."""
+    path = Path(folder) / TOKEN_TABLE_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: no {TOKEN_TABLE_FILE} (run the embed stage first)")
+    return load_file(str(path))["weight"].float()
+
+
+def _pad_token_ids(
+    column: pa.ChunkedArray | pa.Array, rows: np.ndarray, max_len: int, pad_id: int, eos_id: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Gather `rows` of a list<int32> column into a padded (n, L) int64 array."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False)
+    starts = offsets[rows]
+    full = offsets[rows + 1] - starts
+    lengths = np.minimum(full, max_len)
+    width = int(lengths.max()) if len(rows) else 2
+    pos = np.arange(width)
+    valid = pos[None, :] < lengths[:, None]
+    out = np.full((len(rows), width), pad_id, dtype=np.int64)
+    out[valid] = values[(starts[:, None] + pos[None, :])[valid]]
+    cut = full > max_len
+    if cut.any():
+        out[cut, max_len - 1] = eos_id
+    return out, lengths.astype(np.int64), int(cut.sum())
+
+
+def load_captions(
+    folder: str | Path,
+    splits: tuple[str, ...] | list[str] = ("train",),
+    max_len: int = 32,
+    pad_id: int = 0,
+    eos_id: int = 2,
+) -> CaptionSet:
+    """Rows of `splits` from an embedding folder. Rows without token ids, or with fewer
+    than 2 tokens, are skipped and counted in `.skipped` by reason."""
+    table = read_dataset(folder)
+    need = {"id", "image_id", "split", "image_emb", "token_ids", "caption"}
+    missing = need - set(table.column_names)
+    if missing:
+        raise UserError(f"{folder}: embedding table lacks columns {sorted(missing)}")
+    split = np.asarray(table.column("split").to_pylist(), dtype=object)
+    tok = table.column("token_ids")
+    null = tok.is_null().to_numpy(zero_copy_only=False).astype(bool)
+    lens = pc.list_value_length(tok).fill_null(0).to_numpy().astype(np.int64)
+    in_split = np.isin(split, list(splits))
+    bad_null, bad_short = in_split & null, in_split & ~null & (lens < 2)
+    rows = np.flatnonzero(in_split & ~bad_null & ~bad_short)
+    skipped = {k: int(v.sum()) for k, v in (("no_token_ids", bad_null), ("too_short", bad_short))}
+    ids, lengths, cut = _pad_token_ids(tok, rows, max_len, pad_id, eos_id)
+    emb = vectors(table.column("image_emb"))
+    image_ids = table.column("image_id").take(pa.array(rows)).to_pylist()
+    uniq: dict[str, int] = {}
+    index = [uniq.setdefault(i, len(uniq)) for i in image_ids]
+    return CaptionSet(
+        image_emb=torch.from_numpy(np.ascontiguousarray(emb[rows])),
+        ids=torch.from_numpy(ids),
+        lengths=torch.from_numpy(lengths),
+        image_index=torch.tensor(index, dtype=torch.long),
+        image_ids=list(uniq),
+        row_ids=table.column("id").take(pa.array(rows)).to_pylist(),
+        captions=table.column("caption").take(pa.array(rows)).to_pylist(),
+        truncated=cut,
+        skipped={k: v for k, v in skipped.items() if v},
+    )
+
+
+def load_images(
+    folder: str | Path, splits: tuple[str, ...] | list[str]
+) -> tuple[list[str], torch.Tensor]:
+    """Unique image ids and embeddings (n_images, d) of `splits` (captions ignored)."""
+    table = read_dataset(folder)
+    split = np.asarray(table.column("split").to_pylist(), dtype=object)
+    rows = np.flatnonzero(np.isin(split, list(splits)))
+    image_ids = table.column("image_id").take(pa.array(rows)).to_pylist()
+    first: dict[str, int] = {}
+    for r, i in zip(rows.tolist(), image_ids):
+        first.setdefault(i, r)
+    emb = vectors(table.column("image_emb"))
+    keep = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+    return list(first), torch.from_numpy(np.ascontiguousarray(emb[keep]))

@@ -1,0 +1,1 @@
+"""CLIP backbone (any Hugging Face checkpoint), tokenizer training and the contrastive bootstrap."""

@@ -1,0 +1,335 @@
+"""Any Hugging Face CLIP checkpoint (hub id or local folder) behind one small interface.
+
+`load_backbone(name_or_path)` opens the model (`CLIPModel`), its tokenizer
+(`AutoTokenizer`) and its image-processor settings (`preprocessor_config.json`) through
+`from_pretrained`, whatever saved the folder (openai/clip-*, `clip_bootstrap`, the tests).
+Embeddings are L2-normalised fp32 on the CPU; on CUDA the forward runs under bf16
+autocast, on the CPU in fp32 (same code path).
+
+transformers 5: `get_image_features` / `get_text_features` return an output object whose
+`.pooler_output` is the *projected* embedding (the projection is applied inside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.errors import UserError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB copy of `img`: transparency composited on white (as transformers does), 16-bit
+    and 32-bit grey scaled down to 8 bits (PIL's own convert would clip them), CMYK, grey
+    and palette images converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, size: int, resize: int | None = None) -> np.ndarray:
+    """RGB, shortest side to `resize` (default `size`) bicubic, center crop: uint8 (3, size, size).
+
+    The long side becomes `int(resize * long / short)`; the crop's top/left offset is
+    `(dim - size) // 2`, with zero padding when the image is smaller (as transformers).
+    """
+    img = to_rgb(img)
+    short = size if resize is None else resize
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = short, int(short * h / w)
+    else:
+        new_w, new_h = int(short * w / h), short
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    arr = _center_crop(np.asarray(img, dtype=np.uint8), size)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def normalize_pixels(
+    x: torch.Tensor,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+) -> torch.Tensor:
+    """uint8 (n, 3, H, W) or (3, H, W) -> float32 scaled to [0, 1] and normalised."""
+    shape = (3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    return (x.float() * (1 / 255) - m) / s
+
+
+def preprocess_image(
+    img: Image.Image,
+    size: int,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+    resize: int | None = None,
+) -> torch.Tensor:
+    """CLIPImageProcessor's steps in plain PIL + numpy (picklable, fine in DataLoader workers).
+
+    `resize_crop` (RGB, bicubic shortest-side resize, center crop), then scale to [0, 1]
+    and normalise with `mean` / `std`. Returns a float32 tensor (3, size, size).
+    """
+    out = resize_crop(img, size, resize).astype(np.float32) * np.float32(1 / 255)
+    out -= np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    out /= np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy(out)
+
+
+def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h < size or w < size:  # pad with zeros first, as transformers' center_crop does
+        ph, pw = max(size, h), max(size, w)
+        padded = np.zeros((ph, pw, arr.shape[2]), dtype=arr.dtype)
+        top, left = -(-(ph - h) // 2), -(-(pw - w) // 2)
+        padded[top : top + h, left : left + w] = arr
+        arr, h, w = padded, ph, pw
+    top, left = (h - size) // 2, (w - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+@dataclass
+class Backbone:
+    """A CLIP model with its tokenizer and image settings; see `load_backbone`."""
+
+    model: torch.nn.Module  # transformers.CLIPModel
+    tokenizer: object
+    image_size: int
+    mean: tuple
+    std: tuple
+    device: torch.device
+    amp_dtype: torch.dtype | None  # bf16 on CUDA, None on CPU
+    model_id: str  # hub id, or folder path (relative when inside the working directory)
+    revision: str  # hub commit hash, or "sha256:<hex>" of the weights
+    context_length: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    resize_size: int | None = None  # shortest side before the crop when it differs from image_size
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    def image_transform(self) -> functools.partial:
+        """Picklable `PIL.Image -> (3, S, S) tensor` for DataLoader workers."""
+        return functools.partial(
+            preprocess_image,
+            size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            resize=self.resize_size,
+        )
+
+    def autocast(self):
+        """bf16 autocast on CUDA, a no-op context on the CPU."""
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) preprocessed pixels -> (n, d) L2-normalised fp32 on the CPU."""
+        with torch.inference_mode(), self.autocast():
+            pixels = pixels.to(self.device, non_blocking=True)
+            out = self.model.get_image_features(pixel_values=pixels).pooler_output
+        return _normalise(out)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with BOS ... EOS, truncated to the context length (EOS kept)."""
+        if not texts:
+            return []
+        enc = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.context_length,
+            add_special_tokens=True,
+        )
+        return [list(map(int, ids)) for ids in enc["input_ids"]]
+
+    def encode_token_ids(self, ids: list[list[int]]) -> torch.Tensor:
+        """Token id lists (as `tokenize` gives) -> (n, d) L2-normalised fp32 on the CPU."""
+        if not ids:
+            return torch.zeros((0, self.dim), dtype=torch.float32)
+        n, longest = len(ids), max(len(x) for x in ids)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, longest), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
+        with torch.inference_mode(), self.autocast():
+            out = self.model.get_text_features(
+                input_ids=input_ids.to(self.device, non_blocking=True),
+                attention_mask=mask.to(self.device, non_blocking=True),
+            ).pooler_output
+        return _normalise(out)
+
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (n, d) L2-normalised fp32 on the CPU (tokenised as `tokenize` does)."""
+        ids = self.tokenize(texts)
+        parts = [
+            self.encode_token_ids(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros((0, self.dim), dtype=torch.float32)
+
+    def token_embedding(self) -> torch.Tensor:
+        """The text model's token-embedding table (vocab, width), fp32 on the CPU."""
+        weight = self.model.text_model.embeddings.token_embedding.weight
+        return weight.detach().to("cpu", torch.float32).clone()
+
+
+def _portable(folder: str) -> str:
+    """A folder inside the working directory as a relative path (manifests and metrics in
+    git stay valid in another clone); anything else absolute."""
+    path, cwd = Path(folder), Path.cwd().resolve()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1).cpu()
+
+
+def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype | None]:
+    """`cuda` when available (bf16 autocast), else CPU fp32; an explicit `device` wins."""
+    dev = (
+        torch.device(device)
+        if device
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    return dev, (torch.bfloat16 if dev.type == "cuda" else None)
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """`sha256:<hex>` over the folder's safetensors files (sorted by name)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        files = sorted(Path(folder).glob("*.bin"))
+    h = hashlib.sha256()
+    for f in files:
+        if len(files) > 1:
+            h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _hub_commit(repo_id: str) -> str:
+    """Commit hash of the cached hub snapshot that `from_pretrained` just used."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(path, str) and "/snapshots/" in path:
+        return Path(path).parent.name
+    return "unknown"
+
+
+def _image_settings(source: str) -> tuple[int, int | None, tuple, tuple]:
+    """(crop size, shortest-edge resize or None, mean, std) from preprocessor_config.json."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        cfg, _ = ImageProcessingMixin.get_image_processor_dict(source)
+    except OSError as exc:
+        raise UserError(
+            f"{source}: no usable preprocessor_config.json ({exc})".splitlines()[0]
+        ) from None
+    crop = cfg.get("crop_size", cfg.get("size", 224))
+    crop = crop if isinstance(crop, int) else crop.get("height", crop.get("shortest_edge"))
+    size = cfg.get("size", crop)
+    size = size if isinstance(size, int) else size.get("shortest_edge", size.get("height"))
+    mean = tuple(float(v) for v in cfg.get("image_mean", OPENAI_CLIP_MEAN))
+    std = tuple(float(v) for v in cfg.get("image_std", OPENAI_CLIP_STD))
+    return int(crop), (None if int(size) == int(crop) else int(size)), mean, std
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No per-tensor progress bars from transformers while loading or saving."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_backbone(name_or_path: str | Path, device: str | None = None) -> Backbone:
+    """Open a CLIP checkpoint: a local folder in the Hugging Face layout or a hub id."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise UserError(f"{local}: not a CLIP checkpoint folder (no config.json)")
+        source = str(local.resolve())
+    elif local.exists():
+        raise UserError(f"{local}: a CLIP checkpoint must be a folder or a hub id")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"CLIP checkpoint folder not found: {name}")
+    else:
+        source = name  # hub id
+    dev, amp = pick_device(device)
+    try:
+        with quiet_transformers():
+            model = CLIPModel.from_pretrained(source, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"cannot load CLIP checkpoint '{name}' (no such folder; hub: {msg})"
+        ) from None
+    image_size, resize, mean, std = _image_settings(source)
+    model.eval().to(dev)
+    text_cfg = model.config.text_config
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else text_cfg.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else text_cfg.bos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    context = min(int(tokenizer.model_max_length), int(text_cfg.max_position_embeddings))
+    revision = weights_sha256(source) if local.is_dir() else _hub_commit(source)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        device=dev,
+        amp_dtype=amp,
+        model_id=_portable(source) if local.is_dir() else source,
+        revision=revision,
+        context_length=context,
+        bos_token_id=int(bos),
+        eos_token_id=int(eos),
+        pad_token_id=int(pad),
+        resize_size=resize,
+    )

@@ -1,0 +1,212 @@
+"""Caption decoding: greedy and beam search over the frozen token-embedding table.
+
+The decoder predicts the *embedding* of the next token; each prediction is mapped to
+tokens by nearest-neighbour search (faiss, batched queries) over the table rows in the
+space the training loss measured: L2 to the regression targets for `mse`
+(`IndexFlatL2`), inner product of unit vectors (cosine) for `cosine` / `ce`
+(`IndexFlatIP`). BOS (and a pad id distinct from EOS) are never proposed. A GPU index is
+used when faiss has GPU support (`StandardGpuResources`) and CUDA is available.
+
+Beam scores: for each hypothesis the top `n_cand` neighbours get similarities s_j
+(cosine, or -||pred - row||² / 2 for L2, which equals the inner product up to terms
+constant across candidates when rows have equal norms); the step's log-score is
+log_softmax(s / T) over those candidates. A softmax (rather than raw negative distances)
+makes the per-step scores comparable log-probabilities: a step where one token is far
+closer than the rest costs almost nothing, an ambiguous step costs ~log(#close tokens),
+and the tail beyond `n_cand` neighbours carries negligible mass at the small T used
+(T = ce_temperature, i.e. the temperature of the `ce` loss; times target_scale² for L2).
+Finished hypotheses are ranked by total score / length**length_penalty. With beam size 1
+the search reduces to greedy decoding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.nn.caption_decoder import CaptionDecoder
+from pipeline.nn.caption_decoder import load_caption_model as _load
+
+_INDEX_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class TokenIndex:
+    """faiss nearest-neighbour index over a model's token table (search space as trained)."""
+
+    def __init__(self, model: CaptionDecoder):
+        cfg = model.config
+        self.metric = model.search_space
+        table = model.target_table if self.metric == "l2" else model.unit_table
+        banned = {cfg["bos_token_id"]}
+        if cfg["pad_token_id"] != cfg["eos_token_id"]:
+            banned.add(cfg["pad_token_id"])
+        self.ids = np.array([i for i in range(len(table)) if i not in banned], dtype=np.int64)
+        vecs = np.ascontiguousarray(table.detach().float().cpu().numpy()[self.ids])
+        dim = vecs.shape[1]
+        index = faiss.IndexFlatL2(dim) if self.metric == "l2" else faiss.IndexFlatIP(dim)
+        if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+        index.add(vecs)
+        self.index = index
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (similarity, token id) per query, best first; similarity is the cosine
+        ('ip') or -squared L2 / 2 ('l2')."""
+        q = queries.detach().float()
+        if self.metric == "ip":
+            q = F.normalize(q, dim=-1)
+        dist, idx = self.index.search(np.ascontiguousarray(q.cpu().numpy()), k)
+        sims = torch.from_numpy(dist if self.metric == "ip" else -0.5 * dist)
+        return sims, torch.from_numpy(self.ids[idx])
+
+
+def token_index(model: CaptionDecoder) -> TokenIndex:
+    """The model's cached `TokenIndex` (the table is frozen, so it never goes stale)."""
+    index = _INDEX_CACHE.get(model)
+    if index is None:
+        index = _INDEX_CACHE[model] = TokenIndex(model)
+    return index
+
+
+def _device(model: CaptionDecoder) -> torch.device:
+    return model.token_table.device
+
+
+def _autocast(model: CaptionDecoder):
+    dev = _device(model)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def _max_steps(model: CaptionDecoder, max_len: int) -> int:
+    return max(1, min(int(max_len), model.config["max_len"] - 1))
+
+
+@torch.no_grad()
+def greedy_search(
+    model: CaptionDecoder, image_emb: torch.Tensor, max_len: int = 30
+) -> list[list[int]]:
+    """Nearest token at every step until EOS or `max_len` tokens."""
+    cfg, index, dev = model.config, token_index(model), _device(model)
+    bos, eos = cfg["bos_token_id"], cfg["eos_token_id"]
+    n = len(image_emb)
+    out: list[list[int]] = [[] for _ in range(n)]
+    with _autocast(model):
+        prefix = model.prefix(image_emb.to(dev))
+        tokens = torch.full((n, 1), bos, dtype=torch.long, device=dev)
+        alive = torch.arange(n, device=dev)
+        for _ in range(_max_steps(model, max_len)):
+            pred = model.decode(prefix[alive], tokens[alive])[:, -1]
+            nxt = index.search(pred, 1)[1][:, 0].to(dev)
+            step = torch.full((n,), eos, dtype=torch.long, device=dev)
+            step[alive] = nxt
+            tokens = torch.cat([tokens, step[:, None]], dim=1)
+            for row, tok in zip(alive.tolist(), nxt.tolist()):
+                if tok != eos:
+                    out[row].append(tok)
+            alive = alive[nxt != eos]
+            if len(alive) == 0:
+                break
+    return out
+
+
+@torch.no_grad()
+def beam_search(
+    model: CaptionDecoder,
+    image_emb: torch.Tensor,
+    beam_size: int = 3,
+    max_len: int = 30,
+    temperature: float | None = None,
+    length_penalty: float = 1.0,
+    n_cand: int = 32,
+) -> list[list[int]]:
+    """Beam search with softmax-over-neighbours step scores (see module doc)."""
+    cfg, index, dev = model.config, token_index(model), _device(model)
+    bos, eos, k = cfg["bos_token_id"], cfg["eos_token_id"], int(beam_size)
+    if temperature is None:
+        temperature = cfg["ce_temperature"]
+        if model.search_space == "l2":
+            temperature *= float(cfg["target_scale"]) ** 2
+    n_cand = max(n_cand, 2 * k)
+    n = len(image_emb)
+    beams: list[list[tuple[list[int], float]]] = [[([], 0.0)] for _ in range(n)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n)]
+    active = list(range(n))
+
+    def norm(score: float, length: int) -> float:
+        return score / max(length, 1) ** length_penalty
+
+    with _autocast(model):
+        prefix = model.prefix(image_emb.to(dev))
+        for _ in range(_max_steps(model, max_len)):
+            rows = [(b, h) for b in active for h in range(len(beams[b]))]
+            tokens = torch.tensor([[bos, *beams[b][h][0]] for b, h in rows], device=dev)
+            pref = prefix[torch.tensor([b for b, _ in rows], device=dev)]
+            pred = model.decode(pref, tokens)[:, -1]
+            sims, ids = index.search(pred, n_cand)
+            logp = torch.log_softmax(sims.double() / temperature, dim=-1)[:, : 2 * k].tolist()
+            ids = ids[:, : 2 * k].tolist()
+            by_image: dict[int, list[tuple[float, int, int, int]]] = {b: [] for b in active}
+            for r, (b, h) in enumerate(rows):
+                base = beams[b][h][1]
+                by_image[b].extend(
+                    (base + lp, h, j, t) for j, (lp, t) in enumerate(zip(logp[r], ids[r]))
+                )
+            still = []
+            for b in active:
+                cands = sorted(by_image[b], key=lambda c: (-c[0], c[1], c[2]))
+                new: list[tuple[list[int], float]] = []
+                for rank, (score, h, _, tok) in enumerate(cands):
+                    seq = beams[b][h][0]
+                    if tok == eos:
+                        if rank < k:
+                            finished[b].append((norm(score, len(seq) + 1), seq))
+                    else:
+                        new.append(([*seq, tok], score))
+                    if len(new) == k:
+                        break
+                beams[b] = new
+                if len(finished[b]) < k:
+                    still.append(b)
+            active = still
+            if not active:
+                break
+    for b in active:
+        finished[b].extend((norm(s, len(seq)), seq) for seq, s in beams[b])
+    return [max(f, key=lambda c: c[0])[1] for f in finished]
+
+
+def generate(
+    model: CaptionDecoder,
+    image_emb: torch.Tensor,
+    beam_size: int = 1,
+    max_len: int = 30,
+    batch_size: int = 256,
+) -> list[list[int]]:
+    """Token ids (no BOS/EOS) of one caption per image embedding (n, d)."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(image_emb), batch_size):
+            chunk = image_emb[start : start + batch_size].float()
+            if beam_size == 1:
+                out.extend(greedy_search(model, chunk, max_len))
+            else:
+                out.extend(beam_search(model, chunk, beam_size, max_len))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def load_caption_model(folder: str | Path, device: str | None = None) -> CaptionDecoder:
+    """Load a caption model folder on `device` (default: CUDA when available)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _load(folder, device)

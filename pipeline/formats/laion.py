@@ -1,0 +1,328 @@
+"""LAION-style image-text pairs: img2dataset webdataset shards, or precomputed embeddings.
+
+img2dataset (webdataset output) writes, per shard, `NNNNN.tar` with members `{key}.jpg`,
+`{key}.txt` (the caption) and `{key}.json`, a sibling `NNNNN.parquet` with one row per
+attempted sample (url, caption, key, status, error_message, ...) and `NNNNN_stats.json`.
+Only samples with status "success" have tar members.
+
+Tar members are listed, never extracted: members with absolute paths, `..` components or
+that are not regular files (links, devices) are skipped and reported. The embed stage
+reads the image bytes of the remaining members with `TarFile.extractfile`.
+
+The precomputed layout of LAION / clip-retrieval is `img_emb/img_emb_N.npy`,
+`text_emb/text_emb_N.npy` (optional) and `metadata/metadata_N.parquet` (caption, key or
+url, ...), one row per pair in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.embed_items import ImageItem, Listing, file_stamp, source_entry
+from pipeline.errors import UserError
+from pipeline.report import Report
+
+MAX_TEXT_BYTES = 1 << 20
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+# --------------------------------------------------------------------------- tar members
+
+
+def unsafe_member(member: tarfile.TarInfo) -> bool:
+    """True for members that must never be read: absolute or `..` paths, non-regular files."""
+    name = member.name
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+        return True
+    return not member.isfile()
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset key and extension: `a/000001.jpg` -> ("a/000001", "jpg")."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def list_tar(
+    path: Path, report: Report
+) -> tuple[dict[str, dict[str, tarfile.TarInfo]], dict[str, dict[str, str]]]:
+    """Members of one tar grouped by key (first occurrence wins), in archive order, and the
+    text of the small `.txt` / `.json` members (read with `extractfile`)."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    texts: dict[str, dict[str, str]] = {}
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for member in tf:
+                if member.isdir():
+                    continue
+                if unsafe_member(member):
+                    report.skip("unsafe_tar_member", f"{path.name}:{member.name}")
+                    continue
+                key, ext = split_key(member.name)
+                group = groups.setdefault(key, {})
+                if ext in group:
+                    report.skip("duplicate_tar_member", f"{path.name}:{member.name}")
+                    continue
+                group[ext] = member
+                if ext in ("txt", "json") and member.size <= MAX_TEXT_BYTES:
+                    fh = tf.extractfile(member)
+                    data = fh.read() if fh is not None else b""
+                    texts.setdefault(key, {})[ext] = data.decode("utf-8", errors="replace")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        report.skip("unreadable_tar", f"{path.name}: {detail}")
+    return groups, texts
+
+
+class TarReader:
+    """Reads member bytes through `extractfile`, keeping the last archive open (per process)."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.tf: tarfile.TarFile | None = None
+        self.members: dict[str, tarfile.TarInfo] = {}
+
+    def read(self, path: str, name: str) -> bytes | None:
+        if path != self.path:
+            self.close()
+            self.tf = tarfile.open(path, "r:*")  # noqa: SIM115 (kept open across calls)
+            self.members = {}
+            for m in self.tf.getmembers():
+                self.members.setdefault(m.name, m)
+            self.path = path
+        member = self.members.get(name)
+        if member is None or unsafe_member(member):
+            return None
+        fh = self.tf.extractfile(member)
+        return fh.read() if fh is not None else None
+
+    def close(self) -> None:
+        if self.tf is not None:
+            self.tf.close()
+        self.tf, self.path, self.members = None, None, {}
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def tar_files(input_path: Path) -> list[Path]:
+    if input_path.is_file() and input_path.name.endswith(".tar"):
+        return [input_path]
+    if not input_path.is_dir():
+        raise UserError(f"LAION input not found: {input_path}")
+    tars = sorted(input_path.glob("*.tar"))
+    if not tars:
+        raise UserError(f"{input_path}: no img2dataset .tar shards and no img_emb/ folder")
+    return tars
+
+
+def _parquet_rows(path: Path, report: Report) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:  # loses its status info, not the run
+        report.skip("unreadable_parquet", f"{path.name}: {str(exc).splitlines()[0]}")
+        return []
+    cols = [c for c in ("key", "status", "caption", "error_message") if c in table.column_names]
+    return table.select(cols).to_pylist()
+
+
+def list_webdataset(input_path: Path) -> Listing:
+    """img2dataset shards -> one item per downloaded sample with its caption.
+
+    Skipped (by reason, with keys): rows whose status is not "success"
+    (`img2dataset_failed`), samples without an image member (`missing_image_in_tar`),
+    successful rows without tar members (`missing_tar_member`), empty captions, unsafe or
+    duplicate members, unreadable tars.
+    """
+    report = Report("embed")
+    items: list[ImageItem] = []
+    sources = []
+    failed_status: dict[str, int] = {}
+    for tar_path in tar_files(input_path):
+        parquet = tar_path.with_suffix(".parquet")
+        stats = tar_path.with_name(tar_path.stem + "_stats.json")
+        sources.append(source_entry(tar_path))
+        if parquet.exists():
+            sources.append(source_entry(parquet))
+        if stats.exists():
+            sources.append(source_entry(stats))
+        rows = _parquet_rows(parquet, report)
+        status = {}
+        captions = {}
+        for row in rows:
+            key = str(row.get("key"))
+            status[key] = row.get("status") or "success"
+            captions[key] = row.get("caption")
+            if status[key] != "success":
+                report.read += 1
+                report.skip("img2dataset_failed", key)
+                msg = str(row.get("error_message") or status[key]).splitlines()[0][:80]
+                failed_status[msg] = failed_status.get(msg, 0) + 1
+        groups, texts = list_tar(tar_path, report)
+        stamp = file_stamp(tar_path) or ""
+        for key, members in groups.items():
+            if status.get(key, "success") != "success":
+                continue  # counted above; a failed row with members is still failed
+            report.read += 1
+            image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+            if image is None:
+                report.skip("missing_image_in_tar", key)
+                continue
+            caption = _caption(texts.get(key, {}), captions.get(key))
+            caption = caption.strip()
+            if not caption:
+                report.skip("empty_caption", key)
+                continue
+            items.append(
+                ImageItem(
+                    id=key,
+                    path=str(tar_path),
+                    member=image.name,
+                    split="train",
+                    captions=((f"{key}#0", caption),),
+                    stamp=f"{stamp}:{image.name}:{image.size}",
+                )
+            )
+        for key, st in status.items():
+            if st == "success" and key not in groups:
+                report.read += 1
+                report.skip("missing_tar_member", key)
+    extra = {"layout": "webdataset"}
+    if failed_status:
+        extra["img2dataset_failures"] = dict(sorted(failed_status.items()))
+    return Listing(items, report, sources, extra)
+
+
+def _caption(texts: dict[str, str], parquet_caption) -> str:
+    """Caption of a sample: its .txt member, else the parquet row, else the .json member."""
+    if "txt" in texts:
+        return texts["txt"]
+    if parquet_caption is not None:
+        return str(parquet_caption)
+    if "json" in texts:
+        try:
+            return str(json.loads(texts["json"]).get("caption") or "")
+        except (ValueError, AttributeError):
+            return ""
+    return ""
+
+
+# --------------------------------------------------------------------------- precomputed
+
+
+@dataclass(frozen=True)
+class PrecomputedChunk:
+    """One `N` of the precomputed layout: its three files (text may be absent)."""
+
+    n: int
+    img_emb: Path
+    text_emb: Path | None
+    metadata: Path | None
+
+
+def is_precomputed(input_path: Path) -> bool:
+    return input_path.is_dir() and (input_path / "img_emb").is_dir()
+
+
+def _number(path: Path, prefix: str) -> int | None:
+    m = re.fullmatch(rf"{prefix}_(\d+)\.(npy|parquet)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def precomputed_chunks(input_path: Path) -> list[PrecomputedChunk]:
+    """The img_emb_N.npy files (numeric order) with their text_emb / metadata siblings."""
+    chunks = []
+    for f in (input_path / "img_emb").glob("img_emb_*.npy"):
+        n = _number(f, "img_emb")
+        if n is None:
+            continue
+        text = input_path / "text_emb" / f"text_emb_{n}.npy"
+        meta = input_path / "metadata" / f"metadata_{n}.parquet"
+        chunks.append(
+            PrecomputedChunk(n, f, text if text.exists() else None, meta if meta.exists() else None)
+        )
+    if not chunks:
+        raise UserError(f"{input_path}/img_emb holds no img_emb_N.npy files")
+    return sorted(chunks, key=lambda c: c.n)
+
+
+def npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy header (nothing else read)."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return arr.shape, arr.dtype
+
+
+@dataclass
+class PrecomputedRows:
+    ids: list[str]
+    image_ids: list[str]
+    captions: list[str]
+    image_emb: np.ndarray  # (n, d) float32, L2-normalised
+    text_emb: np.ndarray | None
+
+
+def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows:
+    """The usable rows of one chunk; bad rows are skipped by reason (ids = keys).
+
+    Rows need a non-empty caption (from metadata) and finite, non-zero embeddings;
+    embeddings that are not unit length are normalised (noted as `renormalized`).
+    """
+    img = np.load(chunk.img_emb, mmap_mode="r", allow_pickle=False)
+    n = img.shape[0]
+    txt = np.load(chunk.text_emb, mmap_mode="r", allow_pickle=False) if chunk.text_emb else None
+    meta = pq.read_table(chunk.metadata).to_pylist() if chunk.metadata else []
+    label = f"chunk {chunk.n}"
+    if img.ndim != 2 or len(meta) != n or (txt is not None and txt.shape != img.shape):
+        report.read += max(n, len(meta))
+        report.skip(
+            "precomputed_chunk_mismatch",
+            label,
+            n=max(n, len(meta)) or 1,
+        )
+        return PrecomputedRows([], [], [], np.zeros((0, img.shape[-1]), np.float32), None)
+    report.read += n
+    keys = []
+    for i, row in enumerate(meta):
+        key = row.get("key")
+        keys.append(str(key) if key not in (None, "") else f"{chunk.n}_{i}")
+    captions = [str(row.get("caption") or "").strip() for row in meta]
+    image = np.array(img, dtype=np.float32)  # a copy: the memory map is read-only
+    text = np.array(txt, dtype=np.float32) if txt is not None else None
+    keep = np.ones(n, dtype=bool)
+    for i, c in enumerate(captions):
+        if not c:
+            report.skip("empty_caption", keys[i])
+            keep[i] = False
+    for name, mat in (("image", image), ("text", text)):
+        if mat is None:
+            continue
+        norms = np.linalg.norm(mat, axis=1)
+        bad = ~np.isfinite(mat).all(axis=1) | ~(norms > 0)
+        for i in np.flatnonzero(bad & keep):
+            report.skip(f"bad_{name}_embedding", keys[i])
+        keep &= ~bad
+        off = keep & (np.abs(norms - 1.0) > 1e-2)
+        for i in np.flatnonzero(off):
+            report.note("renormalized", keys[i])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mat /= np.where(norms > 0, norms, 1.0)[:, None]
+    idx = np.flatnonzero(keep)
+    return PrecomputedRows(
+        ids=[f"{keys[i]}#0" for i in idx],
+        image_ids=[keys[i] for i in idx],
+        captions=[captions[i] for i in idx],
+        image_emb=image[idx],
+        text_emb=text[idx] if text is not None else None,
+    )

@@ -1,0 +1,239 @@
+"""A generic QA table (parquet, JSONL or CSV) -> the data/qa layout that prepare_vqa writes.
+
+So that any VQA dataset runs through the same embed / train_vqa / evaluate_vqa stages:
+one row per question with an image path, the question and its answer; optional columns
+qtype, split, subject, object, image_id, qid, box (x,y,w,h). Relative image paths are
+resolved against `images` (default: the table's folder). Images are not decoded (only
+their header is read, for width and height); missing ones keep the row with a null path,
+as prepare_vqa does, so that embed counts them.
+
+Without a split column, splits are drawn by prepare_vqa's hash of the image id (an image
+id is a hash of its path unless the table gives one), so no image is in two splits; the
+answer vocabulary is built as prepare_vqa builds it (top-K train answers, min count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.atomic import atomic_path, write_json
+from pipeline.errors import UserError
+from pipeline.prepare_vqa import SCHEMA, SPLITS, build_vocab, check_params, split_of
+from pipeline.report import Report
+
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+COLUMN_ALIASES = {
+    "image_path": ("image_path", "image", "image_file", "file", "filename", "path"),
+    "question": ("question", "query"),
+    "answer": ("answer", "multiple_choice_answer", "label"),
+    "qtype": ("qtype", "question_type"),
+    "split": ("split",),
+    "subject": ("subject",),
+    "object": ("object",),
+    "image_id": ("image_id",),
+    "qid": ("qid", "question_id", "id"),
+    "box": ("box", "bbox"),
+}
+DEFAULTS: dict[str, Any] = {
+    "top_k": 1000,
+    "min_count": 1,
+    "val_fraction": 0.1,
+    "test_fraction": 0.1,
+    "default_qtype": "other",
+}
+
+
+def read_any(path: Path) -> pa.Table:
+    """Parquet, JSON lines (.jsonl/.json) or CSV/TSV by extension."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return pajson.read_json(path)
+        if suffix in (".csv", ".tsv"):
+            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+            conv = pacsv.ConvertOptions(
+                strings_can_be_null=False,
+                column_types={"question": pa.string(), "answer": pa.string()},
+            )
+            return pacsv.read_csv(path, parse_options=opts, convert_options=conv)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    raise UserError(f"{path}: unknown table format (use .parquet, .jsonl or .csv)")
+
+
+def _columns(table: pa.Table) -> dict[str, str]:
+    """Our column name -> the table's column name, for the columns present."""
+    names = {n.lower(): n for n in table.column_names}
+    found = {}
+    for ours, aliases in COLUMN_ALIASES.items():
+        for a in aliases:
+            if a in names:
+                found[ours] = names[a]
+                break
+    missing = [c for c in ("image_path", "question", "answer") if c not in found]
+    if missing:
+        raise UserError(
+            f"QA table lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)})"
+        )
+    return found
+
+
+def stable_image_id(key: str) -> int:
+    """A non-negative int64 from an image path (the same on every machine)."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def _norm(text: Any) -> str:
+    return " ".join(str(text).split()) if text is not None else ""
+
+
+def _box(value: Any) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = value.strip("[]() ").split(",")
+    try:
+        box = [round(float(v)) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return box if len(box) == 4 else None
+
+
+def _image_size(path: Path) -> tuple[int | None, int | None, str | None]:
+    """(width, height, problem) from the image header, no decoding."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+        return w, h, None
+    except FileNotFoundError:
+        return None, None, "missing_image"
+    except (UnidentifiedImageError, OSError):
+        return None, None, "unreadable_image"
+
+
+def run(
+    input_path: str | Path,
+    out_dir: str | Path,
+    params: dict[str, Any],
+    images: str | Path | None = None,
+) -> Report:
+    """Convert the table at `input_path` into `out_dir/{train,val,test}.parquet` + answers."""
+    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    if not input_path.is_file():
+        raise UserError(f"QA table not found: {input_path}")
+    root = Path(images) if images is not None else input_path.parent
+    checked = check_params(
+        {k: p[k] for k in ("val_fraction", "test_fraction", "top_k", "min_count", "seed") if k in p}
+    )
+    p.update(checked)
+    table = read_any(input_path)
+    cols = _columns(table)
+    data = {ours: table.column(theirs).to_pylist() for ours, theirs in cols.items()}
+    report = Report("prepare_qa_table")
+    sizes: dict[str, tuple] = {}
+    rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for i in range(table.num_rows):
+        report.read += 1
+        get = {k: v[i] for k, v in data.items()}
+        qid = _norm(get.get("qid")) or f"q{i}"
+        question, answer = _norm(get["question"]), _norm(get["answer"]).lower()
+        rel = _norm(get["image_path"])
+        if not rel:
+            report.skip("no_image_path", qid)
+            continue
+        if not question:
+            report.skip("empty_question", qid)
+            continue
+        if not answer:
+            report.skip("empty_answer", qid)
+            continue
+        try:
+            image_id = int(get["image_id"]) if get.get("image_id") not in (None, "") else None
+        except (TypeError, ValueError):
+            report.skip("bad_image_id", qid)
+            continue
+        image_id = stable_image_id(rel) if image_id is None else image_id
+        if "split" in get and _norm(get["split"]):
+            split = SPLIT_ALIASES.get(_norm(get["split"]).lower())
+            if split is None:
+                report.skip("unknown_split", qid)
+                continue
+        else:
+            split = split_of(image_id, int(p["seed"]), p["val_fraction"], p["test_fraction"])
+        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        if rel not in sizes:
+            sizes[rel] = _image_size(path)
+        width, height, problem = sizes[rel]
+        if problem:
+            report.note(problem, qid)
+        box = _box(get.get("box"))
+        rows[split].append(
+            {
+                "qid": qid,
+                "image_id": image_id,
+                "image_path": None if problem == "missing_image" else str(path),
+                "width": width,
+                "height": height,
+                "qtype": _norm(get.get("qtype")) or str(p["default_qtype"]),
+                "question": question,
+                "answer": answer,
+                "subject": _norm(get.get("subject")).lower() or None,
+                "object": _norm(get.get("object")).lower() or None,
+                "subj_box": box,
+                "obj_box": None,
+                "union_box": None,
+                "split": split,
+            }
+        )
+    vocab = build_vocab(Counter(r["answer"] for r in rows["train"]), p["top_k"], p["min_count"])
+    in_vocab = {a for a, _ in vocab}
+    if not vocab:
+        raise UserError(f"{input_path}: no train answers (check the split column / fractions)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_split = {}
+    for split in SPLITS:
+        for r in rows[split]:
+            r["in_vocab"] = r["answer"] in in_vocab
+        out = pa.Table.from_pylist(rows[split], schema=SCHEMA)
+        with atomic_path(out_dir / f"{split}.parquet") as tmp:
+            pq.write_table(out, tmp, use_compliant_nested_type=False)
+        per_split[split] = {
+            "rows": len(rows[split]),
+            "in_vocab": sum(r["in_vocab"] for r in rows[split]),
+            "images": len({r["image_id"] for r in rows[split]}),
+        }
+        report.written += len(rows[split])
+    write_json(
+        out_dir / "answers.json",
+        {
+            "answers": [{"answer": a, "count": c} for a, c in vocab],
+            "top_k": int(p["top_k"]),
+            "min_count": int(p["min_count"]),
+        },
+    )
+    report.extra.update(
+        {"source": str(input_path), "splits": per_split, "n_answers": len(vocab), "columns": cols}
+    )
+    report.save(out_dir / "report.json")
+    return report

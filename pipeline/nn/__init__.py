@@ -1,0 +1,1 @@
+"""Neural-net modules: caption decoder, domain discriminator + GRL, VQA head."""

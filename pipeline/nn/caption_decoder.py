@@ -1,0 +1,247 @@
+"""Embedding-space caption decoder: CLIP image embedding -> next-token *embeddings*.
+
+Architecture (source paper section 2.3; prefix conditioning as in ClipCap, Mokady et al.
+2021, arXiv:2111.09734):
+
+- adapter: MLP mapping the CLIP image embedding to a prefix of `prefix_len` vectors of
+  size `width` (these are the features the domain discriminator sees);
+- the caption's tokens are embedded with the CLIP text model's token-embedding table,
+  frozen and stored in the model (`token_table`), projected to `width`;
+- a causal Transformer decoder (pre-LayerNorm GPT blocks; `layers`, `heads`, `dropout`)
+  reads `[prefix ; BOS t1 ... t_{n-1}]`;
+- a projection maps each output to the token-embedding space: the prediction for the
+  next token's embedding.
+
+Losses (`loss`): `mse` between predicted and actual next-token embedding (the paper's),
+`cosine` (1 - cosine similarity), `ce` (cross-entropy over logits = cosine similarity
+with every row of the tied table / `ce_temperature`); padding is masked. `aux_ce > 0`
+adds that weight times the `ce` loss to `mse`/`cosine`. `target_norm` makes the
+regression targets the unit-normalised table rows times `target_scale` (raw rows
+otherwise); the default scale sqrt(token_width) gives the targets unit-variance
+components, so the elementwise `mse` equals the squared distance of unit vectors
+(≈ 2·(1 - cos)) and its gradients are on the scale of the domain loss's, whatever the
+width. (With raw CLIP rows, whose norms differ, the L2 nearest neighbour of an averaged
+prediction is a small-norm "hub" row, and greedy captions collapse; see the stage's
+report.) Decoding (`pipeline.decode`) maps each prediction to its nearest table row in
+the same space the loss measured it in (`search_space`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.atomic import atomic_path, write_json
+from pipeline.errors import UserError
+
+LOSSES = ("mse", "cosine", "ce")
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "image_dim": 512,  # CLIP image embedding size
+    "vocab_size": 49408,  # token table rows
+    "token_width": 512,  # token table columns
+    "width": 512,
+    "layers": 6,
+    "heads": 8,
+    "mlp_ratio": 4,
+    "prefix_len": 10,
+    "max_len": 32,  # caption tokens incl. BOS and EOS
+    "dropout": 0.1,
+    "loss": "mse",
+    "target_norm": True,
+    "target_scale": None,  # None: sqrt(token_width), i.e. unit-variance target components
+    "ce_temperature": 0.05,
+    "aux_ce": 0.0,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+
+
+def make_config(**overrides: Any) -> dict[str, Any]:
+    """`DEFAULT_CONFIG` updated with `overrides`, checked."""
+    unknown = set(overrides) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise UserError(f"unknown caption model settings: {sorted(unknown)}")
+    cfg = {**DEFAULT_CONFIG, **overrides}
+    if cfg["target_scale"] is None:
+        cfg["target_scale"] = math.sqrt(cfg["token_width"]) if cfg["target_norm"] else 1.0
+    if cfg["loss"] not in LOSSES:
+        raise UserError(f"loss must be one of {LOSSES}, got {cfg['loss']!r}")
+    if cfg["width"] % cfg["heads"]:
+        raise UserError(f"width {cfg['width']} is not divisible by heads {cfg['heads']}")
+    for key in ("layers", "heads", "prefix_len", "width", "vocab_size", "token_width"):
+        if int(cfg[key]) < 1:
+            raise UserError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["max_len"] < 3:
+        raise UserError(f"max_len must be >= 3 (BOS, a token, EOS), got {cfg['max_len']}")
+    return cfg
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block with causal self-attention (nanoGPT style)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.fc = nn.Linear(width, mlp_ratio * width)
+        self.fc_out = nn.Linear(mlp_ratio * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
+
+
+class CaptionDecoder(nn.Module):
+    """Prefix-conditioned causal decoder predicting next-token embeddings (see module doc)."""
+
+    def __init__(self, config: dict[str, Any], token_table: torch.Tensor | None = None):
+        super().__init__()
+        cfg = self.config = make_config(**config)
+        v, tw, w, k = cfg["vocab_size"], cfg["token_width"], cfg["width"], cfg["prefix_len"]
+        if token_table is None:
+            token_table = torch.zeros(v, tw)
+        if tuple(token_table.shape) != (v, tw):
+            raise UserError(f"token table is {tuple(token_table.shape)}, config says ({v}, {tw})")
+        self.register_buffer("token_table", token_table.detach().float().clone())
+        self.register_buffer("unit_table", torch.empty(0), persistent=False)
+        self.register_buffer("target_table", torch.empty(0), persistent=False)
+        self._refresh_tables()
+        self.register_load_state_dict_post_hook(lambda mod, _keys: mod._refresh_tables())
+
+        hidden = max(w, (k * w) // 2)
+        self.adapter = nn.Sequential(
+            nn.Linear(cfg["image_dim"], hidden), nn.GELU(), nn.Linear(hidden, k * w)
+        )
+        self.tok_in = nn.Linear(tw, w)
+        self.pos = nn.Parameter(torch.zeros(k + cfg["max_len"], w))
+        self.drop = nn.Dropout(cfg["dropout"])
+        self.blocks = nn.ModuleList(
+            Block(w, cfg["heads"], cfg["mlp_ratio"], cfg["dropout"]) for _ in range(cfg["layers"])
+        )
+        self.ln_f = nn.LayerNorm(w)
+        self.head = nn.Linear(w, tw)
+        self._init_weights()
+
+    # -- weights -------------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        std_res = 0.02 / math.sqrt(2 * self.config["layers"])
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                std = std_res if name.endswith(("proj", "fc_out")) else 0.02
+                nn.init.normal_(mod.weight, 0.0, std)
+                nn.init.zeros_(mod.bias)
+        nn.init.normal_(self.pos, 0.0, 0.02)
+
+    @torch.no_grad()
+    def _refresh_tables(self) -> None:
+        """Derived, non-persistent copies of the frozen table (unit rows; loss targets)."""
+        self.unit_table = F.normalize(self.token_table, dim=-1)
+        base = self.unit_table if self.config["target_norm"] else self.token_table
+        self.target_table = base * float(self.config["target_scale"])
+
+    @property
+    def search_space(self) -> str:
+        """'l2' (nearest target row by L2, for mse) or 'ip' (cosine, for cosine / ce)."""
+        return "l2" if self.config["loss"] == "mse" else "ip"
+
+    # -- forward -------------------------------------------------------------------------
+    def prefix(self, image_emb: torch.Tensor) -> torch.Tensor:
+        """Adapter: (B, image_dim) -> (B, prefix_len, width); input scaled to unit variance."""
+        x = image_emb.to(self.pos.dtype) * math.sqrt(self.config["image_dim"])
+        return self.adapter(x).view(len(x), self.config["prefix_len"], self.config["width"])
+
+    def decode(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Predicted next-token embeddings (B, T, token_width) for input tokens (B, T)."""
+        k, t = prefix.shape[1], tokens.shape[1]
+        if k + t > self.pos.shape[0]:
+            raise ValueError(f"sequence of {t} tokens exceeds max_len {self.config['max_len']}")
+        emb = F.normalize(self.token_table[tokens], dim=-1) * math.sqrt(self.config["token_width"])
+        x = torch.cat([prefix, self.tok_in(emb)], dim=1) + self.pos[: k + t]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x[:, k:]))
+
+    def forward(self, image_emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.prefix(image_emb), tokens)
+
+    # -- loss ----------------------------------------------------------------------------
+    def ce_logits(self, pred: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity to every table row / ce_temperature: (..., vocab)."""
+        pred = F.normalize(pred.float(), dim=-1)
+        return pred @ self.unit_table.T / float(self.config["ce_temperature"])
+
+    def caption_loss(
+        self, pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Masked mean loss of predictions (B, T, tw) against target ids (B, T)."""
+        pred, ids = pred[mask].float(), targets[mask]
+        kind = self.config["loss"]
+        if kind == "ce":
+            return F.cross_entropy(self.ce_logits(pred), ids)
+        tgt = self.target_table[ids]
+        if kind == "mse":
+            loss = F.mse_loss(pred, tgt)
+        else:
+            loss = (1.0 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
+        if self.config["aux_ce"] > 0:
+            loss = loss + float(self.config["aux_ce"]) * F.cross_entropy(self.ce_logits(pred), ids)
+        return loss
+
+
+def split_batch(ids: torch.Tensor, lengths: torch.Tensor):
+    """Teacher forcing: inputs ids[:, :-1], targets ids[:, 1:], mask of real targets."""
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    pos = torch.arange(targets.shape[1], device=ids.device)
+    mask = pos[None, :] < (lengths[:, None] - 1)
+    return inputs, targets, mask
+
+
+def save_caption_model(
+    model: CaptionDecoder, folder: str | Path, extra: dict[str, Any] | None = None
+) -> None:
+    """Write `model.safetensors` (weights + frozen token table) and `config.json`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json(folder / CONFIG_FILE, {"model": model.config, **(extra or {})})
+
+
+def load_caption_model(folder: str | Path, device: str | torch.device = "cpu") -> CaptionDecoder:
+    """Rebuild a `CaptionDecoder` from a folder written by `save_caption_model` (eval mode)."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise UserError(f"{folder} is not a caption model folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    try:
+        config = json.loads(cfg_path.read_text())["model"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise UserError(f"{cfg_path}: not a caption model config ({exc})") from None
+    model = CaptionDecoder(config)
+    model.load_state_dict(load_file(str(w_path)))
+    return model.to(device).eval()
+
+
+def read_model_info(folder: str | Path) -> dict[str, Any]:
+    """The whole `config.json` of a model folder (model config + training metadata)."""
+    return json.loads((Path(folder) / CONFIG_FILE).read_text())

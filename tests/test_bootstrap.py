@@ -1,0 +1,222 @@
+"""The clip_bootstrap stage on a tiny generated webdataset shard (offline, seconds)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from tiny_clip import make_tiny_clip
+from typer.testing import CliRunner
+
+from pipeline.clip.backbone import load_backbone, weights_sha256
+from pipeline.clip.bootstrap import evaluate, recall_at_k, run, split_heldout
+from pipeline.errors import UserError
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
+           "yellow": (240, 220, 30), "white": (250, 250, 250), "black": (10, 10, 10)}  # fmt: skip
+TINY = {
+    "vocab_size": 200, "context_length": 16, "width": 32, "layers": 1, "heads": 2,
+    "image_size": 32, "patch_size": 8, "projection_dim": 16, "epochs": 6, "batch_size": 8,
+    "lr": 2e-3, "warmup_steps": 2, "heldout_fraction": 0.25, "seed": 0,
+}  # fmt: skip
+
+
+def _jpeg(bg, fg, rs) -> bytes:
+    arr = np.zeros((48, 64, 3), dtype=np.uint8) + np.array(bg, dtype=np.uint8)
+    y, x = rs.randint(0, 24), rs.randint(0, 40)
+    arr[y : y + 20, x : x + 20] = fg
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def make_shard(folder, n: int = 40, seed: int = 0):
+    """An img2dataset shard: n pairs `<fg> square on <bg>`, one failed row, one broken
+    JPEG, one unsafe member."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rs = np.random.RandomState(seed)
+    names = list(COLOURS)
+    rows = []
+    with tarfile.open(folder / "00000.tar", "w") as tf:
+        for i in range(n):
+            key = f"{i:09d}"
+            fg, bg = rs.choice(len(names), 2, replace=False)
+            caption = f"{names[fg]} square on {names[bg]}"
+            status = "failed_to_download" if i == 3 else "success"
+            rows.append({"key": key, "caption": caption, "status": status,
+                         "error_message": None if status == "success" else "timeout",
+                         "url": f"https://example.org/{key}.jpg"})  # fmt: skip
+            if status != "success":
+                continue
+            jpg = b"not a jpeg" if i == 5 else _jpeg(COLOURS[names[bg]], COLOURS[names[fg]], rs)
+            _add(tf, f"{key}.jpg", jpg)
+            _add(tf, f"{key}.txt", caption.encode())
+            _add(tf, f"{key}.json", json.dumps({"key": key, "caption": caption}).encode())
+        _add(tf, "../evil.txt", b"escape")
+    pq.write_table(pa.Table.from_pylist(rows), folder / "00000.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return make_shard(tmp_path_factory.mktemp("laion") / "laion")
+
+
+@pytest.fixture(scope="module")
+def scratch(shard, tmp_path_factory):
+    return _run(shard, tmp_path_factory.mktemp("scratch"))
+
+
+def _run(shard, tmp_path, name="out", **params):
+    out = tmp_path / name
+    report = run(shard, None, out / "clip", out / "clip.json", out / "clip.tsv", {**TINY, **params})
+    return report, json.loads((out / "clip.json").read_text()), out
+
+
+def test_recall_at_k_exact():
+    img = torch.eye(4)
+    txt = torch.eye(4)[[0, 1, 3, 2]]  # pairs 2 and 3 swapped
+    r = recall_at_k(img, txt, ks=(1, 2))
+    assert r == {"i2t_r1": 0.5, "t2i_r1": 0.5, "i2t_r2": 1.0, "t2i_r2": 1.0}
+
+
+def test_split_heldout_is_seeded_and_disjoint():
+    tr, he = split_heldout(100, 0.2, 1000, seed=3)
+    tr2, he2 = split_heldout(100, 0.2, 1000, seed=3)
+    assert np.array_equal(tr, tr2) and np.array_equal(he, he2)
+    assert len(he) == 20 and len(tr) == 80 and not set(tr) & set(he)
+    assert len(split_heldout(100, 0.5, 7, seed=0)[1]) == 7
+
+
+def test_scratch_bootstrap_outputs_and_metrics(scratch):
+    report, m, out = scratch
+    folder = out / "clip"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "preprocessor_config.json", "clip_source.json", "report.json"} <= names  # fmt: skip
+    # 40 rows: 1 failed download, 1 broken JPEG -> 38 pairs, 25% held out
+    assert report.skipped["img2dataset_failed"] == 1
+    assert report.skipped["not_an_image"] == 1
+    assert report.skipped["unsafe_tar_member"] == 1
+    assert report.written == 38
+    assert (m["mode"], m["heldout_pairs"], m["train_laion_pairs"]) == ("scratch", 10, 28)
+    assert m["chance_r1"] == 0.1 and m["chance_r5"] == 0.5
+    assert len(m["loss_per_epoch"]) == 6 and m["epochs"] == 6
+    assert m["loss_per_epoch"][-1] < m["loss_per_epoch"][0]
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "loss"):
+        assert 0 <= m["before"][key] and 0 <= m["after"][key]
+    tsv = (out / "clip.tsv").read_text().splitlines()
+    assert tsv[0].split("\t")[:3] == ["epoch", "train_loss", "heldout_loss"] and len(tsv) == 8
+    assert tsv[1].startswith("0\t") and tsv[-1].startswith("6\t")
+    assert m["train_loss_final"] == m["loss_per_epoch"][-1]
+
+    # the folder is a checkpoint like any other, and re-evaluating it gives "after"
+    bb = load_backbone(folder)
+    assert bb.image_size == 32 and bb.context_length == 16
+    assert bb.tokenize(["Red square on BLUE"])[0][0] == bb.bos_token_id
+    src = json.loads((folder / "clip_source.json").read_text())
+    assert src["mode"] == "scratch" and src["trained_on"]["laion_pairs"] == 28
+
+
+def test_saved_checkpoint_reproduces_after_metrics(shard, scratch):
+    from pipeline.clip.bootstrap import load_laion
+    from pipeline.report import Report
+
+    _, m, out = scratch
+    bb = load_backbone(out / "clip")
+    pairs = load_laion(shard, bb.image_size, None, Report("t"))
+    _, held_idx = split_heldout(len(pairs), 0.25, 1000, seed=0)
+    held = pairs.subset(held_idx)
+    again = evaluate(bb, held, bb.tokenize([c[0] for c in held.captions]))
+    assert again == m["after"]
+
+
+def test_deterministic_on_cpu(shard, scratch, tmp_path):
+    _, m1, out1 = scratch
+    _, m2, out2 = _run(shard, tmp_path, "again")
+    assert m1 == m2
+    assert weights_sha256(out1 / "clip") == weights_sha256(out2 / "clip")
+    assert (out1 / "clip" / "tokenizer.json").read_bytes() == (
+        out2 / "clip" / "tokenizer.json"
+    ).read_bytes()
+
+
+def test_passthrough_copies_checkpoint_and_equal_metrics(shard, tmp_path):
+    tiny = make_tiny_clip(tmp_path / "tiny")
+    _, m, out = _run(shard, tmp_path, pretrained=str(tiny), finetune=False)
+    assert m["mode"] == "passthrough" and m["before"] == m["after"] and m["loss_per_epoch"] == []
+    assert weights_sha256(out / "clip") == weights_sha256(tiny)
+    assert len((out / "clip.tsv").read_text().splitlines()) == 2  # header + epoch 0
+    src = json.loads((out / "clip" / "clip_source.json").read_text())
+    assert src["pretrained"] == str(tiny) and src["pretrained_revision"] == weights_sha256(tiny)
+
+
+def test_finetune_pretrained_changes_weights(shard, tmp_path):
+    tiny = make_tiny_clip(tmp_path / "tiny")
+    _, m, out = _run(shard, tmp_path, pretrained=str(tiny), finetune=True, epochs=2)
+    assert m["mode"] == "finetune" and len(m["loss_per_epoch"]) == 2
+    assert weights_sha256(out / "clip") != weights_sha256(tiny)
+    bb = load_backbone(out / "clip")
+    assert (
+        bb.model.config.text_config.vocab_size
+        == load_backbone(tiny).model.config.text_config.vocab_size
+    )
+
+
+def test_too_few_pairs_is_user_error(tmp_path):
+    small = make_shard(tmp_path / "small", n=8)
+    with pytest.raises(UserError, match="usable LAION pairs"):
+        run(small, None, tmp_path / "o", tmp_path / "m.json", None, dict(TINY))
+
+
+def test_cli_missing_input_is_one_line_error(tmp_path):
+    from pipeline.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\n")
+    res = CliRunner().invoke(
+        app, ["clip-bootstrap", "--laion", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+              "--params", str(params)],
+    )  # fmt: skip
+    assert res.exit_code == 2
+    assert "LAION input not found" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_flickr_pairs_and_tokenizer_texts(shard, tmp_path):
+    from pipeline.formats.flickr30k import list_flickr30k
+
+    root = tmp_path / "flickr30k"
+    (root / "flickr30k_images").mkdir(parents=True)
+    rs = np.random.RandomState(1)
+    lines = ["image_name| comment_number| comment"]
+    for i in range(30):
+        name = f"{1000 + i}.jpg"
+        (root / "flickr30k_images" / name).write_bytes(_jpeg(COLOURS["white"], COLOURS["red"], rs))
+        lines += [f"{name}| 0| A red square on white .", f"{name}| 1| A zebra crossing ."]
+    (root / "results.csv").write_text("\n".join(lines) + "\n")
+    n_train = sum(item.split == "train" for item in list_flickr30k(root).items)
+    out = tmp_path / "o"
+    report = run(
+        shard, root, out / "clip", out / "m.json", None, {**TINY, "epochs": 1, "flickr_pairs": True}
+    )
+    m = json.loads((out / "m.json").read_text())
+    assert m["train_flickr30k_images"] == n_train > 0 and m["train_laion_pairs"] == 28
+    assert m["train_images"] == 28 + n_train
+    assert report.extra["flickr30k"]["read"] == 60
+    # "zebra" only occurs in Flickr30k captions: the tokenizer learned it as one token
+    bb = load_backbone(out / "clip")
+    assert len(bb.tokenize(["zebra"])[0]) == 3

@@ -1,0 +1,525 @@
+"""The embed stage with a tiny CLIP: Arrow output read back zero-copy, resume after a kill,
+process sharding, bad inputs counted, the LAION embedding layout taken as is, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from pyarrow import ipc
+from test_formats_caption import make_laion
+from tiny_clip import make_tiny_clip
+from typer.testing import CliRunner
+
+from pipeline import embed
+from pipeline.clip.backbone import load_backbone, preprocess_image
+from pipeline.embfile import read_dataset, read_table, vectors
+from pipeline.errors import UserError
+from pipeline.imagedecode import decode_image, open_rgb, resize_crop
+
+P = {"batch_size": 4, "num_workers": 0, "shard_size": 3, "dtype": "float16"}
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def bb(clip_dir):
+    return load_backbone(clip_dir)
+
+
+def _img(seed: int, size=(48, 36)) -> Image.Image:
+    rs = np.random.RandomState(seed)
+    return Image.fromarray(rs.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _save(img: Image.Image, path: Path, fmt="JPEG", **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **kw)
+    return path
+
+
+def make_flickr(root: Path, n: int = 10) -> Path:
+    lines = ["image_name| comment_number| comment"]
+    for i in range(n):
+        _save(_img(i), root / "flickr30k_images" / f"{100 + i}.jpg")
+        for k in range(2):
+            lines.append(f"{100 + i}.jpg| {k}| a red circle {i} on a blue square {k} .")
+    (root / "results.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_caption_rows_match_the_model(tmp_path, bb):
+    src = make_flickr(tmp_path / "f", n=5)
+    rep = embed.run("flickr30k", src, tmp_path / "out", P, backbone=bb)
+    assert (rep.read, rep.written) == (10, 10)
+    table = read_dataset(tmp_path / "out")
+    assert table.column_names == [
+        "id",
+        "image_id",
+        "split",
+        "image_emb",
+        "text_emb",
+        "caption",
+        "token_ids",
+    ]
+    assert table.schema.field("image_emb").type == pa.list_(pa.float16(), 16)
+    assert table.column("id").to_pylist()[:3] == ["100#0", "100#1", "101#0"]
+    captions = table.column("caption").to_pylist()
+    assert table.column("token_ids").to_pylist() == bb.tokenize(captions)
+    text = vectors(table.column("text_emb")).astype(np.float32)
+    assert np.allclose(text, bb.encode_texts(captions).numpy(), atol=2e-3)
+    pixels = torch.stack(
+        [
+            preprocess_image(Image.open(src / "flickr30k_images" / f"{100 + i}.jpg"), 32)
+            for i in range(5)
+        ]
+    )
+    expect = bb.encode_images(pixels).numpy()
+    image = vectors(table.column("image_emb")).astype(np.float32)
+    assert np.allclose(image[::2], expect, atol=2e-3) and np.array_equal(image[0], image[1])
+    assert np.allclose(np.linalg.norm(image, axis=1), 1, atol=2e-3)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["revision"] == bb.revision and manifest["dim"] == 16
+    assert (manifest["rows"], manifest["shards"], manifest["dtype"]) == (10, 2, "float16")
+    assert manifest["token_embedding"]["vocab_size"] == bb.token_embedding().shape[0]
+    from safetensors.torch import load_file
+
+    weight = load_file(str(tmp_path / "out" / "token_embedding.safetensors"))["weight"]
+    assert torch.equal(weight, bb.token_embedding())
+
+
+def test_uint8_path_equals_preprocess_image(bb):
+    img = _img(3, size=(61, 40))
+    norm = embed.PixelNormalizer(bb)
+    ours = norm(torch.from_numpy(resize_crop(img, 32)[None]))[0]
+    assert torch.equal(ours, preprocess_image(img, 32, bb.mean, bb.std))
+
+
+def test_arrow_memory_mapped_zero_copy(tmp_path, bb):
+    embed.run(
+        "flickr30k",
+        make_flickr(tmp_path / "f", n=3),
+        tmp_path / "out",
+        {**P, "shard_size": 100},
+        backbone=bb,
+    )
+    path = tmp_path / "out" / "part-00000.arrow"
+    source = pa.memory_map(str(path), "r")
+    table = ipc.open_file(source).read_all()
+    mat = vectors(table.column("image_emb"))
+    source.seek(0)
+    whole = source.read_buffer()  # the whole mapping, zero-copy
+    assert whole.address <= mat.ctypes.data < whole.address + whole.size
+    region = np.frombuffer(whole, dtype=np.uint8)
+    assert np.shares_memory(mat, region)  # the numpy view points into the mapped file
+    assert mat.shape == (6, 16) and mat.dtype == np.float16 and not mat.flags.owndata
+    before = pa.total_allocated_bytes()
+    table = read_table(path)
+    view = vectors(table.column("text_emb"))
+    assert pa.total_allocated_bytes() - before == 0  # nothing copied into Arrow memory
+    assert view.shape == (6, 16)
+    with pytest.raises(ValueError):  # the mapping is read-only
+        view[0, 0] = 1
+
+
+# --------------------------------------------------------------------------- resume, shards
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path, bb):
+    src = make_flickr(tmp_path / "f", n=10)  # 4 shards of 3, 3, 3, 1 images
+    embed.run("flickr30k", src, tmp_path / "full", P, backbone=bb)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(k):
+        raise Killed(k)
+
+    with pytest.raises(Killed):
+        embed.run(
+            "flickr30k",
+            src,
+            tmp_path / "resumed",
+            P,
+            backbone=bb,
+            on_shard_written=kill_after_first,
+        )
+    names = sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    assert names == ["part-00000.arrow", "token_embedding.safetensors"]
+    written = []
+    rep = embed.run(
+        "flickr30k",
+        src,
+        tmp_path / "resumed",
+        {**P, "num_workers": 2},
+        backbone=bb,
+        on_shard_written=written.append,
+    )
+    assert written == [1, 2, 3]  # shard 0 was not recomputed
+    assert rep.written == 20
+    assert _files(tmp_path / "resumed") == _files(tmp_path / "full")
+    again = []
+    embed.run("flickr30k", src, tmp_path / "resumed", P, backbone=bb, on_shard_written=again.append)
+    assert again == []
+    # a changed input file invalidates only its own shard
+    _save(_img(99), src / "flickr30k_images" / "104.jpg")
+    embed.run("flickr30k", src, tmp_path / "resumed", P, backbone=bb, on_shard_written=again.append)
+    assert again == [1]
+
+
+def test_process_shards_and_torchrun_env(tmp_path, bb, monkeypatch):
+    src = make_flickr(tmp_path / "f", n=7)
+    embed.run("flickr30k", src, tmp_path / "one", P, backbone=bb)
+    first = []
+    embed.run(
+        "flickr30k",
+        src,
+        tmp_path / "two",
+        P,
+        shard=(0, 2),
+        backbone=bb,
+        on_shard_written=first.append,
+    )
+    assert first == [0, 2] and not (tmp_path / "two" / "manifest.json").exists()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    second = []
+    rep = embed.run(
+        "flickr30k", src, tmp_path / "two", P, backbone=bb, on_shard_written=second.append
+    )
+    assert second == [1] and rep.written == 14
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    assert embed.resolve_shard(None) == (1, 2)
+    with pytest.raises(UserError):
+        embed.parse_shard("2/2")
+    with pytest.raises(UserError):
+        embed.parse_shard("a/b")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _cmyk_jpeg(path):
+    return _save(_img(5).convert("CMYK"), path)
+
+
+def _exif_jpeg(path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    return _save(_img(6, size=(40, 24)), path, exif=exif)
+
+
+def _png16(path):
+    arr = (np.arange(30 * 20, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16)
+    return _save(Image.fromarray(arr), path, "PNG")
+
+
+def test_every_bad_input_is_counted(tmp_path, bb):
+    root = tmp_path / "f"
+    imgs = root / "flickr30k_images"
+    good = _save(_img(1), imgs / "1.jpg")
+    data = good.read_bytes()
+    (imgs / "2.jpg").write_bytes(data[: len(data) // 2])  # truncated
+    (imgs / "3.jpg").write_bytes(b"")  # zero bytes
+    (imgs / "4.jpg").write_text("this is not an image")
+    _cmyk_jpeg(imgs / "5.jpg")
+    _save(_img(7).convert("L"), imgs / "6.png", "PNG")
+    _save(_img(8).convert("RGBA"), imgs / "7.png", "PNG")
+    _png16(imgs / "8.png")
+    _exif_jpeg(imgs / "9.jpg")
+    long = " ".join(["red circle"] * 20)
+    rows = [
+        "image_name| comment_number| comment",
+        "1.jpg| 0| a red circle .",
+        "1.jpg| 1 a blue square .",  # missing separator
+        "1.jpg| 2| ",
+        f"1.jpg| 3| {long}",  # empty, too long
+        "2.jpg| 0| x .",
+        "3.jpg| 0| x .",
+        "4.jpg| 0| x .",
+        "5.jpg| 0| x .",
+        "6.png| 0| x .",
+        "7.png| 0| x .",
+        "8.png| 0| x .",
+        "9.jpg| 0| x .",
+        "10.jpg| 0| missing file .",
+    ]
+    (root / "results.csv").write_text("\n".join(rows) + "\n")
+    rep = embed.run("flickr30k", root, tmp_path / "out", P, backbone=bb)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["skipped"] == {
+        "captions_of_skipped_images": 4,  # the caption rows of 2, 3, 4 and 10
+        "empty_caption": 1,
+        "empty_file": 1,
+        "missing_file": 1,
+        "not_an_image": 1,
+        "truncated_image": 1,
+    }
+    assert saved["noted"] == {
+        "16bit_converted": 1,
+        "alpha_converted": 1,
+        "caption_truncated": 1,
+        "cmyk_converted": 1,
+        "csv_missing_separator": 1,
+        "exif_orientation_applied": 1,
+        "grayscale_converted": 1,
+    }
+    ids = saved["ids"]
+    assert ids["skipped:truncated_image"] == ["2"] and ids["skipped:empty_file"] == ["3"]
+    assert ids["skipped:not_an_image"] == ["4"] and ids["skipped:missing_file"] == ["10.jpg"]
+    assert ids["noted:cmyk_converted"] == ["5"] and ids["noted:16bit_converted"] == ["8"]
+    assert ids["noted:exif_orientation_applied"] == ["9"]
+    assert ids["noted:caption_truncated"] == ["1#3"]
+    assert ids["skipped:empty_caption"] == ["1#2"]
+    assert rep.written == 8  # 3 captions of 1.jpg, one each for 5..9
+    # every caption row read is written or skipped for a caption-level reason
+    assert saved["read"] == 13 == 8 + 1 + 4
+    table = read_dataset(tmp_path / "out")
+    assert table.column("image_id").to_pylist() == ["1", "1", "1", "5", "6", "7", "8", "9"]
+    assert max(len(t) for t in table.column("token_ids").to_pylist()) == bb.context_length
+
+
+def test_decoding_conversions():
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _img(6, size=(40, 24)).save(buf, format="JPEG", exif=exif)
+    img, notes = open_rgb(buf.getvalue())
+    assert img.size == (24, 40) and notes == ["exif_orientation_applied"]
+    buf = io.BytesIO()
+    arr = np.full((4, 5), 65535, dtype=np.uint16)
+    Image.fromarray(arr).save(buf, format="PNG")
+    img, notes = open_rgb(buf.getvalue())
+    assert img.mode == "RGB" and notes == ["16bit_converted"]
+    assert np.asarray(img).min() == 255  # scaled, not clipped from the low byte
+    big = io.BytesIO()
+    _img(0, size=(400, 300)).save(big, format="JPEG")
+    img, _ = open_rgb(big.getvalue(), draft_size=64)
+    assert img.size == (100, 75)  # decoded at 1/4 scale, shortest side still >= 64
+    d = decode_image(big.getvalue(), 32, boxes=((0, 0, 10, 10), (500, 500, 5, 5)))
+    assert d.pixels.shape == (2, 3, 32, 32) and d.bad_boxes == [1]
+    assert decode_image(None, 32).skip == "missing_file"
+
+
+def test_laion_webdataset_through_the_stage(tmp_path, bb):
+    root = make_laion(tmp_path / "laion")
+    rep = embed.run("laion", root, tmp_path / "out", P, backbone=bb)
+    table = read_dataset(tmp_path / "out")
+    assert table.column("id").to_pylist() == ["000000000#0", "000000003#0"]
+    assert set(table.column("split").to_pylist()) == {"train"}
+    assert rep.skipped["unsafe_tar_member"] == 4 and rep.skipped["img2dataset_failed"] == 1
+    assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "laion" / "sub").exists()
+
+
+# --------------------------------------------------------------------------- precomputed LAION
+
+
+def _precomputed(root: Path, dim: int, n: int = 5, text: bool = True) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(1)
+    img = rng.standard_normal((n, dim)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt = rng.standard_normal((n, dim)).astype(np.float32)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    for d in ("img_emb", "text_emb", "metadata"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    np.save(root / "img_emb" / "img_emb_0.npy", img.astype(np.float16))
+    if text:
+        np.save(root / "text_emb" / "text_emb_0.npy", txt.astype(np.float16))
+    meta = [{"key": f"{i:09d}", "caption": f"a red circle {i}", "url": "u"} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(meta), root / "metadata" / "metadata_0.parquet")
+    return img, txt
+
+
+def test_precomputed_layout_is_taken_as_is(tmp_path, bb, monkeypatch):
+    img, txt = _precomputed(tmp_path / "pre", bb.dim)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the model must not run on precomputed embeddings")
+
+    monkeypatch.setattr(bb, "encode_images", forbidden)
+    monkeypatch.setattr(bb, "encode_token_ids", forbidden)
+    monkeypatch.setattr(bb, "encode_texts", forbidden)
+    rep = embed.run("laion", tmp_path / "pre", tmp_path / "out", P, backbone=bb)
+    table = read_dataset(tmp_path / "out")
+    assert rep.written == 5 and table.num_rows == 5
+    assert table.column("id").to_pylist()[0] == "000000000#0"
+    assert np.array_equal(vectors(table.column("image_emb")), img.astype(np.float16))
+    assert np.array_equal(vectors(table.column("text_emb")), txt.astype(np.float16))
+    assert table.column("token_ids").to_pylist() == bb.tokenize(table.column("caption").to_pylist())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rows"] == 5 and manifest["sources"][0]["path"].endswith("img_emb_0.npy")
+
+
+def test_precomputed_dim_mismatch_and_missing_text(tmp_path, bb):
+    _precomputed(tmp_path / "wrong", bb.dim + 1)
+    with pytest.raises(UserError, match="dim"):
+        embed.run("laion", tmp_path / "wrong", tmp_path / "o1", P, backbone=bb)
+    _precomputed(tmp_path / "notext", bb.dim, text=False)
+    rep = embed.run("laion", tmp_path / "notext", tmp_path / "o2", P, backbone=bb)
+    table = read_dataset(tmp_path / "o2")
+    expect = bb.encode_texts(table.column("caption").to_pylist()).numpy()
+    assert np.allclose(vectors(table.column("text_emb")).astype(np.float32), expect, atol=2e-3)
+    assert rep.noted["text_emb_computed"] == 5
+
+
+# --------------------------------------------------------------------------- VG
+
+
+def make_qa(root: Path) -> tuple[Path, Path]:
+    vg = root / "vg"
+    _save(_img(1, size=(60, 40)), vg / "VG_100K" / "1.jpg")
+    _save(_img(2, size=(50, 50)), vg / "VG_100K_2" / "2.jpg")
+    qa = root / "qa"
+    qa.mkdir(parents=True)
+    rows = [
+        {
+            "qid": "q1",
+            "image_id": 2,
+            "image_path": "VG_100K_2/2.jpg",
+            "qtype": "relation",
+            "question": "What is the relationship between sofa and mattress?",
+            "answer": "on",
+            "subj_box": [0, 0, 10, 10],
+            "union_box": [0, 0, 20, 30],
+        },
+        {
+            "qid": "q2",
+            "image_id": 1,
+            "image_path": None,
+            "qtype": "object",
+            "question": "What is this?",
+            "answer": "orange",
+            "subj_box": [5, 5, 10, 10],
+            "union_box": None,
+        },
+        {
+            "qid": "q3",
+            "image_id": 3,
+            "image_path": "VG_100K/3.jpg",
+            "qtype": "object",
+            "question": "What is this?",
+            "answer": "sofa",
+            "subj_box": [5, 5, 10, 10],
+            "union_box": None,
+        },
+    ]
+    box = pa.list_(pa.int32(), 4)
+    schema = pa.schema(
+        [
+            ("qid", pa.string()),
+            ("image_id", pa.int64()),
+            ("image_path", pa.string()),
+            ("qtype", pa.string()),
+            ("question", pa.string()),
+            ("answer", pa.string()),
+            ("subj_box", box),
+            ("union_box", box),
+        ]
+    )
+    pq.write_table(pa.Table.from_pylist(rows[:2], schema), qa / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[2:], schema), qa / "val.parquet")
+    answers = {"answers": [{"answer": "on", "count": 1}, {"answer": "orange", "count": 1}]}
+    (qa / "answers.json").write_text(json.dumps(answers))
+    return qa, vg
+
+
+def test_vg_images_crops_and_texts(tmp_path, bb):
+    qa, vg = make_qa(tmp_path)
+    rep = embed.run(
+        "vg", qa, tmp_path / "out", {**P, "vg_crops": True}, images_root=vg, backbone=bb
+    )
+    table = read_dataset(tmp_path / "out")
+    assert table.column("id").to_pylist() == ["1", "1@5,5,10,10", "2", "2@0,0,20,30"]
+    assert table.column("box").to_pylist() == [None, [5, 5, 10, 10], None, [0, 0, 20, 30]]
+    assert rep.skipped == {"missing_file": 1} and rep.to_dict()["ids"]["skipped:missing_file"] == [
+        "3"
+    ]
+    texts = read_table(tmp_path / "out" / "texts.arrow")
+    assert texts.column("id").to_pylist() == ["q0", "q1", "a0", "a1"]
+    assert texts.column("kind").to_pylist() == ["question", "question", "answer", "answer"]
+    assert texts.column("text").to_pylist() == [
+        "What is the relationship between sofa and mattress?",
+        "What is this?",
+        "on",
+        "orange",
+    ]
+    emb = vectors(texts.column("text_emb")).astype(np.float32)
+    assert np.allclose(emb, bb.encode_texts(texts.column("text").to_pylist()).numpy(), atol=2e-3)
+    crop = Image.open(vg / "VG_100K" / "1.jpg").convert("RGB").crop((5, 5, 15, 15))
+    expect = bb.encode_images(preprocess_image(crop, 32, bb.mean, bb.std)[None]).numpy()[0]
+    assert np.allclose(vectors(table.column("image_emb"))[1].astype(np.float32), expect, atol=2e-3)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["texts_rows"] == 4 and manifest["rows"] == 4
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli(tmp_path, clip_dir):
+    from pipeline.cli import app
+
+    src = make_flickr(tmp_path / "f", n=2)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"seed: 0\nembed:\n  model: {clip_dir}\n  num_workers: 1\n  shard_size: 1\n"
+        f"  inputs: {{flickr30k: {src}}}\n"
+    )
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["embed", "--dataset", "flickr30k", "--out", str(tmp_path / "o"), "--params", str(params)],
+    )
+    assert res.exit_code == 0, res.output
+    assert "read 4, wrote 4" in res.output
+    assert sorted(p.name for p in (tmp_path / "o").glob("part-*.arrow")) == [
+        "part-00000.arrow",
+        "part-00001.arrow",
+    ]
+    for args, msg in [
+        (["--dataset", "coco"], "must be one of"),
+        (["--dataset", "laion", "--input", str(tmp_path / "none")], "not found"),
+        (["--dataset", "flickr30k", "--shard", "3/2"], "bad shard"),
+        (["--dataset", "flickr30k", "--model", str(tmp_path / "nomodel")], "not found"),
+    ]:
+        res = runner.invoke(
+            app, ["embed", *args, "--out", str(tmp_path / "x"), "--params", str(params)]
+        )
+        assert res.exit_code == 2 and msg in res.output, res.output
+
+
+def test_two_concurrent_processes(tmp_path, clip_dir, bb):
+    """Two CLI processes (--shard 0/2 and torchrun-style env 1/2) at once: same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    src = make_flickr(tmp_path / "f", n=5)
+    embed.run("flickr30k", src, tmp_path / "one", {**P, "shard_size": 1}, backbone=bb)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"embed:\n  model: {clip_dir}\n  num_workers: 0\n  shard_size: 1\n")
+    cmd = [sys.executable, "-m", "pipeline", "embed", "--dataset", "flickr30k", "--input",
+           str(src), "--out", str(tmp_path / "two"), "--params", str(params)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    procs = [
+        subprocess.Popen([*cmd, "--shard", "0/2"], env=env),
+        subprocess.Popen(cmd, env={**env, "RANK": "1", "WORLD_SIZE": "2"}),
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")

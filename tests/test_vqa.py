@@ -1,0 +1,734 @@
+"""VQA: head + losses, training, the frequency baselines, evaluate, `ask`, the generic QA table.
+
+Hand-made data/qa parquet and random Arrow embeddings (with a planted signal: an image's
+embedding is the sum of its answers' embeddings plus noise), all in tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from tiny_clip import make_tiny_clip
+from typer.testing import CliRunner
+
+from pipeline import evaluate_vqa, train_vqa
+from pipeline.cli import app
+from pipeline.embfile import vector_array, write_table
+from pipeline.errors import UserError
+from pipeline.evaluate_vqa import FrequencyPrior
+from pipeline.formats import qa_table
+from pipeline.nn.vqa_head import (
+    VQAHead,
+    VQAHeadConfig,
+    build_head,
+    ce_loss,
+    cosine_loss,
+    load_head,
+    save_head,
+    vqa_loss,
+)
+from pipeline.prepare_vqa import SCHEMA
+
+PREDICATES = ["on", "has", "near", "under"]
+OBJECTS = ["cat", "dog", "tree", "car", "cup"]
+DIM = 16
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def qa_row(i, image_id, qtype, question, answer, subject, obj, split, vocab):
+    return {
+        "qid": f"{image_id}/{qtype[0]}{i}",
+        "image_id": image_id,
+        "image_path": None,
+        "width": 100,
+        "height": 100,
+        "qtype": qtype,
+        "question": question,
+        "answer": answer,
+        "subject": subject,
+        "object": obj,
+        "subj_box": [0, 0, 10, 10],
+        "obj_box": None,
+        "union_box": None,
+        "in_vocab": answer in vocab,
+        "split": split,
+    }
+
+
+def write_qa(qa: Path, rows: dict[str, list[dict]], answers: list[str], counts: dict) -> None:
+    qa.mkdir(parents=True, exist_ok=True)
+    for split, rs in rows.items():
+        pq.write_table(pa.Table.from_pylist(rs, schema=SCHEMA), qa / f"{split}.parquet")
+    entries = [{"answer": a, "count": counts.get(a, 0)} for a in answers]
+    (qa / "answers.json").write_text(json.dumps({"answers": entries, "top_k": 99}))
+
+
+def write_emb(emb: Path, image_ids, image_emb, questions, q_emb, answers, a_emb, manifest):
+    """Two image shards (so lookups cross shard borders), texts.arrow, manifest.json."""
+    emb.mkdir(parents=True, exist_ok=True)
+    ids = [str(i) for i in image_ids]
+    img = np.asarray(image_emb, dtype=np.float16)
+    half = len(ids) // 2
+    for k, sl in enumerate((slice(0, half), slice(half, None))):
+        table = pa.table({"id": ids[sl], "image_emb": vector_array(img[sl])})
+        write_table(emb / f"part-{k:05d}.arrow", table)
+    texts = pa.table(
+        {
+            "id": [f"q{i}" for i in range(len(questions))] + [f"a{i}" for i in range(len(answers))],
+            "kind": ["question"] * len(questions) + ["answer"] * len(answers),
+            "text": list(questions) + list(answers),
+            "text_emb": vector_array(np.concatenate([q_emb, a_emb]).astype(np.float16)),
+        }
+    )
+    write_table(emb / "texts.arrow", texts)
+    (emb / "manifest.json").write_text(json.dumps({"dim": img.shape[1], **manifest}))
+
+
+def make_world(root: Path, n_images: int = 100, seed: int = 0, oov_every: int = 0):
+    """qa/ + emb/ with one relation and one object question per image."""
+    rng = np.random.default_rng(seed)
+    answers = PREDICATES + OBJECTS
+    a_emb = unit(rng.normal(size=(len(answers), DIM))).astype(np.float32)
+    rows: dict[str, list[dict]] = {s: [] for s in ("train", "val", "test")}
+    image_ids, image_emb, questions, counts = [], [], {}, {}
+    for i in range(n_images):
+        split = ("train", "train", "train", "val", "test")[i % 5]
+        pred = PREDICATES[rng.integers(len(PREDICATES))]
+        s, o = (str(x) for x in rng.choice(OBJECTS, 2, replace=False))
+        thing = OBJECTS[rng.integers(len(OBJECTS))]
+        image_id = 1000 + i
+        vec = a_emb[answers.index(pred)] + a_emb[answers.index(thing)]
+        image_emb.append(unit(vec + 0.3 * rng.normal(size=DIM)))
+        image_ids.append(image_id)
+        rq = f"What is the relationship between {s} and {o}?"
+        ans = "beside" if oov_every and i % oov_every == 0 else pred
+        for qtype, q, a, subj, obj in (
+            ("relation", rq, ans, s, o),
+            ("object", "What is this?", thing, thing, None),
+        ):
+            questions.setdefault(q, None)
+            counts[a] = counts.get(a, 0) + (split == "train")
+            rows[split].append(qa_row(i, image_id, qtype, q, a, subj, obj, split, answers))
+    write_qa(root / "qa", rows, answers, counts)
+    q_emb = unit(rng.normal(size=(len(questions), DIM)))
+    write_emb(
+        root / "emb",
+        image_ids,
+        image_emb,
+        list(questions),
+        q_emb,
+        answers,
+        a_emb,
+        {"model": "fake-clip", "revision": "r0"},
+    )
+    return root / "qa", root / "emb", answers, a_emb
+
+
+def fake_text_encoder(answers: list[str], a_emb: np.ndarray):
+    """Prompt -> the embedding of the answer word it names (a perfectly aligned 'CLIP')."""
+
+    def encode(texts: list[str]) -> np.ndarray:
+        out = []
+        for t in texts:
+            hits = [w for w in t.split() if w in PREDICATES] or [t.split()[-1]]
+            out.append(a_emb[answers.index(hits[0])])
+        return np.array(out)
+
+    return encode
+
+
+FAST = {"lr": 1e-2, "epochs": 4, "hidden": [64], "lr_gamma": 0.8, "seed": 0}
+
+# ------------------------------------------------------------------ head and losses
+
+
+def test_cosine_loss_zero_for_identical_and_known_values():
+    x = torch.randn(7, DIM)
+    assert cosine_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert cosine_loss(x, 3.0 * x).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert cosine_loss(x, -x).item() == pytest.approx(2.0, abs=1e-6)
+    e = torch.eye(2)
+    assert cosine_loss(e[:1], e[1:]).item() == pytest.approx(1.0, abs=1e-7)
+
+
+def test_ce_loss_is_scaled_cosine_softmax():
+    answers = torch.eye(3)
+    pred = torch.tensor([[2.0, 0.0, 0.0]])  # cos = (1, 0, 0)
+    want = -torch.log_softmax(torch.tensor([10.0, 0.0, 0.0]), 0)[0]
+    assert ce_loss(pred, answers, torch.tensor([0]), 10.0).item() == pytest.approx(want.item())
+    both = vqa_loss("both", pred, answers, torch.tensor([0]), 10.0)
+    assert both.item() == pytest.approx(want.item() + 0.0, abs=1e-6)
+    with pytest.raises(UserError):
+        vqa_loss("mse", pred, answers, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("fusion,width", [("concat", 2 * DIM), ("product", DIM), ("both", 3 * DIM)])
+def test_fusion_widths(fusion, width):
+    head = VQAHead(VQAHeadConfig(dim=DIM, out_dim=8, fusion=fusion, hidden=[5], dropout=0.5))
+    assert head.mlp[0].in_features == width
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert head(torch.randn(3, DIM), torch.randn(3, DIM)).shape == (3, 8)
+    with pytest.raises(UserError):
+        VQAHeadConfig(dim=DIM, out_dim=8, fusion="sum")
+
+
+@pytest.mark.parametrize("loss", ["cosine", "ce", "both"])
+def test_loss_decreases_over_a_few_steps(loss):
+    torch.manual_seed(0)
+    answers = torch.nn.functional.normalize(torch.randn(6, DIM), dim=-1)
+    labels = torch.arange(6).repeat(4)
+    image = answers[labels] + 0.1 * torch.randn(len(labels), DIM)
+    question = torch.randn(len(labels), DIM)
+    head = build_head({"hidden": [32], "dropout": 0.0}, DIM)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        value = vqa_loss(loss, head(image, question), answers, labels, 10.0)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_save_load_round_trip(tmp_path):
+    head = build_head({"fusion": "both", "hidden": [12, 7]}, DIM, 5).eval()
+    emb = torch.randn(4, 5)
+    save_head(head, tmp_path, emb, {"answers": list("abcd")})
+    again, emb2, cfg = load_head(tmp_path)
+    x, q = torch.randn(2, DIM), torch.randn(2, DIM)
+    assert torch.equal(head(x, q), again(x, q))
+    assert torch.equal(emb, emb2)
+    assert cfg["answers"] == list("abcd") and cfg["head"]["hidden"] == [12, 7]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(UserError):
+        load_head(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_train_learns_and_is_deterministic(tmp_path):
+    qa, emb, answers, _ = make_world(tmp_path, n_images=150, oov_every=7)
+    r1 = train_vqa.run(qa, emb, tmp_path / "m1", tmp_path / "p1", {**FAST, "epochs": 6})
+    train_vqa.run(qa, emb, tmp_path / "m2", tmp_path / "p2", {**FAST, "epochs": 6})
+    w1 = (tmp_path / "m1/model.safetensors").read_bytes()
+    assert w1 == (tmp_path / "m2/model.safetensors").read_bytes()
+    tsv = (tmp_path / "p1/vqa.tsv").read_text()
+    assert tsv == (tmp_path / "p2/vqa.tsv").read_text()
+    lines = [line.split("\t") for line in tsv.splitlines()]
+    assert lines[0] == ["epoch", "train_loss", "val_loss", "val_top1", "lr"]
+    assert [int(r[0]) for r in lines[1:]] == [1, 2, 3, 4, 5, 6]
+    train_loss = [float(r[1]) for r in lines[1:]]
+    val_loss = [float(r[2]) for r in lines[1:]]
+    assert train_loss[-1] < 0.7 * train_loss[0] and val_loss[-1] < val_loss[0]
+    # StepLR: lr times lr_gamma every lr_step_size epochs
+    assert [float(r[4]) for r in lines[1:4]] == [1e-2, 8e-3, 6.4e-3]
+    # rows whose answer is outside the vocabulary are skipped for training, and counted
+    n_oov_train = sum(1 for i in range(150) if i % 7 == 0 and i % 5 < 3)
+    assert r1.skipped["answer_out_of_vocab"] >= n_oov_train
+    cfg = json.loads((tmp_path / "m1/config.json").read_text())
+    assert cfg["answers"] == answers and cfg["clip"] == "fake-clip"
+    assert cfg["qtype_candidates"] == {"object": [4, 5, 6, 7, 8], "relation": [0, 1, 2, 3]}
+
+
+def test_train_errors_are_user_errors(tmp_path):
+    qa, emb, _, _ = make_world(tmp_path, n_images=10)
+    with pytest.raises(UserError, match="loss"):
+        train_vqa.run(qa, emb, tmp_path / "m", tmp_path / "p", {"loss": "mse"})
+    with pytest.raises(UserError, match="texts.arrow"):
+        train_vqa.run(qa, tmp_path / "qa", tmp_path / "m", tmp_path / "p", {})
+
+
+# ------------------------------------------------------------------ baselines and evaluate
+
+
+def prior_world(root: Path):
+    """Hand-made train/test tables with known frequency-baseline answers."""
+    answers = ["near", "on", "under", "has", "cat", "dog"]
+    train = [  # relation counts: near 3, on 2, under 1; object: cat 2, dog 1
+        ("relation", "cat", "dog", "on"),
+        ("relation", "cat", "dog", "on"),
+        ("relation", "cat", "dog", "near"),
+        ("relation", "cup", "tree", "under"),
+        ("relation", "car", "tree", "near"),
+        ("relation", "car", "tree", "near"),
+        ("object", "cat", None, "cat"),
+        ("object", "cat", None, "cat"),
+        ("object", "dog", None, "dog"),
+    ]
+    test = [
+        ("relation", "cat", "dog", "on"),  # prior: on (pair) / majority: near
+        ("relation", "cup", "tree", "near"),  # prior: under / majority: near
+        ("relation", "dog", "cat", "has"),  # unseen pair -> qtype ranking: near
+        ("relation", "cat", "dog", "beside"),  # out of vocabulary
+        ("object", "dog", None, "dog"),  # prior = majority = cat (question text only)
+    ]
+    rows = {}
+    for split, spec in (("train", train), ("val", train[:2]), ("test", test)):
+        rows[split] = []
+        for i, (qtype, s, o, a) in enumerate(spec):
+            q = f"What is the relationship between {s} and {o}?" if o else "What is this?"
+            rows[split].append(qa_row(i, 10 * i + len(split), qtype, q, a, s, o, split, answers))
+    write_qa(root / "qa", rows, answers, {})
+    questions = sorted({r["question"] for rs in rows.values() for r in rs})
+    image_ids = sorted({r["image_id"] for rs in rows.values() for r in rs})
+    rng = np.random.default_rng(0)
+    write_emb(
+        root / "emb",
+        image_ids,
+        unit(rng.normal(size=(len(image_ids), DIM))),
+        questions,
+        unit(rng.normal(size=(len(questions), DIM))),
+        answers,
+        unit(rng.normal(size=(len(answers), DIM))),
+        {"model": "fake-clip", "revision": "r0"},
+    )
+    return root / "qa", root / "emb", answers
+
+
+def test_frequency_prior_on_hand_made_table(tmp_path):
+    qa, _, answers = prior_world(tmp_path)
+    train = pq.read_table(qa / "train.parquet")
+    label = [answers.index(a) for a in train.column("answer").to_pylist()]
+    prior = FrequencyPrior(train.append_column("label", pa.array(label, pa.int64())))
+
+    def names(ids):
+        return [answers[i] for i in ids]
+
+    q_rel = "What is the relationship between {} and {}?"
+    assert names(prior.prior("relation", "cat", "dog", q_rel)) == ["on", "near", "under"]
+    assert names(prior.prior("relation", "Cup ", "tree", q_rel)) == ["under", "near", "on"]
+    assert names(prior.prior("relation", "dog", "cat", q_rel)) == ["near", "on", "under"]
+    assert names(prior.majority("relation")) == ["near", "on", "under"]
+    # object questions: the subject column holds the answer, the prior must not look at it
+    assert names(prior.prior("object", "dog", None, "What is this?")) == ["cat", "dog"]
+    assert names(prior.majority("object")) == ["cat", "dog"]
+
+
+def test_evaluate_metrics_exact_for_baselines(tmp_path):
+    qa, emb, _ = prior_world(tmp_path)
+    train_vqa.run(qa, emb, tmp_path / "model", tmp_path / "plots", {**FAST, "epochs": 1})
+    rep = evaluate_vqa.run(
+        qa,
+        emb,
+        tmp_path / "model",
+        tmp_path / "vqa.json",
+        tmp_path / "vqa.jsonl",
+        {"zeroshot": False},
+    )
+    m = json.loads((tmp_path / "vqa.json").read_text())
+    rel, obj, overall = m["relation"], m["object"], m["overall"]
+    assert (rel["n"], rel["n_out_of_vocab"], obj["n"], overall["n"]) == (4, 1, 1, 5)
+    assert rel["prior_top1"] == 0.25 and rel["majority_top1"] == 0.25
+    assert rel["prior_top5"] == 0.5  # 'has' is never a train relation answer: no candidate
+    assert rel["majority_top5"] == 0.5
+    # mean per-class over in-vocab classes on / near / has: prior (1 + 0 + 0) / 3
+    assert rel["prior_mean_class_acc"] == pytest.approx(1 / 3, abs=1e-6)
+    assert rel["majority_mean_class_acc"] == pytest.approx(1 / 3, abs=1e-6)
+    assert obj["prior_top1"] == 0.0 and obj["prior_top5"] == 1.0
+    assert overall["prior_top1"] == 0.2
+    assert "zeroshot_top1" not in rel and "model_top1" in rel
+    assert m["settings"]["split"] == "test" and m["settings"]["n_samples"] == 5
+    preds = [json.loads(line) for line in (tmp_path / "vqa.jsonl").read_text().splitlines()]
+    assert [p["prior"][0] for p in preds] == ["on", "under", "near", "on", "cat"]
+    assert all(set(p["model"]) <= {"near", "on", "under"} for p in preds[:4])
+    assert rep.written == 5
+
+
+def test_evaluate_zeroshot_with_prompt_cache(tmp_path):
+    qa, emb, answers, a_emb = make_world(tmp_path, n_images=100)
+    train_vqa.run(qa, emb, tmp_path / "model", tmp_path / "plots", FAST)
+    calls = []
+    base = fake_text_encoder(answers, a_emb)
+
+    def encode(texts):
+        calls.append(list(texts))
+        return base(texts)
+
+    params = {"prompt_cache": str(tmp_path / "prompts.arrow"), "prompt_batch": 7}
+    rep = evaluate_vqa.run(
+        qa,
+        emb,
+        tmp_path / "model",
+        tmp_path / "m.json",
+        tmp_path / "p.jsonl",
+        params,
+        encode_texts=encode,
+    )
+    m = json.loads((tmp_path / "m.json").read_text())
+    prompts = [t for c in calls for t in c]
+    assert len(prompts) == len(set(prompts)) == m["settings"]["prompts"]
+    assert rep.extra["prompts"] == {"used": len(prompts), "embedded": len(prompts), "from_cache": 0}
+    assert max(len(c) for c in calls) == 7
+    assert "a photo of a cat" in prompts
+    assert any(t.startswith("a photo of ") and " on " in t for t in prompts)
+    # the aligned fake CLIP ranks by the planted signal: far above the majority answer
+    assert m["relation"]["zeroshot_top1"] > m["relation"]["majority_top1"] + 0.2
+    assert m["object"]["zeroshot_top1"] > m["object"]["majority_top1"] + 0.2
+    assert m["relation"]["model_top1"] > m["relation"]["majority_top1"]
+    calls.clear()
+    rep = evaluate_vqa.run(
+        qa,
+        emb,
+        tmp_path / "model",
+        tmp_path / "m2.json",
+        tmp_path / "p2.jsonl",
+        params,
+        encode_texts=encode,
+    )
+    assert calls == []  # every prompt came from the cache
+    assert rep.extra["prompts"]["from_cache"] == len(prompts)
+    m2 = json.loads((tmp_path / "m2.json").read_text())
+    assert m2 == m
+    assert (tmp_path / "p.jsonl").read_text() == (tmp_path / "p2.jsonl").read_text()
+
+
+def test_cli_train_and_evaluate(tmp_path):
+    qa, emb, _, _ = make_world(tmp_path, n_images=40)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "seed: 1\ntrain_vqa:\n  epochs: 2\n  hidden: [16]\nevaluate_vqa:\n  zeroshot: false\n"
+    )
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "train-vqa",
+            "--qa",
+            str(qa),
+            "--emb",
+            str(emb),
+            "--out",
+            str(tmp_path / "m"),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--params",
+            str(params),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "train_vqa: read" in res.output
+    assert len((tmp_path / "plots/vqa.tsv").read_text().splitlines()) == 3
+    res = runner.invoke(
+        app,
+        [
+            "evaluate-vqa",
+            "--qa",
+            str(qa),
+            "--emb",
+            str(emb),
+            "--model",
+            str(tmp_path / "m"),
+            "--out",
+            str(tmp_path / "vqa.json"),
+            "--predictions",
+            str(tmp_path / "vqa.jsonl"),
+            "--params",
+            str(params),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "relation (n=" in res.output and "prior" in res.output
+    res = runner.invoke(
+        app,
+        ["train-vqa", "--qa", str(tmp_path / "nope"), "--emb", str(emb), "--params", str(params)],
+    )
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ generic QA table
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg")
+
+
+def generic_rows(n_images: int) -> list[dict]:
+    preds, things = ["on", "under", "near"], ["cat", "dog", "sofa"]
+    rows = []
+    for i in range(n_images):
+        s, o = things[i % 3], things[(i + 1) % 3]
+        split = ("train", "train", "train", "train", "val", "test")[i % 6]
+        rows.append(
+            {
+                "image": f"imgs/{i}.jpg",
+                "question": f"What is the relationship between {s} and {o}?",
+                "answer": preds[i % 3],
+                "qtype": "relation",
+                "subject": s,
+                "object": o,
+                "split": split,
+            }
+        )
+        rows.append(
+            {
+                "image": f"imgs/{i}.jpg",
+                "question": "What is this?",
+                "answer": things[i % 3],
+                "qtype": "object",
+                "subject": None,
+                "object": None,
+                "split": split,
+            }
+        )
+    rows.append(
+        {
+            "image": "imgs/missing.jpg",
+            "question": "What is this?",
+            "answer": "cat",
+            "qtype": "object",
+            "subject": None,
+            "object": None,
+            "split": "train",
+        }
+    )
+    rows.append(
+        {
+            "image": "imgs/1.jpg",
+            "question": "What is this?",
+            "answer": " ",
+            "qtype": "object",
+            "subject": None,
+            "object": None,
+            "split": "train",
+        }
+    )
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    cols = list(rows[0])
+    lines = [",".join(cols)] + [",".join(str(r[c] or "") for c in cols) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_qa_table_formats_and_hash_split(tmp_path):
+    write_images(tmp_path / "imgs", 30)
+    rows = generic_rows(30)
+    # JSONL without a split column: splits by image hash, never straddling
+    plain = [{k: v for k, v in r.items() if k != "split"} for r in rows]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in plain) + "\n")
+    rep = qa_table.run(tmp_path / "t.jsonl", tmp_path / "qa1", {"seed": 3})
+    assert (rep.read, rep.written, dict(rep.skipped)) == (62, 61, {"empty_answer": 1})
+    assert rep.noted == {"missing_image": 1}
+    seen: dict[int, str] = {}
+    for split in ("train", "val", "test"):
+        t = pq.read_table(tmp_path / "qa1" / f"{split}.parquet")
+        assert t.schema == SCHEMA
+        for iid, path in zip(t.column("image_id").to_pylist(), t.column("image_path").to_pylist()):
+            assert seen.setdefault(iid, split) == split
+            if path is not None:
+                assert iid == qa_table.stable_image_id(Path(path).relative_to(tmp_path).as_posix())
+    assert sum(rep.extra["splits"][s]["rows"] for s in ("train", "val", "test")) == 61
+    # CSV and parquet with a split column give identical tables
+    write_csv(tmp_path / "t.csv", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    qa_table.run(tmp_path / "t.csv", tmp_path / "qa2", {})
+    qa_table.run(tmp_path / "t.parquet", tmp_path / "qa3", {})
+    for name in ("train.parquet", "val.parquet", "test.parquet", "answers.json"):
+        a, b = tmp_path / "qa2" / name, tmp_path / "qa3" / name
+        if name.endswith(".json"):
+            assert a.read_text() == b.read_text()
+        else:
+            assert pq.read_table(a).equals(pq.read_table(b))
+    answers = json.loads((tmp_path / "qa2/answers.json").read_text())["answers"]
+    # counts 11 (10 + the row with a missing image), 10, then 5 each, ties by text
+    assert [(a["answer"], a["count"]) for a in answers] == [
+        ("cat", 11),
+        ("on", 10),
+        ("dog", 5),
+        ("near", 5),
+        ("sofa", 5),
+        ("under", 5),
+    ]
+    test = pq.read_table(tmp_path / "qa2/test.parquet")
+    assert set(test.column("split").to_pylist()) == {"test"} and test.num_rows == 10
+    (tmp_path / "bad.csv").write_text("img,q\nx,y\n")
+    with pytest.raises(UserError, match="lacks column"):
+        qa_table.run(tmp_path / "bad.csv", tmp_path / "qa4", {})
+
+
+@pytest.fixture(scope="module")
+def clip_world(tmp_path_factory):
+    """Generic QA table -> prepare-qa-table -> embed (tiny CLIP) -> train -> evaluate."""
+    from pipeline import embed
+
+    root = tmp_path_factory.mktemp("vqa_clip")
+    clip = make_tiny_clip(root / "clip")
+    write_images(root / "imgs", 24)
+    write_csv(root / "table.csv", generic_rows(24))
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "prepare-qa-table",
+            "--input",
+            str(root / "table.csv"),
+            "--out",
+            str(root / "qa"),
+            "--params",
+            str(root / "none.yaml"),
+        ],
+    )
+    assert res.exit_code != 0  # a named params file must exist
+    (root / "params.yaml").write_text("seed: 0\nqa_table:\n  top_k: 50\n")
+    res = runner.invoke(
+        app,
+        [
+            "prepare-qa-table",
+            "--input",
+            str(root / "table.csv"),
+            "--out",
+            str(root / "qa"),
+            "--params",
+            str(root / "params.yaml"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    reports = {
+        "embed": embed.run("vg", root / "qa", root / "emb", {"num_workers": 0}, model=str(clip))
+    }
+    reports["train"] = train_vqa.run(
+        root / "qa",
+        root / "emb",
+        root / "model",
+        root / "plots",
+        {**FAST, "hidden": [32], "epochs": 3},
+    )
+    reports["evaluate"] = evaluate_vqa.run(
+        root / "qa",
+        root / "emb",
+        root / "model",
+        root / "vqa.json",
+        root / "vqa.jsonl",
+        {"prompt_cache": str(root / "prompts.arrow")},
+    )
+    return root, clip, reports
+
+
+def test_generic_table_through_embed_train_evaluate(clip_world):
+    root, clip, reports = clip_world
+    assert dict(reports["embed"].skipped) == {"missing_file": 1}
+    assert dict(reports["train"].skipped) == {"no_image_embedding": 1}
+    assert reports["train"].extra["n_train"] == 16 * 2 and reports["train"].extra["n_val"] == 8
+    m = json.loads((root / "vqa.json").read_text())
+    assert (m["relation"]["n"], m["object"]["n"], m["overall"]["n"]) == (4, 4, 8)
+    for method in ("model", "zeroshot", "prior", "majority"):
+        for k in ("top1", "top5", "mean_class_acc"):
+            assert 0.0 <= m["overall"][f"{method}_{k}"] <= 1.0
+    # 3 candidate answers per type: top-5 always hits
+    assert m["overall"]["model_top5"] == m["overall"]["zeroshot_top5"] == 1.0
+    # relation prior: (subject, object) fixes the answer in this table
+    assert m["relation"]["prior_top1"] == 1.0
+    s = m["settings"]
+    assert s["clip"] == str(clip.resolve()) and s["clip_revision"].startswith("sha256:")
+    # test images 5, 11, 17, 23 all ask about (sofa, cat): 1 pair x 3 answers + 3 object
+    # prompts, each embedded once
+    assert s["prompts"] == 1 * 3 + 3
+
+
+def test_ask_end_to_end_with_tiny_clip(clip_world):
+    from pipeline.ask import ask, embed_image
+    from pipeline.clip.backbone import load_backbone
+    from pipeline.embfile import read_dataset, vectors
+
+    root, clip, _ = clip_world
+    res = ask(
+        root / "imgs/3.jpg",
+        "what is the relationship between the Cat and  dog",
+        root / "model",
+        top=2,
+    )
+    assert res.question.text == "What is the relationship between cat and dog?"
+    assert (res.question.subject, res.question.object) == ("cat", "dog")
+    assert len(res.model) == len(res.zeroshot) == 2
+    assert {a for a, _ in res.model + res.zeroshot} <= {"on", "under", "near"}
+    assert res.model[0][1] >= res.model[1][1]
+    # the same CLIP and preprocessing as embed: the image embedding matches the cached one
+    bb = load_backbone(clip)
+    mine = embed_image(bb, root / "imgs/3.jpg").numpy()[0]
+    table = read_dataset(root / "emb")
+    row = table.column("id").to_pylist().index(str(qa_table.stable_image_id("imgs/3.jpg")))
+    assert np.abs(vectors(table.column("image_emb"))[row] - mine).max() < 2e-3
+    # zero-shot scores are image . prompt cosines
+    prompt = f"a photo of cat {res.zeroshot[0][0]} dog"
+    want = float(bb.encode_texts([prompt]).numpy()[0] @ mine)
+    assert res.zeroshot[0][1] == pytest.approx(want, abs=1e-5)
+    obj = ask(root / "imgs/3.jpg", "What is this?", root / "model", box=(0, 0, 20, 20), top=3)
+    assert obj.question.qtype == "object" and obj.template == "a photo of a {answer}"
+    assert {a for a, _ in obj.model} == {"cat", "dog", "sofa"}
+
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "ask",
+            str(root / "imgs/3.jpg"),
+            "What is this?",
+            "--box",
+            "0,0,20,20",
+            "--model",
+            str(root / "model"),
+            "--top",
+            "2",
+            "--params",
+            str(root / "params.yaml"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "VQA head" in res.output and "zero-shot CLIP" in res.output
+    for args, msg in (
+        (["How many cats are there?"], "cannot use the question"),
+        (["What is this?", "--box", "1,2,3"], "--box must be"),
+        (["What is this?", "--box", "500,500,10,10"], "outside the image"),
+    ):
+        res = runner.invoke(
+            app,
+            [
+                "ask",
+                str(root / "imgs/3.jpg"),
+                *args,
+                "--model",
+                str(root / "model"),
+                "--params",
+                str(root / "params.yaml"),
+            ],
+        )
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0]
+
+
+def test_parse_question_and_box():
+    from pipeline.ask import parse_box, parse_question
+
+    q = parse_question("What is the relation between a Red  Sofa and the mattress?")
+    assert (q.qtype, q.subject, q.object) == ("relation", "red sofa", "mattress")
+    assert q.text == "What is the relationship between red sofa and mattress?"
+    assert parse_question("what is that").text == "What is this?"
+    # a model trained on a generic table with one free-form question type takes any question
+    free = parse_question("How many cats? ", ["object", "other", "relation"])
+    assert (free.qtype, free.text) == ("other", "How many cats?")
+    with pytest.raises(UserError, match="cannot use the question"):
+        parse_question("How many cats?", ["object", "relation"])
+    assert parse_box("1, 2,30,40.4") == (1, 2, 30, 40)
+    assert parse_box(None) is None
+    for bad in ("1,2,3", "a,b,c,d", "0,0,0,5", "-1,0,4,4"):
+        with pytest.raises(UserError):
+            parse_box(bad)
