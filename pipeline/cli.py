@@ -70,153 +70,6 @@ def synth(
     typer.echo(summary)
 
 
-@app.command("evaluate-caption")
-@one_line_errors
-def evaluate_caption(
-    emb: Annotated[Path | None, typer.Option(help="Flickr30k embeddings folder")] = None,
-    models: Annotated[Path | None, typer.Option(help="folder of models/<variant>/")] = None,
-    out: Annotated[Path | None, typer.Option(help="metrics JSON to write")] = None,
-    pred_dir: Annotated[Path | None, typer.Option(help="folder for predictions")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Caption the test images (each variant + a nearest-neighbour baseline); BLEU, CIDEr-D."""
-    from pipeline.evaluate_caption import run, summary
-    from pipeline.params import load_params
-
-    p = load_params("evaluate_caption", params)
-    report = run(
-        emb=Path(pick(emb, p, "emb", "data/emb/flickr30k")),
-        models=Path(pick(models, p, "models", "models/caption")),
-        out=Path(pick(out, p, "out", "metrics/caption.json")),
-        pred_dir=Path(pick(pred_dir, p, "pred_dir", "data/eval")),
-        params=p,
-    )
-    typer.echo(summary(report))
-
-
-@app.command("prepare-vqa")
-@one_line_errors
-def prepare_vqa(
-    vg: Annotated[Path | None, typer.Option(help="Visual Genome folder (JSON + VG_100K*)")] = None,
-    out: Annotated[Path | None, typer.Option(help="output folder for the QA parquet")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Build relation/object QA parquet splits + answer vocabulary from Visual Genome JSON."""
-    from pipeline.params import load_params
-    from pipeline.prepare_vqa import run, summary
-
-    p = load_params("prepare_vqa", params)
-    vg = Path(pick(vg, p, "vg", "data/sample/vg"))
-    out = Path(pick(out, p, "out", "data/qa"))
-    typer.echo(summary(run(vg, out, p)))
-
-
-@app.command("train-vqa")
-@one_line_errors
-def train_vqa(
-    qa: Annotated[Path | None, typer.Option(help="data/qa folder (parquet splits)")] = None,
-    emb: Annotated[Path | None, typer.Option(help="VG embeddings folder")] = None,
-    out: Annotated[Path | None, typer.Option(help="output model folder")] = None,
-    plots: Annotated[Path | None, typer.Option(help="folder for vqa.tsv")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Train the VQA head on cached CLIP image + question embeddings."""
-    from pipeline.params import load_params
-    from pipeline.train_vqa import run
-
-    p = load_params("train_vqa", params)
-    report = run(
-        qa_dir=Path(pick(qa, p, "qa", "data/qa")),
-        emb_dir=Path(pick(emb, p, "emb", "data/emb/vg")),
-        out_dir=Path(pick(out, p, "out", "models/vqa")),
-        plots_dir=Path(pick(plots, p, "plots", "metrics/plots")),
-        params=p,
-    )
-    x = report.extra
-    typer.echo(
-        f"{report.summary()}; train {x['n_train']} val {x['n_val']}, final train_loss "
-        f"{x['final_train_loss']:.4f} val_loss {x['final_val_loss']:.4f}"
-    )
-
-
-@app.command("evaluate-vqa")
-@one_line_errors
-def evaluate_vqa(
-    qa: Annotated[Path | None, typer.Option(help="data/qa folder (parquet splits)")] = None,
-    emb: Annotated[Path | None, typer.Option(help="VG embeddings folder")] = None,
-    model: Annotated[Path | None, typer.Option(help="trained VQA model folder")] = None,
-    out: Annotated[Path | None, typer.Option(help="metrics JSON to write")] = None,
-    predictions: Annotated[Path | None, typer.Option(help="predictions JSONL")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """VQA accuracy per question type: trained head vs zero-shot CLIP, text prior, majority."""
-    from pipeline.evaluate_vqa import run
-    from pipeline.params import load_params
-
-    p = load_params("evaluate_vqa", params)
-    report = run(
-        qa_dir=Path(pick(qa, p, "qa", "data/qa")),
-        emb_dir=Path(pick(emb, p, "emb", "data/emb/vg")),
-        model_dir=Path(pick(model, p, "model", "models/vqa")),
-        metrics_path=Path(pick(out, p, "out", "metrics/vqa.json")),
-        predictions_path=Path(pick(predictions, p, "predictions", "data/eval/vqa.jsonl")),
-        params=p,
-    )
-    typer.echo(report.summary())
-    for group, m in report.extra["metrics"].items():
-        tops = ", ".join(
-            f"{k[: -len('_top1')]} {v:.3f}"
-            for k, v in m.items()
-            if k.endswith("_top1") and v is not None
-        )
-        typer.echo(f"  {group} (n={m['n']}) top-1: {tops}")
-
-
-@app.command()
-@one_line_errors
-def ask(
-    image: Annotated[Path, typer.Argument(help="image file")],
-    question: Annotated[
-        str, typer.Argument(help="e.g. 'What is the relationship between X and Y?'")
-    ],
-    box: Annotated[str | None, typer.Option(help="crop x,y,w,h (pixels) before embedding")] = None,
-    model: Annotated[Path | None, typer.Option(help="trained VQA model folder")] = None,
-    clip: Annotated[str | None, typer.Option(help="CLIP checkpoint (default: the model's)")] = None,
-    top: Annotated[int, typer.Option(help="how many answers to print")] = 5,
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Answer one question about an image: trained VQA head and zero-shot CLIP, with scores."""
-    from pipeline.ask import ask as ask_one
-    from pipeline.ask import format_result, parse_box
-    from pipeline.params import load_params
-
-    p = load_params("evaluate_vqa", params)
-    model = Path(pick(model, p, "model", "models/vqa"))
-    result = ask_one(image, question, model, clip, parse_box(box), top, p.get("templates"))
-    typer.echo(format_result(result, model))
-
-
-@app.command("prepare-qa-table")
-@one_line_errors
-def prepare_qa_table(
-    input: Annotated[Path, typer.Option("--input", help="QA table: .parquet, .jsonl or .csv")],
-    out: Annotated[Path | None, typer.Option(help="output folder (data/qa layout)")] = None,
-    images: Annotated[Path | None, typer.Option(help="root of relative image paths")] = None,
-    top_k: Annotated[int | None, typer.Option(help="answer vocabulary size")] = None,
-    min_count: Annotated[int | None, typer.Option(help="min train count of an answer")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-):
-    """Convert a generic QA table (image path, question, answer) into the data/qa layout."""
-    from pipeline.formats.qa_table import run
-    from pipeline.params import load_params
-
-    p = load_params("qa_table", params)
-    p["top_k"] = pick(top_k, p, "top_k", 1000)
-    p["min_count"] = pick(min_count, p, "min_count", 1)
-    out = Path(pick(out, p, "out", "data/qa"))
-    typer.echo(run(input, out, p, images=images).summary())
-
-
 @app.command("clip-bootstrap")
 @one_line_errors
 def clip_bootstrap(
@@ -252,6 +105,23 @@ def clip_bootstrap(
     report = run(laion, Path(flickr) if flickr else None, out, metrics,
                  Path(plots) if plots else None, p)  # fmt: skip
     typer.echo(summary(report))
+
+
+@app.command("prepare-vqa")
+@one_line_errors
+def prepare_vqa(
+    vg: Annotated[Path | None, typer.Option(help="Visual Genome folder (JSON + VG_100K*)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder for the QA parquet")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Build relation/object QA parquet splits + answer vocabulary from Visual Genome JSON."""
+    from pipeline.params import load_params
+    from pipeline.prepare_vqa import run, summary
+
+    p = load_params("prepare_vqa", params)
+    vg = Path(pick(vg, p, "vg", "data/sample/vg"))
+    out = Path(pick(out, p, "out", "data/qa"))
+    typer.echo(summary(run(vg, out, p)))
 
 
 @app.command()
@@ -323,6 +193,91 @@ def train_caption(
     )
 
 
+@app.command("evaluate-caption")
+@one_line_errors
+def evaluate_caption(
+    emb: Annotated[Path | None, typer.Option(help="Flickr30k embeddings folder")] = None,
+    models: Annotated[Path | None, typer.Option(help="folder of models/<variant>/")] = None,
+    out: Annotated[Path | None, typer.Option(help="metrics JSON to write")] = None,
+    pred_dir: Annotated[Path | None, typer.Option(help="folder for predictions")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Caption the test images (each variant + a nearest-neighbour baseline); BLEU, CIDEr-D."""
+    from pipeline.evaluate_caption import run, summary
+    from pipeline.params import load_params
+
+    p = load_params("evaluate_caption", params)
+    report = run(
+        emb=Path(pick(emb, p, "emb", "data/emb/flickr30k")),
+        models=Path(pick(models, p, "models", "models/caption")),
+        out=Path(pick(out, p, "out", "metrics/caption.json")),
+        pred_dir=Path(pick(pred_dir, p, "pred_dir", "data/eval")),
+        params=p,
+    )
+    typer.echo(summary(report))
+
+
+@app.command("train-vqa")
+@one_line_errors
+def train_vqa(
+    qa: Annotated[Path | None, typer.Option(help="data/qa folder (parquet splits)")] = None,
+    emb: Annotated[Path | None, typer.Option(help="VG embeddings folder")] = None,
+    out: Annotated[Path | None, typer.Option(help="output model folder")] = None,
+    plots: Annotated[Path | None, typer.Option(help="folder for vqa.tsv")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Train the VQA head on cached CLIP image + question embeddings."""
+    from pipeline.params import load_params
+    from pipeline.train_vqa import run
+
+    p = load_params("train_vqa", params)
+    report = run(
+        qa_dir=Path(pick(qa, p, "qa", "data/qa")),
+        emb_dir=Path(pick(emb, p, "emb", "data/emb/vg")),
+        out_dir=Path(pick(out, p, "out", "models/vqa")),
+        plots_dir=Path(pick(plots, p, "plots", "metrics/plots")),
+        params=p,
+    )
+    x = report.extra
+    typer.echo(
+        f"{report.summary()}; train {x['n_train']} val {x['n_val']}, final train_loss "
+        f"{x['final_train_loss']:.4f} val_loss {x['final_val_loss']:.4f}"
+    )
+
+
+@app.command("evaluate-vqa")
+@one_line_errors
+def evaluate_vqa(
+    qa: Annotated[Path | None, typer.Option(help="data/qa folder (parquet splits)")] = None,
+    emb: Annotated[Path | None, typer.Option(help="VG embeddings folder")] = None,
+    model: Annotated[Path | None, typer.Option(help="trained VQA model folder")] = None,
+    out: Annotated[Path | None, typer.Option(help="metrics JSON to write")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="predictions JSONL")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """VQA accuracy per question type: trained head vs zero-shot CLIP, text prior, majority."""
+    from pipeline.evaluate_vqa import run
+    from pipeline.params import load_params
+
+    p = load_params("evaluate_vqa", params)
+    report = run(
+        qa_dir=Path(pick(qa, p, "qa", "data/qa")),
+        emb_dir=Path(pick(emb, p, "emb", "data/emb/vg")),
+        model_dir=Path(pick(model, p, "model", "models/vqa")),
+        metrics_path=Path(pick(out, p, "out", "metrics/vqa.json")),
+        predictions_path=Path(pick(predictions, p, "predictions", "data/eval/vqa.jsonl")),
+        params=p,
+    )
+    typer.echo(report.summary())
+    for group, m in report.extra["metrics"].items():
+        tops = ", ".join(
+            f"{k[: -len('_top1')]} {v:.3f}"
+            for k, v in m.items()
+            if k.endswith("_top1") and v is not None
+        )
+        typer.echo(f"  {group} (n={m['n']}) top-1: {tops}")
+
+
 @app.command()
 @one_line_errors
 def caption(
@@ -366,6 +321,51 @@ def caption(
     for path, ids in zip(images, generate(decoder, emb, beam_size=beam, max_len=max_len)):
         text = " ".join(bb.tokenizer.decode(ids, skip_special_tokens=True).split())
         typer.echo(f"{path}\t{text}")
+
+
+@app.command()
+@one_line_errors
+def ask(
+    image: Annotated[Path, typer.Argument(help="image file")],
+    question: Annotated[
+        str, typer.Argument(help="e.g. 'What is the relationship between X and Y?'")
+    ],
+    box: Annotated[str | None, typer.Option(help="crop x,y,w,h (pixels) before embedding")] = None,
+    model: Annotated[Path | None, typer.Option(help="trained VQA model folder")] = None,
+    clip: Annotated[str | None, typer.Option(help="CLIP checkpoint (default: the model's)")] = None,
+    top: Annotated[int, typer.Option(help="how many answers to print")] = 5,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Answer one question about an image: trained VQA head and zero-shot CLIP, with scores."""
+    from pipeline.ask import ask as ask_one
+    from pipeline.ask import format_result, parse_box
+    from pipeline.params import load_params
+
+    p = load_params("evaluate_vqa", params)
+    model = Path(pick(model, p, "model", "models/vqa"))
+    result = ask_one(image, question, model, clip, parse_box(box), top, p.get("templates"))
+    typer.echo(format_result(result, model))
+
+
+@app.command("prepare-qa-table")
+@one_line_errors
+def prepare_qa_table(
+    input: Annotated[Path, typer.Option("--input", help="QA table: .parquet, .jsonl or .csv")],
+    out: Annotated[Path | None, typer.Option(help="output folder (data/qa layout)")] = None,
+    images: Annotated[Path | None, typer.Option(help="root of relative image paths")] = None,
+    top_k: Annotated[int | None, typer.Option(help="answer vocabulary size")] = None,
+    min_count: Annotated[int | None, typer.Option(help="min train count of an answer")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Convert a generic QA table (image path, question, answer) into the data/qa layout."""
+    from pipeline.formats.qa_table import run
+    from pipeline.params import load_params
+
+    p = load_params("qa_table", params)
+    p["top_k"] = pick(top_k, p, "top_k", 1000)
+    p["min_count"] = pick(min_count, p, "min_count", 1)
+    out = Path(pick(out, p, "out", "data/qa"))
+    typer.echo(run(input, out, p, images=images).summary())
 
 
 if __name__ == "__main__":

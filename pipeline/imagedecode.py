@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.clip.backbone import _center_crop, to_rgb
+from pipeline.clip.backbone import resize_crop, to_rgb
 
 # skip reasons
 MISSING_FILE = "missing_file"
@@ -120,24 +120,6 @@ def open_rgb(data: bytes, draft_size: int | None = None) -> tuple[Image.Image, l
     except (OSError, ValueError) as exc:
         raise DecodeError(UNDECODABLE, str(exc)) from None
     return img, notes
-
-
-def resize_crop(img: Image.Image, size: int, resize: int | None = None) -> np.ndarray:
-    """`preprocess_image`'s geometry on an RGB image: (3, size, size) uint8.
-
-    Shortest side to `resize` (default `size`), long side `int(resize * long / short)`,
-    bicubic; center crop (zero padding when smaller), channels first.
-    """
-    short = size if resize is None else resize
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = short, int(short * h / w)
-    else:
-        new_w, new_h = int(short * w / h), short
-    if (new_w, new_h) != (w, h):
-        img = img.resize((max(new_w, 1), max(new_h, 1)), resample=Image.Resampling.BICUBIC)
-    arr = _center_crop(np.asarray(img, dtype=np.uint8), size)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def crop_box(img: Image.Image, box) -> Image.Image | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 from collections import Counter
@@ -174,3 +175,17 @@ def test_cli_writes_three_datasets(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert {p.name for p in (tmp_path / "w").iterdir()} >= {"vg", "laion", "flickr30k"}
+
+
+def test_unwritable_out_is_one_line_error(tmp_path):
+    if os.geteuid() == 0:  # root writes through file modes: use a kernel filesystem instead
+        target = Path("/sys/kernel/clipda-test")
+        if not Path("/sys/kernel").is_dir():
+            pytest.skip("no /sys/kernel to stand for an unwritable folder")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "out"
+    res = CliRunner().invoke(app, ["synth", "--out", str(target)])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: cannot write to --out") and res.output.count("\n") == 1

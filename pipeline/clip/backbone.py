@@ -64,7 +64,7 @@ def resize_crop(img: Image.Image, size: int, resize: int | None = None) -> np.nd
     else:
         new_w, new_h = int(short * w / h), short
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+        img = img.resize((max(new_w, 1), max(new_h, 1)), resample=Image.Resampling.BICUBIC)
     arr = _center_crop(np.asarray(img, dtype=np.uint8), size)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
