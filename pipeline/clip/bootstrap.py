@@ -473,16 +473,15 @@ def run(
                            "flickr30k_images": _count(data, "flickr30k")} if rows else None,
         }  # fmt: skip
         write_json(tmp / "clip_source.json", source)
+        report.extra.update({"mode": mode, "cpu_threads": torch.get_num_threads()})
+        report.save(tmp / "report.json")  # no timings inside the model: its hash stays stable
         report.extra.update(
             {
-                "mode": mode,
                 "train_seconds": round(train_seconds, 2),
                 "train_cpu_seconds": round(train_cpu, 2),
-                "cpu_threads": torch.get_num_threads(),
                 "total_seconds": round(time.perf_counter() - t0, 2),
             }
         )
-        report.save(tmp / "report.json")
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
