@@ -290,8 +290,8 @@ def caption(
 ):
     """Print one caption per image (`path<TAB>caption`) with CLIP + a trained decoder."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
+    from pipeline.ask import embed_image
     from pipeline.clip.backbone import load_backbone
     from pipeline.decode import generate, load_caption_model
     from pipeline.nn.caption_decoder import read_model_info
@@ -301,6 +301,8 @@ def caption(
     clip = clip or load_params("embed", params).get("model", "models/clip")
     if beam < 1:
         raise UserError(f"--beam must be >= 1, got {beam}")
+    if max_len < 1:
+        raise UserError(f"--max-len must be >= 1, got {max_len}")
     decoder = load_caption_model(model)
     trained_on = read_model_info(model).get("clip", {})
     bb = load_backbone(clip)
@@ -310,14 +312,7 @@ def caption(
     if trained_on.get("revision") not in (None, bb.revision):
         was = f"{trained_on.get('model')} ({trained_on.get('revision')})"
         typer.echo(f"warning: {model} was trained on {was}, not {bb.revision}", err=True)
-    pixels = []
-    for path in images:
-        try:
-            with Image.open(path) as img:
-                pixels.append(bb.image_transform()(img))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"cannot read image {path}: {exc}") from None
-    emb = bb.encode_images(torch.stack(pixels))
+    emb = torch.cat([embed_image(bb, path) for path in images])  # decoded as embed decodes
     for path, ids in zip(images, generate(decoder, emb, beam_size=beam, max_len=max_len)):
         text = " ".join(bb.tokenizer.decode(ids, skip_special_tokens=True).split())
         typer.echo(f"{path}\t{text}")
