@@ -119,11 +119,12 @@ def ask(
 ) -> AskResult:
     """Top answers (with cosine scores) of the trained head and of zero-shot CLIP."""
     from pipeline.clip.backbone import load_backbone
-    from pipeline.evaluate_vqa import DEFAULT_TEMPLATES, topk_rows
+    from pipeline.evaluate_vqa import check_templates, topk_rows
     from pipeline.nn.vqa_head import load_head
 
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
+    templates = check_templates(templates)
     head, answer_emb, cfg = load_head(model_dir)
     candidates = cfg.get("qtype_candidates") or {}
     parsed = parse_question(question, list(candidates))
@@ -150,7 +151,6 @@ def ask(
         [(answers[cand[i]], float(v)) for i, v in zip(order[0], vals[0])],
         clip=backbone.model_id,
     )
-    templates = {**DEFAULT_TEMPLATES, **(templates or {})}
     template = templates.get(parsed.qtype, templates["default"])
     fill = {"subject": parsed.subject or "", "object": parsed.object or "", "question": parsed.text}
     prompts = [template.format(answer=answers[c], **fill) for c in cand]

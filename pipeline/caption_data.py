@@ -9,7 +9,6 @@ lengths; captions longer than `max_len` are cut to `max_len` tokens ending in EO
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 
 from pipeline.embfile import read_dataset, vectors
 from pipeline.errors import UserError
+from pipeline.readers import read_json
 
 TOKEN_TABLE_FILE = "token_embedding.safetensors"
 
@@ -54,7 +54,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise UserError(f"{folder}: no manifest.json (run the embed stage first)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def load_token_table(folder: str | Path) -> torch.Tensor:

@@ -18,13 +18,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,13 @@ import torch
 from pyarrow import ipc
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.embed_items import ImageItem, Listing, file_stamp, source_entry
+from pipeline.embed_items import (
+    ImageItem,
+    Listing,
+    file_stamp,
+    fingerprint_fields,
+    source_entry,
+)
 from pipeline.embfile import vector_array, write_table
 from pipeline.errors import UserError
 from pipeline.imagedecode import Decoded, decode_image, read_bytes
@@ -46,7 +52,6 @@ DATASETS = ("vg", "laion", "flickr30k")
 FORMAT_VERSION = 1
 TOKEN_TABLE = "token_embedding.safetensors"
 TEXTS_FILE = "texts.arrow"
-DROPPED_CAPTIONS = "captions_of_skipped_images"  # caption rows whose image was skipped
 DEFAULTS: dict[str, Any] = {
     "model": "models/clip",
     "batch_size": 64,
@@ -116,7 +121,11 @@ def finished(path: Path, fp: str) -> tuple[Report, int] | None:
         return None
     if meta.get(META_FP, b"").decode() != fp or int(meta.get(META_ROWS, b"-1")) != rows:
         return None
-    return Report.from_dict(json.loads(meta[META_REPORT])), rows
+    data = json.loads(meta[META_REPORT])
+    report = Report.from_dict(data)
+    if "images" in data:  # image-level counts of a caption shard (ShardBuilder)
+        report.extra["images"] = data["images"]
+    return report, rows
 
 
 def write_part(path: Path, table: pa.Table, fp: str, report: Report) -> None:
@@ -272,20 +281,28 @@ def collate(samples: list[tuple[int, Decoded]], size: int) -> tuple[torch.Tensor
 
 
 class ShardBuilder:
-    """Collects one shard's embeddings in item order, then builds its table."""
+    """Collects one shard's embeddings in item order, then builds its table.
+
+    Counts are in output rows: for caption datasets an image that cannot be used skips
+    each of its caption rows under the image's reason (`not_an_image`, ... ids = image
+    ids), and image-level counts go to `report.extra["images"]`; for vg one per image.
+    """
 
     def __init__(self, captions: bool):
         self.captions = captions
         self.report = Report("embed")
         self.ok: list[tuple[ImageItem, np.ndarray, list[int]]] = []
+        self.images_read = 0
+        self.images_skipped: Counter[str] = Counter()
 
     def add(self, items: list[ImageItem], meta: list, emb: np.ndarray) -> None:
         row = 0
         for (_, skip, notes, bad_boxes, n), item in zip(meta, items):
+            self.images_read += 1
             if skip:
-                self.report.skip(skip, item.id)
-                if item.captions:  # caption rows lost with their image, counted as rows
-                    self.report.skip(DROPPED_CAPTIONS, item.id, n=len(item.captions))
+                rows = len(item.captions) if self.captions else 1
+                self.report.skip(skip, item.id, n=rows)
+                self.images_skipped[skip] += 1
                 continue
             for note in notes:
                 self.report.note(note, item.id)
@@ -331,6 +348,12 @@ class ShardBuilder:
             image = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
             table = image_table(rows, image, dim, dtype)
         self.report.written = table.num_rows
+        if self.captions:
+            self.report.extra["images"] = {
+                "read": self.images_read,
+                "written": len(self.ok),
+                "skipped_by_reason": dict(sorted(self.images_skipped.items())),
+            }
         return table
 
 
@@ -506,7 +529,12 @@ def embed_precomputed(
     for c in chunks:
         files = [f for f in (c.img_emb, c.text_emb, c.metadata) if f is not None]
         sources += [source_entry(f) for f in files]
-        fps.append(fingerprint(common, [[str(f), file_stamp(f)] for f in files]))
+        # paths relative to the input: a moved or copied layout is not recomputed
+        fps.append(
+            fingerprint(
+                common, [[f.relative_to(input_path).as_posix(), file_stamp(f)] for f in files]
+            )
+        )
     for k, c in enumerate(chunks):
         if k % world != rank or finished(part_path(out_dir, k), fps[k]) is not None:
             continue
@@ -570,6 +598,17 @@ def clean_outputs(out_dir: Path, n_parts: int, mine: list[int], texts: bool) -> 
         (out_dir / name).unlink(missing_ok=True)
 
 
+def merge_image_counts(a: dict, b: dict) -> dict:
+    """Sum two `{"read", "written", "skipped_by_reason"}` image-count dicts."""
+    skipped = Counter(a.get("skipped_by_reason", {}))
+    skipped.update(b.get("skipped_by_reason", {}))
+    return {
+        "read": a.get("read", 0) + b.get("read", 0),
+        "written": a.get("written", 0) + b.get("written", 0),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+    }
+
+
 def finalize(
     out_dir: Path,
     dataset: str,
@@ -584,12 +623,15 @@ def finalize(
     report = Report("embed")
     report.merge(listing.report)
     shard_rows = []
+    images = listing.extra.get("images")
     for k, fp in enumerate(fps):
         done = finished(part_path(out_dir, k), fp)
         if done is None:
             return None
         report.merge(done[0])
         shard_rows.append(done[1])
+        if images is not None:
+            images = merge_image_counts(images, done[0].extra.get("images", {}))
     texts_rows = None
     if texts_fp is not None:
         done = finished(out_dir / TEXTS_FILE, texts_fp)
@@ -604,6 +646,7 @@ def finalize(
         "dataset": dataset,
         "input": str(input_path),
         **listing.extra,
+        **({"images": images} if images is not None else {}),
         "images_listed": len(listing.items),
         "shards": len(fps),
         "shard_rows": shard_rows,
@@ -659,6 +702,32 @@ def settings_fingerprint(dataset: str, backbone, p: dict) -> dict[str, Any]:
     }
 
 
+def check_params(params: dict) -> dict[str, Any]:
+    """The `embed` params over `DEFAULTS`, typed; a bad value is a one-line `UserError`."""
+    from pipeline.params import typed
+
+    p = {**DEFAULTS, "seed": 0, **{k: v for k, v in params.items() if v is not None}}
+    p = typed(
+        p,
+        {**DEFAULTS, "seed": 0, "torch_threads": 0},
+        "embed",
+        positive=("batch_size", "text_batch_size", "shard_size"),
+    )
+    if p["dtype"] not in _DTYPES:
+        raise UserError(f"params embed.dtype: must be float16 or float32, got {p['dtype']!r}")
+    if p["num_workers"] < 0:
+        raise UserError(f"params embed.num_workers: must be >= 0, got {p['num_workers']!r}")
+    if p["torch_threads"] is not None and p["torch_threads"] < 0:
+        raise UserError(f"params embed.torch_threads: must be >= 0, got {p['torch_threads']!r}")
+    val, test = p["val_fraction"], p["test_fraction"]
+    if not (0 <= val <= 1 and 0 <= test <= 1 and val + test <= 1):
+        raise UserError(
+            f"params embed.val_fraction / test_fraction: need 0 <= each and sum <= 1, "
+            f"got {val!r} and {test!r}"
+        )
+    return p
+
+
 def run(
     dataset: str,
     input_path: Path,
@@ -681,19 +750,14 @@ def run(
     """
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-    if p["dtype"] not in _DTYPES:
-        raise UserError(f"embed.dtype must be float16 or float32, got {p['dtype']!r}")
-    for key in ("batch_size", "shard_size", "text_batch_size"):
-        if int(p[key]) < 1:
-            raise UserError(f"embed.{key} must be >= 1, got {p[key]}")
+    p = check_params(params)
     rank, world = resolve_shard(shard)
     input_path, out_dir = Path(input_path), Path(out_dir)
     if not input_path.exists():
         raise UserError(f"--input not found: {input_path}")
     if p["torch_threads"]:
         torch.set_num_threads(int(p["torch_threads"]))
-    torch.manual_seed(int(p.get("seed", 0)))
+    torch.manual_seed(p["seed"])
     if backbone is None:
         from pipeline.clip.backbone import load_backbone
 
@@ -716,7 +780,7 @@ def run(
         listing, texts = list_dataset(dataset, input_path, p, images_root)
         ranges = shard_ranges(len(listing.items), int(p["shard_size"]))
         fps = [
-            fingerprint(common, [dataclasses.astuple(listing.items[i]) for i in r]) for r in ranges
+            fingerprint(common, [fingerprint_fields(listing.items[i]) for i in r]) for r in ranges
         ]
         mine = [k for k in range(len(ranges)) if k % world == rank]
         clean_outputs(out_dir, len(ranges), mine, texts is not None)

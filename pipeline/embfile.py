@@ -14,6 +14,7 @@ import pyarrow as pa
 from pyarrow import ipc
 
 from pipeline.atomic import atomic_path
+from pipeline.readers import readable
 
 SHARD_GLOB = "part-*.arrow"
 
@@ -37,9 +38,13 @@ def write_table(path: str | Path, table: pa.Table) -> None:
 
 
 def read_table(path: str | Path) -> pa.Table:
-    """Memory-map an Arrow IPC file; the returned table's buffers point into the map."""
-    source = pa.memory_map(str(path), "r")
-    return ipc.open_file(source).read_all()
+    """Memory-map an Arrow IPC file; the returned table's buffers point into the map.
+
+    A corrupt or non-Arrow file is a `UserError`; a missing one a `FileNotFoundError`.
+    """
+    with readable(path, "a readable Arrow IPC file"):
+        source = pa.memory_map(str(path), "r")
+        return ipc.open_file(source).read_all()
 
 
 def read_dataset(folder: str | Path, pattern: str = SHARD_GLOB) -> pa.Table:

@@ -37,6 +37,8 @@ from pipeline.metrics import (
     corpus_bleu_1to4,
     tokenize,
 )
+from pipeline.params import typed
+from pipeline.readers import read_json
 from pipeline.report import Report
 
 BASELINE = "nn_baseline"
@@ -215,6 +217,7 @@ def _check_params(p: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown evaluate_caption params: {sorted(unknown)}")
     p = {**DEFAULTS, **{k: v for k, v in p.items() if v is not None}}
+    p = typed(p, DEFAULTS, "evaluate_caption")
     for key in ("beam_size", "max_len", "batch_size"):
         if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
             raise UserError(f"evaluate_caption.{key} must be a positive integer, got {p[key]!r}")
@@ -251,7 +254,7 @@ def run(
     manifest_path = emb / "manifest.json"
     if not manifest_path.exists():
         raise UserError(f"{manifest_path} not found (run `clipda embed` first)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path)
     folders = {v: models / v for v in p["variants"]}
     for variant, folder in folders.items():
         if not (folder / "config.json").exists():

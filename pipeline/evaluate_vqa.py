@@ -35,6 +35,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.embfile import read_table, vector_array, vectors, write_table
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import load_head
+from pipeline.params import typed
 from pipeline.report import Report
 from pipeline.vqa_data import (
     VQASplit,
@@ -68,15 +69,35 @@ TextEncoder = Callable[[list[str]], np.ndarray]
 
 def settings(params: dict[str, Any]) -> dict[str, Any]:
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-    p["templates"] = {**DEFAULT_TEMPLATES, **(p.get("templates") or {})}
-    for qtype, template in p["templates"].items():
-        fields = template_fields(template)
+    p = typed(p, DEFAULTS, "evaluate_vqa", positive=("prompt_batch", "batch_size"))
+    if p["max_samples"] < 0:
+        raise UserError(f"params evaluate_vqa.max_samples: must be >= 0, got {p['max_samples']}")
+    p["templates"] = check_templates(p.get("templates"))
+    return p
+
+
+def check_templates(templates: Any) -> dict[str, str]:
+    """`DEFAULT_TEMPLATES` updated with `templates`, each checked (`UserError` if bad)."""
+    if templates is not None and not isinstance(templates, dict):
+        raise UserError(f"params evaluate_vqa.templates: expected a mapping, got {templates!r}")
+    merged = {**DEFAULT_TEMPLATES, **(templates or {})}
+    for qtype, template in merged.items():
+        name = f"params evaluate_vqa.templates.{qtype}"
+        if not isinstance(template, str):
+            raise UserError(f"{name}: expected a string, got {template!r}")
+        try:
+            fields = template_fields(template)
+        except ValueError as exc:
+            raise UserError(f"{name}: malformed template {template!r} ({exc})") from None
         if "answer" not in fields or not fields <= TEMPLATE_FIELDS:
             raise UserError(
-                f"evaluate_vqa.templates.{qtype} must use {{answer}} and only "
-                f"{sorted(TEMPLATE_FIELDS)}, got {template!r}"
+                f"{name}: must use {{answer}} and only {sorted(TEMPLATE_FIELDS)}, got {template!r}"
             )
-    return p
+        try:  # conversions and format specs ("{answer!z}", "{answer:d}") fail only here
+            template.format(**{f: "x" for f in TEMPLATE_FIELDS})
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+            raise UserError(f"{name}: malformed template {template!r} ({exc})") from None
+    return merged
 
 
 def template_fields(template: str) -> set[str]:

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
 from pipeline.formats import vg
+from pipeline.params import typed
 from pipeline.report import Report
 
 SPLITS = ("train", "val", "test")
@@ -85,6 +86,7 @@ def check_params(params: dict) -> dict[str, Any]:
     """Defaults + `params`, validated (`UserError` on a bad value)."""
     p = {**DEFAULTS, "seed": 0, **{k: v for k, v in params.items() if v is not None}}
     p["max_objects_per_image"] = params.get("max_objects_per_image", 5)
+    p = typed(p, {**DEFAULTS, "seed": 0}, "prepare_vqa")
     val, test = p["val_fraction"], p["test_fraction"]
     for key, v in (("val_fraction", val), ("test_fraction", test)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:

@@ -50,6 +50,7 @@ from pipeline.nn.discriminator import (
     domain_logits,
 )
 from pipeline.nn.grl import warm_start_coeff
+from pipeline.params import torch_device, typed
 
 VARIANTS = {"noada": 0.0, "ada": 1.0}  # multiplier of the GRL coefficient
 TSV_COLUMNS = [
@@ -105,8 +106,21 @@ def merged_params(params: dict[str, Any]) -> dict[str, Any]:
     unknown = set(params) - set(DEFAULTS) - {"laion", "flickr", "out", "plots"}
     if unknown:
         raise UserError(f"unknown train_caption params: {sorted(unknown)}")
-    p = {**DEFAULTS, **params}
-    p["model"] = {**DEFAULTS["model"], **(params.get("model") or {})}
+    model = params.get("model") or {}
+    if not isinstance(model, dict):
+        raise UserError(f"params train_caption.model: expected a mapping, got {model!r}")
+    p = typed(
+        {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}},
+        DEFAULTS,
+        "train_caption",
+        positive=("batch_size", "domain_batch"),
+    )
+    p["model"] = typed(
+        {**DEFAULTS["model"], **{k: v for k, v in model.items() if v is not None}},
+        DEFAULTS["model"],
+        "train_caption.model",
+        positive=("width", "layers", "heads", "mlp_ratio", "prefix_len", "max_len"),
+    )
     return p
 
 
@@ -117,9 +131,7 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch_device(name)
 
 
 def autocast(device: torch.device):

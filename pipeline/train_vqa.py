@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pipeline.atomic import write_text
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import LOSSES, VQAHead, answer_logits, build_head, save_head, vqa_loss
+from pipeline.params import torch_device, typed
 from pipeline.report import Report
 from pipeline.vqa_data import (
     VQASplit,
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
 def settings(params: dict[str, Any]) -> dict[str, Any]:
     """Params merged over the defaults, validated."""
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p = typed(p, DEFAULTS, "train_vqa", positive=("lr_gamma", "ce_scale", "eval_batch_size"))
     if p["loss"] not in LOSSES:
         raise UserError(f"train_vqa.loss must be one of {', '.join(LOSSES)}, got {p['loss']!r}")
     for key in ("batch_size", "epochs", "grad_accum", "lr_step_size"):
@@ -65,11 +67,7 @@ def settings(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available")
-    return torch.device(name)
+    return torch_device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -8,7 +8,6 @@ memory-mapped embedding matrices; a batch gathers only its own rows (float16 -> 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.embfile import read_dataset, read_table, vectors
 from pipeline.errors import UserError
+from pipeline.readers import read_json, read_parquet, read_parquet_schema
 from pipeline.report import Report
 
 META_COLUMNS = ["qid", "image_id", "qtype", "question", "answer", "subject", "object"]
@@ -116,7 +115,7 @@ def open_embeddings(emb_dir: str | Path) -> EmbeddingStore:
         if missing:
             raise UserError(f"{emb_dir}: {name} lack column(s) {', '.join(missing)}")
     manifest_path = emb_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = read_json(manifest_path) if manifest_path.exists() else {}
     store = EmbeddingStore(
         folder=emb_dir,
         image=ChunkedMatrix(images.column("image_emb")),
@@ -138,7 +137,11 @@ def load_vocab(qa_dir: str | Path, store: EmbeddingStore) -> AnswerVocab:
     path = Path(qa_dir) / "answers.json"
     if not path.exists():
         raise UserError(f"answer vocabulary not found: {path}")
-    entries = json.loads(path.read_text()).get("answers", [])
+    entries = read_json(path).get("answers", [])
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and "answer" in e for e in entries
+    ):
+        raise UserError(f"{path}: 'answers' must be a list of {{\"answer\": ...}} objects")
     if not entries:
         raise UserError(f"{path} lists no answers")
     answers = [str(e["answer"]).strip() for e in entries]
@@ -254,11 +257,11 @@ def load_split(
     path = Path(qa_dir) / f"{split}.parquet"
     if not path.exists():
         raise UserError(f"QA split not found: {path}")
-    names = pq.read_schema(path).names
+    names = read_parquet_schema(path).names
     missing = [c for c in META_COLUMNS if c not in names]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}")
-    table = pq.read_table(path, columns=[c for c in META_COLUMNS + BOX_COLUMNS if c in names])
+    table = read_parquet(path, columns=[c for c in META_COLUMNS + BOX_COLUMNS if c in names])
     image_idx = image_rows(table, store, image_source)
     table = table.select(META_COLUMNS)
     q_rows, q_texts = store.text_rows("question")
@@ -299,7 +302,7 @@ def read_train_answers(qa_dir: str | Path, vocab: AnswerVocab) -> pa.Table:
     path = Path(qa_dir) / "train.parquet"
     if not path.exists():
         raise UserError(f"QA split not found: {path}")
-    table = pq.read_table(path, columns=["qtype", "question", "answer", "subject", "object"])
+    table = read_parquet(path, columns=["qtype", "question", "answer", "subject", "object"])
     label = _lookup(table.column("answer"), pa.array(vocab.answers, pa.string()))
     return table.append_column("label", pa.array(label, pa.int64()))
 

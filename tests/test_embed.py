@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +187,63 @@ def test_killed_run_resumes_to_identical_output(tmp_path, bb):
     assert again == [1]
 
 
+def _touch_all(folder: Path, when: int) -> None:
+    for p in folder.rglob("*"):
+        os.utime(p, ns=(when, when))
+
+
+def test_copied_inputs_are_not_recomputed(tmp_path, bb):
+    """A copy / git clone / dvc checkout gives new mtimes, same bytes: nothing recomputed,
+    same output bytes (shards are fingerprinted by content, not by mtime or path)."""
+    src = make_flickr(tmp_path / "f", n=7)  # shards of 3, 3, 1 images
+    out = tmp_path / "out"
+    embed.run("flickr30k", src, out, P, backbone=bb)
+    before = _files(out)
+    # the same path, files replaced by copies with other mtimes (a dvc checkout)
+    shutil.move(src, tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", src)
+    _touch_all(src, 1_000_000_000_123_456_789)
+    written = []
+    embed.run("flickr30k", src, out, P, backbone=bb, on_shard_written=written.append)
+    assert written == [] and _files(out) == before
+    # another folder (a clone elsewhere): the parts are kept, byte for byte
+    clone = tmp_path / "clone"
+    shutil.copytree(src, clone)
+    _touch_all(clone, 1_500_000_000_000_000_000)
+    embed.run("flickr30k", clone, out, P, backbone=bb, on_shard_written=written.append)
+    parts = {k: v for k, v in before.items() if k.startswith("part-")}
+    assert written == [] and {k: v for k, v in _files(out).items() if k in parts} == parts
+    # one image's bytes changed: only its shard is recomputed
+    (clone / "flickr30k_images" / "104.jpg").write_bytes(
+        _save(_img(99), tmp_path / "x.jpg").read_bytes()
+    )
+    embed.run("flickr30k", clone, out, P, backbone=bb, on_shard_written=written.append)
+    assert written == [1]
+    after = _files(out)
+    assert after["part-00001.arrow"] != parts["part-00001.arrow"]
+    assert [after[k] for k in ("part-00000.arrow", "part-00002.arrow")] == [
+        parts[k] for k in ("part-00000.arrow", "part-00002.arrow")
+    ]
+
+
+def test_file_stamp_reads_the_ends_of_the_file(tmp_path):
+    from pipeline.embed_items import STAMP_BLOCK, file_stamp
+
+    f = tmp_path / "big.bin"
+    data = bytearray(os.urandom(3 * STAMP_BLOCK))
+    f.write_bytes(data)
+    stamp = file_stamp(f)
+    assert stamp.startswith(f"{len(data)}:")
+    os.utime(f, ns=(1, 1))
+    assert file_stamp(f) == stamp  # mtime is not part of it
+    for pos in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[pos] ^= 0xFF
+        f.write_bytes(changed)
+        assert file_stamp(f) != stamp
+    assert file_stamp(tmp_path / "none") is None and file_stamp(tmp_path) is None
+
+
 def test_process_shards_and_torchrun_env(tmp_path, bb, monkeypatch):
     src = make_flickr(tmp_path / "f", n=7)
     embed.run("flickr30k", src, tmp_path / "one", P, backbone=bb)
@@ -264,8 +324,7 @@ def test_every_bad_input_is_counted(tmp_path, bb):
     (root / "results.csv").write_text("\n".join(rows) + "\n")
     rep = embed.run("flickr30k", root, tmp_path / "out", P, backbone=bb)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert saved["skipped"] == {
-        "captions_of_skipped_images": 4,  # the caption rows of 2, 3, 4 and 10
+    assert saved["skipped"] == {  # caption rows, under their image's reason
         "empty_caption": 1,
         "empty_file": 1,
         "missing_file": 1,
@@ -283,17 +342,47 @@ def test_every_bad_input_is_counted(tmp_path, bb):
     }
     ids = saved["ids"]
     assert ids["skipped:truncated_image"] == ["2"] and ids["skipped:empty_file"] == ["3"]
-    assert ids["skipped:not_an_image"] == ["4"] and ids["skipped:missing_file"] == ["10.jpg"]
+    assert ids["skipped:not_an_image"] == ["4"] and ids["skipped:missing_file"] == ["10"]
     assert ids["noted:cmyk_converted"] == ["5"] and ids["noted:16bit_converted"] == ["8"]
     assert ids["noted:exif_orientation_applied"] == ["9"]
     assert ids["noted:caption_truncated"] == ["1#3"]
     assert ids["skipped:empty_caption"] == ["1#2"]
     assert rep.written == 8  # 3 captions of 1.jpg, one each for 5..9
-    # every caption row read is written or skipped for a caption-level reason
-    assert saved["read"] == 13 == 8 + 1 + 4
+    # every caption row read is written or skipped once
+    assert saved["read"] == 13 == saved["written"] + saved["skipped_total"]
+    assert saved["images"] == {
+        "read": 10,
+        "written": 6,
+        "skipped_by_reason": {
+            "empty_file": 1,
+            "missing_file": 1,
+            "not_an_image": 1,
+            "truncated_image": 1,
+        },
+    }
     table = read_dataset(tmp_path / "out")
     assert table.column("image_id").to_pylist() == ["1", "1", "1", "5", "6", "7", "8", "9"]
     assert max(len(t) for t in table.column("token_ids").to_pylist()) == bb.context_length
+
+
+def test_counts_are_caption_rows(tmp_path, bb):
+    """A missing and a junk image skip each of their caption rows under their reason."""
+    src = make_flickr(tmp_path / "f", n=10)  # 2 captions per image
+    (src / "flickr30k_images" / "103.jpg").unlink()
+    (src / "flickr30k_images" / "105.jpg").write_text("not an image")
+    rep = embed.run("flickr30k", src, tmp_path / "out", P, backbone=bb)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (saved["read"], saved["written"], saved["skipped_total"]) == (20, 16, 4)
+    assert saved["read"] == saved["written"] + saved["skipped_total"]
+    assert saved["skipped"] == {"missing_file": 2, "not_an_image": 2}
+    assert saved["ids"]["skipped:missing_file"] == ["103"]
+    assert saved["ids"]["skipped:not_an_image"] == ["105"]
+    assert saved["images"] == {
+        "read": 10,
+        "written": 8,
+        "skipped_by_reason": {"missing_file": 1, "not_an_image": 1},
+    }
+    assert rep.summary() == "embed: read 20, wrote 16, skipped missing_file=2, not_an_image=2"
 
 
 def test_decoding_conversions():
@@ -325,6 +414,22 @@ def test_laion_webdataset_through_the_stage(tmp_path, bb):
     assert table.column("id").to_pylist() == ["000000000#0", "000000003#0"]
     assert set(table.column("split").to_pylist()) == {"train"}
     assert rep.skipped["unsafe_tar_member"] == 4 and rep.skipped["img2dataset_failed"] == 1
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["read"] == 10 == saved["written"] + saved["skipped_total"]
+    # a sample whose image does not decode is one skipped caption row
+    shutil.copytree(root, tmp_path / "bad")
+    with tarfile.open(tmp_path / "bad" / "00000.tar", "a") as tar:
+        info = tarfile.TarInfo("000000011.jpg")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"junk"))
+        info = tarfile.TarInfo("000000011.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"cap"))
+    embed.run("laion", tmp_path / "bad", tmp_path / "out2", P, backbone=bb)
+    saved = json.loads((tmp_path / "out2" / "report.json").read_text())
+    assert saved["read"] == 11 == saved["written"] + saved["skipped_total"]
+    assert saved["skipped"]["not_an_image"] == 1 and saved["written"] == 2
+    assert saved["images"] == {"read": 3, "written": 2, "skipped_by_reason": {"not_an_image": 1}}
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "laion" / "sub").exists()
 
 
@@ -523,3 +628,30 @@ def test_two_concurrent_processes(tmp_path, clip_dir, bb):
     ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
+def test_bad_params_are_one_line_errors(tmp_path, clip_dir, bb):
+    from pipeline.cli import app
+
+    src = make_flickr(tmp_path / "f", n=2)
+    for key, value in [
+        ("batch_size", "abc"),
+        ("batch_size", 0),
+        ("text_batch_size", -1),
+        ("shard_size", 1.5),
+        ("num_workers", -1),
+        ("num_workers", "two"),
+        ("val_fraction", "lots"),
+        ("test_fraction", 1.5),
+        ("dtype", "int8"),
+    ]:
+        with pytest.raises(UserError, match=key):
+            embed.run("flickr30k", src, tmp_path / "o", {**P, key: value}, backbone=bb)
+    p = embed.check_params({"val_fraction": "1e-3", "test_fraction": "2E-2", "batch_size": "8"})
+    assert (p["val_fraction"], p["test_fraction"], p["batch_size"]) == (0.001, 0.02, 8)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"embed:\n  model: {clip_dir}\n  batch_size: abc\n")
+    args = ["embed", "--dataset", "flickr30k", "--input", str(src), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, [*args, "--params", str(params)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "embed.batch_size" in res.output and len(res.output.strip().splitlines()) == 1

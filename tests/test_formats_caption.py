@@ -72,9 +72,8 @@ def test_results_csv_rows_separators_and_skips(tmp_path):
         ("2", (("2#1", "Two dogs ."),)),
     ]
     rep = listing.report.to_dict()
-    assert rep["read"] == 9
+    assert rep["read"] == 9 == 5 + rep["skipped_total"]  # caption rows: listed or skipped
     assert rep["skipped"] == {
-        "captions_of_skipped_images": 1,
         "duplicate_row": 1,
         "empty_caption": 1,
         "malformed_row": 1,
@@ -83,8 +82,10 @@ def test_results_csv_rows_separators_and_skips(tmp_path):
     assert rep["noted"] == {"csv_missing_separator": 2}
     assert rep["ids"]["noted:csv_missing_separator"] == ["1#2", "1#3"]
     assert rep["ids"]["skipped:malformed_row"] == ["results.csv:7"]
-    assert rep["ids"]["skipped:missing_file"] == ["4.jpg"]
+    assert rep["ids"]["skipped:missing_file"] == ["4"]  # image ids
     assert listing.extra["split_source"] == "hash of file name"
+    images = {"read": 1, "written": 0, "skipped_by_reason": {"missing_file": 1}}
+    assert listing.extra["images"] == images  # the images this listing dropped
     assert {i.split for i in listing.items} <= {"train", "val", "test"}
     assert listing.items[0].path == str(tmp_path / "flickr30k_images" / "1.jpg")
 
@@ -108,6 +109,7 @@ def test_token_file_and_karpathy_splits(tmp_path):
     assert listing.extra == {
         "caption_source": "results_20130124.token",
         "split_source": "dataset_flickr30k.json",
+        "images": {"read": 0, "written": 0, "skipped_by_reason": {}},
     }
 
 
@@ -200,7 +202,7 @@ def test_webdataset_listing(tmp_path):
         ("000000003", "000000003.jpg", (("000000003#0", "from parquet only"),)),
     ]
     rep = listing.report.to_dict()
-    assert rep["skipped"] == {
+    assert rep["skipped"] == {  # one per sample (key); the 4 unsafe members are 4 keys
         "empty_caption": 1,
         "img2dataset_failed": 1,
         "missing_image_in_tar": 1,
@@ -214,7 +216,7 @@ def test_webdataset_listing(tmp_path):
         "00000.tar:000000009.jpg",
     ]
     assert rep["ids"]["skipped:img2dataset_failed"] == ["000000001"]
-    assert rep["read"] == 6
+    assert rep["read"] == 10 == len(listing.items) + rep["skipped_total"]
     assert listing.extra["img2dataset_failures"] == {"HTTP Error 404": 1}
     assert not (tmp_path / "evil.jpg").exists() and not (Path("/abs/evil.jpg")).exists()
     # member bytes come through extractfile, unsafe names are refused
@@ -228,8 +230,35 @@ def test_webdataset_listing(tmp_path):
 def test_unreadable_tar_is_reported(tmp_path):
     root = make_laion(tmp_path / "laion")
     (root / "00001.tar").write_bytes(b"this is not a tar archive" * 40)
-    rep = laion.list_webdataset(root).report
-    assert rep.skipped["unreadable_tar"] == 1
+    listing = laion.list_webdataset(root)
+    rep = listing.report
+    assert rep.skipped["unreadable_tar"] == 1  # no parquet: the tar counts as one sample
+    assert rep.read == len(listing.items) + sum(rep.skipped.values())
+    # with a parquet, each successful row of the unreadable tar is skipped
+    rows = [{"key": k, "caption": "c", "status": "success"} for k in ("a", "b")]
+    pq.write_table(pa.Table.from_pylist(rows), root / "00001.parquet")
+    listing = laion.list_webdataset(root)
+    rep = listing.report
+    assert rep.skipped["unreadable_tar"] == 2 and rep.noted["unreadable_tar"] == 1
+    assert rep.read == len(listing.items) + sum(rep.skipped.values())
+
+
+def test_unsafe_and_duplicate_members_of_kept_samples(tmp_path):
+    root = tmp_path / "laion"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        _add(tar, "k1.jpg", _jpeg())
+        _add(tar, "k1.txt", b"kept")
+        _add(tar, "k1.jpg", _jpeg((0, 0, 0)))  # duplicate: the first wins
+        _add(tar, "k1.png", b"", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        _add(tar, "k2.jpg", b"", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        _add(tar, "k2.txt", b"image is a link")
+    listing = laion.list_webdataset(root)
+    rep = listing.report.to_dict()
+    assert [i.id for i in listing.items] == ["k1"]
+    assert rep["read"] == 2 and rep["skipped"] == {"unsafe_tar_member": 1}
+    assert rep["ids"]["skipped:unsafe_tar_member"] == ["00000.tar:k2.jpg"]
+    assert rep["noted"] == {"duplicate_tar_member": 1, "unsafe_tar_member": 1}
 
 
 def test_precomputed_rows(tmp_path):
@@ -265,4 +294,4 @@ def test_precomputed_rows(tmp_path):
     assert rep.noted["renormalized"] >= 1 and rep.read == 4
     rep2 = Report("embed")
     assert laion.read_precomputed(chunks[1], rep2).ids == []  # no metadata: mismatch
-    assert rep2.skipped == {"precomputed_chunk_mismatch": 2}
+    assert rep2.skipped == {"precomputed_chunk_mismatch": 2} and rep2.read == 2

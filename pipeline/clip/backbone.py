@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.params import torch_device
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -217,11 +218,7 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype | None]:
     """`cuda` when available (bf16 autocast), else CPU fp32; an explicit `device` wins."""
-    dev = (
-        torch.device(device)
-        if device
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = torch_device(device)
     return dev, (torch.bfloat16 if dev.type == "cuda" else None)
 
 

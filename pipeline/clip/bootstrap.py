@@ -21,7 +21,6 @@ held-out LAION pairs (a seeded split never trained on), before and after trainin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 from pipeline.atomic import write_json, write_text
 from pipeline.clip.backbone import Backbone, load_backbone, normalize_pixels, quiet_transformers
 from pipeline.errors import UserError
+from pipeline.params import typed
+from pipeline.readers import read_json
 from pipeline.report import Report
 
 DEFAULTS: dict[str, Any] = {
@@ -68,6 +69,10 @@ DEFAULTS: dict[str, Any] = {
     # on any machine and avoids OpenMP spinning when the cores are shared.
     "cpu_threads": 1,
 }
+SIZE_KEYS = (  # params that must be > 0
+    "vocab_size", "context_length", "width", "layers", "heads", "image_size", "patch_size",
+    "projection_dim", "batch_size",
+)  # fmt: skip
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the temperature at 100
 PASSTHROUGH_FILES = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -414,6 +419,7 @@ def run(
 ) -> Report:
     """Build `out` (a CLIP checkpoint folder) and write `metrics_path` (+ the epoch curve)."""
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None or k == "pretrained"}}
+    p = typed(p, DEFAULTS, "clip_bootstrap", positive=SIZE_KEYS)
     seed = int(p.get("seed", 0))
     pretrained = p["pretrained"] or None
     mode = "scratch" if pretrained is None else ("finetune" if p["finetune"] else "passthrough")
@@ -545,4 +551,4 @@ def summary(report: Report) -> str:
 def describe(folder: Path) -> dict:
     """`clip_source.json` of a checkpoint folder written by this stage ({} if none)."""
     path = Path(folder) / "clip_source.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}

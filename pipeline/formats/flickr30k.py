@@ -117,9 +117,12 @@ def read_karpathy(path: Path, report: Report) -> tuple[dict[str, str], list[tupl
 def list_flickr30k(input_path: Path, val: float = 0.05, test: float = 0.05) -> Listing:
     """Flickr30k folder -> one item per image with its captions, in caption-file order.
 
-    Skipped by reason: malformed rows, empty captions (row ids), duplicate rows, images
-    whose file is missing (image names). Noted: recovered rows missing a separator,
-    images without a Karpathy split (given a hash split).
+    `read` / `skipped` count caption rows. Skipped by reason: malformed rows, empty
+    captions (row ids), duplicate rows, and the caption rows of images whose file is
+    missing (`missing_file`, one per caption row, ids = image ids). Noted: recovered rows
+    missing a separator, images without a Karpathy split (given a hash split).
+    `extra["images"]` counts the images this listing dropped (the embed stage adds the
+    ones it decodes).
     """
     if not input_path.is_dir():
         raise UserError(f"Flickr30k input folder not found: {input_path}")
@@ -163,12 +166,13 @@ def list_flickr30k(input_path: Path, val: float = 0.05, test: float = 0.05) -> L
         captions.setdefault(name, []).append((row_id, cap))
 
     items = []
+    missing = 0
     for name, caps in captions.items():
         path = images_dir / name
         stamp = file_stamp(path)
         if stamp is None:
-            report.skip("missing_file", name)
-            report.skip("captions_of_skipped_images", name, n=len(caps))
+            report.skip("missing_file", Path(name).stem, n=len(caps))
+            missing += 1
             continue
         if splits is None:
             split = hash_split(name, val, test)
@@ -185,5 +189,10 @@ def list_flickr30k(input_path: Path, val: float = 0.05, test: float = 0.05) -> L
     extra = {
         "caption_source": caption_source,
         "split_source": KARPATHY_NAME if splits is not None else "hash of file name",
+        "images": {
+            "read": missing,
+            "written": 0,
+            "skipped_by_reason": {"missing_file": missing} if missing else {},
+        },
     }
     return Listing(items, report, sources, extra)

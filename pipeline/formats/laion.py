@@ -53,35 +53,46 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def list_tar(
-    path: Path, report: Report
-) -> tuple[dict[str, dict[str, tarfile.TarInfo]], dict[str, dict[str, str]]]:
-    """Members of one tar grouped by key (first occurrence wins), in archive order, and the
-    text of the small `.txt` / `.json` members (read with `extractfile`)."""
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    texts: dict[str, dict[str, str]] = {}
+@dataclass
+class TarListing:
+    """The members of one tar: safe ones grouped by key (first occurrence wins, archive
+    order), the text of the small `.txt` / `.json` members, unsafe member names by key,
+    and the error that stopped the listing (None when the whole archive was read)."""
+
+    groups: dict[str, dict[str, tarfile.TarInfo]]
+    texts: dict[str, dict[str, str]]
+    unsafe: dict[str, list[str]]
+    error: str | None = None
+
+
+def list_tar(path: Path, report: Report) -> TarListing:
+    """List one tar without extracting it (texts read with `extractfile`).
+
+    Duplicate members are noted (`duplicate_tar_member`); unsafe members are returned for
+    the caller to count with their sample.
+    """
+    out = TarListing({}, {}, {})
     try:
         with tarfile.open(path, "r:*") as tf:
             for member in tf:
                 if member.isdir():
                     continue
-                if unsafe_member(member):
-                    report.skip("unsafe_tar_member", f"{path.name}:{member.name}")
-                    continue
                 key, ext = split_key(member.name)
-                group = groups.setdefault(key, {})
+                if unsafe_member(member):
+                    out.unsafe.setdefault(key, []).append(member.name)
+                    continue
+                group = out.groups.setdefault(key, {})
                 if ext in group:
-                    report.skip("duplicate_tar_member", f"{path.name}:{member.name}")
+                    report.note("duplicate_tar_member", f"{path.name}:{member.name}")
                     continue
                 group[ext] = member
                 if ext in ("txt", "json") and member.size <= MAX_TEXT_BYTES:
                     fh = tf.extractfile(member)
                     data = fh.read() if fh is not None else b""
-                    texts.setdefault(key, {})[ext] = data.decode("utf-8", errors="replace")
+                    out.texts.setdefault(key, {})[ext] = data.decode("utf-8", errors="replace")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        report.skip("unreadable_tar", f"{path.name}: {detail}")
-    return groups, texts
+        out.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return out
 
 
 class TarReader:
@@ -132,7 +143,7 @@ def _parquet_rows(path: Path, report: Report) -> list[dict]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:  # loses its status info, not the run
-        report.skip("unreadable_parquet", f"{path.name}: {str(exc).splitlines()[0]}")
+        report.note("unreadable_parquet", f"{path.name}: {str(exc).splitlines()[0]}")
         return []
     cols = [c for c in ("key", "status", "caption", "error_message") if c in table.column_names]
     return table.select(cols).to_pylist()
@@ -141,10 +152,14 @@ def _parquet_rows(path: Path, report: Report) -> list[dict]:
 def list_webdataset(input_path: Path) -> Listing:
     """img2dataset shards -> one item per downloaded sample with its caption.
 
-    Skipped (by reason, with keys): rows whose status is not "success"
-    (`img2dataset_failed`), samples without an image member (`missing_image_in_tar`),
-    successful rows without tar members (`missing_tar_member`), empty captions, unsafe or
-    duplicate members, unreadable tars.
+    `read` counts samples (keys of the parquet rows and of the tar members); each one is
+    either an item or skipped once, by reason (ids = keys unless said): rows whose status
+    is not "success" (`img2dataset_failed`), samples without an image member
+    (`missing_image_in_tar`), successful rows without tar members (`missing_tar_member`),
+    empty captions, samples whose members are unsafe (`unsafe_tar_member`, ids
+    `<tar>:<member>`), samples lost in an unreadable tar (`unreadable_tar`; a tar with no
+    known samples counts as one, id `<tar>: <error>`). Noted: duplicate members, unsafe
+    members of samples counted otherwise, unreadable tars and parquet files.
     """
     report = Report("embed")
     items: list[ImageItem] = []
@@ -159,28 +174,38 @@ def list_webdataset(input_path: Path) -> Listing:
         if stats.exists():
             sources.append(source_entry(stats))
         rows = _parquet_rows(parquet, report)
-        status = {}
-        captions = {}
+        status, captions, errors = {}, {}, {}
         for row in rows:
             key = str(row.get("key"))
             status[key] = row.get("status") or "success"
             captions[key] = row.get("caption")
-            if status[key] != "success":
+            errors[key] = row.get("error_message")
+        for key, st in status.items():
+            if st != "success":
                 report.read += 1
                 report.skip("img2dataset_failed", key)
-                msg = str(row.get("error_message") or status[key]).splitlines()[0][:80]
+                msg = str(errors[key] or st).splitlines()[0][:80]
                 failed_status[msg] = failed_status.get(msg, 0) + 1
-        groups, texts = list_tar(tar_path, report)
+        listed = list_tar(tar_path, report)
+        groups, unsafe = listed.groups, listed.unsafe
         stamp = file_stamp(tar_path) or ""
         for key, members in groups.items():
             if status.get(key, "success") != "success":
                 continue  # counted above; a failed row with members is still failed
             report.read += 1
+            bad = [f"{tar_path.name}:{m}" for m in unsafe.get(key, [])]
             image = next((members[e] for e in IMAGE_EXTS if e in members), None)
             if image is None:
-                report.skip("missing_image_in_tar", key)
+                if bad:
+                    report.skip("unsafe_tar_member", bad[0])
+                    bad = bad[1:]
+                else:
+                    report.skip("missing_image_in_tar", key)
+            for member in bad:
+                report.note("unsafe_tar_member", member)
+            if image is None:
                 continue
-            caption = _caption(texts.get(key, {}), captions.get(key))
+            caption = _caption(listed.texts.get(key, {}), captions.get(key))
             caption = caption.strip()
             if not caption:
                 report.skip("empty_caption", key)
@@ -192,14 +217,33 @@ def list_webdataset(input_path: Path) -> Listing:
                     member=image.name,
                     split="train",
                     captions=((f"{key}#0", caption),),
-                    stamp=f"{stamp}:{image.name}:{image.size}",
+                    stamp=f"{stamp}:{image.name}:{image.offset_data}:{image.size}",
                 )
             )
+        for key, names in unsafe.items():
+            if key in groups or status.get(key, "success") != "success":
+                continue
+            report.read += 1  # a sample with nothing but unsafe members
+            report.skip("unsafe_tar_member", f"{tar_path.name}:{names[0]}")
+            for name in names[1:]:
+                report.note("unsafe_tar_member", f"{tar_path.name}:{name}")
+        lost = 0
         for key, st in status.items():
-            if st == "success" and key not in groups:
+            if st == "success" and key not in groups and key not in unsafe:
                 report.read += 1
-                report.skip("missing_tar_member", key)
-    extra = {"layout": "webdataset"}
+                if listed.error is None:
+                    report.skip("missing_tar_member", key)
+                else:
+                    report.skip("unreadable_tar", key)
+                    lost += 1
+        if listed.error is not None:
+            label = f"{tar_path.name}: {listed.error}"
+            if lost:
+                report.note("unreadable_tar", label)
+            else:  # samples unknown: the tar counts as one
+                report.read += 1
+                report.skip("unreadable_tar", label)
+    extra = {"layout": "webdataset", "images": {"read": 0, "written": 0, "skipped_by_reason": {}}}
     if failed_status:
         extra["img2dataset_failures"] = dict(sorted(failed_status.items()))
     return Listing(items, report, sources, extra)
@@ -280,18 +324,17 @@ def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows
     embeddings that are not unit length are normalised (noted as `renormalized`).
     """
     img = np.load(chunk.img_emb, mmap_mode="r", allow_pickle=False)
-    n = img.shape[0]
+    n = img.shape[0] if img.ndim else 0
     txt = np.load(chunk.text_emb, mmap_mode="r", allow_pickle=False) if chunk.text_emb else None
     meta = pq.read_table(chunk.metadata).to_pylist() if chunk.metadata else []
     label = f"chunk {chunk.n}"
     if img.ndim != 2 or len(meta) != n or (txt is not None and txt.shape != img.shape):
-        report.read += max(n, len(meta))
-        report.skip(
-            "precomputed_chunk_mismatch",
-            label,
-            n=max(n, len(meta)) or 1,
+        lost = max(n, len(meta)) or 1  # an empty chunk still counts as one
+        report.read += lost
+        report.skip("precomputed_chunk_mismatch", label, n=lost)
+        return PrecomputedRows(
+            [], [], [], np.zeros((0, img.shape[-1] if img.ndim else 0), np.float32), None
         )
-        return PrecomputedRows([], [], [], np.zeros((0, img.shape[-1]), np.float32), None)
     report.read += n
     keys = []
     for i, row in enumerate(meta):

@@ -9,14 +9,12 @@ its object questions), every distinct question and every vocabulary answer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline.embed_items import ImageItem, Listing, file_stamp, source_entry
 from pipeline.errors import UserError
+from pipeline.readers import read_json, read_parquet, read_parquet_schema
 from pipeline.report import Report
 
 SPLITS = ("train", "val", "test")
@@ -74,12 +72,12 @@ def list_qa(qa_dir: Path, images_root: Path, crops: bool = False) -> tuple[Listi
     questions: set[str] = set()
     want = ["qid", "image_id", "image_path", "question", "qtype", "subj_box", "union_box"]
     for path in paths:
-        schema = pq.read_schema(path)
+        schema = read_parquet_schema(path)
         missing = {"image_id", "question"} - set(schema.names)
         if missing:
             raise UserError(f"{path} lacks column(s) {', '.join(sorted(missing))}")
         cols = [c for c in want if c in schema.names and (crops or not c.endswith("_box"))]
-        for row in pq.read_table(path, columns=cols).to_pylist():
+        for row in read_parquet(path, columns=cols).to_pylist():
             iid = int(row["image_id"])
             if iid not in image_path or (image_path[iid] is None and row.get("image_path")):
                 image_path[iid] = row.get("image_path")
@@ -93,10 +91,9 @@ def list_qa(qa_dir: Path, images_root: Path, crops: bool = False) -> tuple[Listi
                 box = box or _box(row.get("subj_box"))
                 if box is not None:
                     boxes.setdefault(iid, set()).add(box)
-    try:
-        entries = json.loads(answers_path.read_text()).get("answers", [])
-    except ValueError as exc:
-        raise UserError(f"{answers_path}: not JSON ({exc})") from None
+    entries = read_json(answers_path).get("answers", [])
+    if not isinstance(entries, list):
+        raise UserError(f"{answers_path}: 'answers' must be a list")
 
     items = []
     for iid in sorted(image_path):

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
+from pipeline.params import typed
 from pipeline.prepare_vqa import SCHEMA, SPLITS, build_vocab, check_params, split_of
 from pipeline.report import Report
 
@@ -139,6 +140,7 @@ def run(
 ) -> Report:
     """Convert the table at `input_path` into `out_dir/{train,val,test}.parquet` + answers."""
     p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p = typed(p, DEFAULTS, "qa_table")
     input_path, out_dir = Path(input_path), Path(out_dir)
     if not input_path.is_file():
         raise UserError(f"QA table not found: {input_path}")

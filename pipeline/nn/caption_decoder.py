@@ -28,7 +28,6 @@ the same space the loss measured it in (`search_space`).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
+from pipeline.readers import read_json
 
 LOSSES = ("mse", "cosine", "ce")
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -76,11 +76,11 @@ def make_config(**overrides: Any) -> dict[str, Any]:
         cfg["target_scale"] = math.sqrt(cfg["token_width"]) if cfg["target_norm"] else 1.0
     if cfg["loss"] not in LOSSES:
         raise UserError(f"loss must be one of {LOSSES}, got {cfg['loss']!r}")
-    if cfg["width"] % cfg["heads"]:
-        raise UserError(f"width {cfg['width']} is not divisible by heads {cfg['heads']}")
     for key in ("layers", "heads", "prefix_len", "width", "vocab_size", "token_width"):
         if int(cfg[key]) < 1:
             raise UserError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg["width"] % cfg["heads"]:
+        raise UserError(f"width {cfg['width']} is not divisible by heads {cfg['heads']}")
     if cfg["max_len"] < 3:
         raise UserError(f"max_len must be >= 3 (BOS, a token, EOS), got {cfg['max_len']}")
     return cfg
@@ -233,10 +233,9 @@ def load_caption_model(folder: str | Path, device: str | torch.device = "cpu") -
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not cfg_path.is_file() or not w_path.is_file():
         raise UserError(f"{folder} is not a caption model folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    try:
-        config = json.loads(cfg_path.read_text())["model"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise UserError(f"{cfg_path}: not a caption model config ({exc})") from None
+    config = read_json(cfg_path).get("model")
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path}: not a caption model config (no 'model' object)")
     model = CaptionDecoder(config)
     model.load_state_dict(load_file(str(w_path)))
     return model.to(device).eval()
@@ -244,4 +243,4 @@ def load_caption_model(folder: str | Path, device: str | torch.device = "cpu") -
 
 def read_model_info(folder: str | Path) -> dict[str, Any]:
     """The whole `config.json` of a model folder (model config + training metadata)."""
-    return json.loads((Path(folder) / CONFIG_FILE).read_text())
+    return read_json(Path(folder) / CONFIG_FILE)

@@ -10,7 +10,6 @@ nearest-neighbour search over the answer vocabulary's embeddings, and the same s
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
+from pipeline.readers import read_json
 
 FUSIONS = ("concat", "product", "both")
 LOSSES = ("cosine", "ce", "both")
@@ -158,8 +158,12 @@ def load_head(folder: str | Path) -> tuple[VQAHead, torch.Tensor, dict[str, Any]
     for p in (cfg_path, weights):
         if not p.exists():
             raise UserError(f"not a trained VQA model folder (missing {p.name}): {folder}")
-    config = json.loads(cfg_path.read_text())
-    model = VQAHead(VQAHeadConfig(**config["head"]))
+    config = read_json(cfg_path)
+    try:
+        head_config = VQAHeadConfig(**config["head"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{cfg_path}: not a VQA model config ({exc})") from None
+    model = VQAHead(head_config)
     tensors = load_file(str(weights))
     answer_emb = tensors.pop(VOCAB_KEY)
     model.load_state_dict(tensors)
