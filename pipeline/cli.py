@@ -159,7 +159,8 @@ def embed(
     images = Path(pick(images, p, "vg_images", "data/sample/vg"))
     t0 = time.perf_counter()
     report = run(dataset, input, out, p, model=model, shard=parse_shard(shard), images_root=images)
-    typer.echo(f"{report.summary()} in {time.perf_counter() - t0:.1f}s -> {out}")
+    rows = " (written rows: whole images + question-box crops)" if report.extra.get("crops") else ""
+    typer.echo(f"{report.summary()}{rows} in {time.perf_counter() - t0:.1f}s -> {out}")
 
 
 @app.command("train-caption")
