@@ -19,6 +19,14 @@ same data in the same order.
 Outputs: `out_dir/` (model.safetensors + config.json with the model config, the CLIP
 model the embeddings came from and a training summary) and
 `plots_dir/caption_<variant>.tsv` with one row per epoch.
+
+Under `torchrun` (pipeline.distributed): every rank draws the same caption order and the
+same domain draws and takes its strided slice of both (`batch_size` and `domain_batch` are
+per rank); the decoder's and the discriminator's gradients are averaged over ranks after
+each backward (one flat all-reduce: the decoder is called through `prefix` as well as
+`forward`, so it is not wrapped in DistributedDataParallel). Epoch statistics are
+all-reduced means; the validation loss is computed on every rank over the whole val set
+(weights are identical, so are the results). Only rank 0 writes the model and the TSV.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.atomic import write_text
 from pipeline.caption_data import (
     CaptionSet,
@@ -140,7 +149,11 @@ def autocast(device: torch.device):
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; under torchrun this rank's slice of the shared order."""
     perm = torch.randperm(n, generator=gen)
+    if distributed.is_distributed():
+        perm = torch.from_numpy(distributed.shard(perm.numpy()))
+        n = len(perm)
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -199,6 +212,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.dopt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.all_reduce_grads(self.model, self.disc)  # no-op without torchrun
         if self.p["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.p["grad_clip"])
         self.opt.step()
@@ -255,14 +269,14 @@ def run(
     if variant not in VARIANTS:
         raise UserError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     p = merged_params(params)
-    device = pick_device(p["device"])
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and int(p["threads"]) > 0:
-        torch.set_num_threads(int(p["threads"]))
-    try:
-        return _train(variant, Path(laion_dir), Path(flickr_dir), out_dir, plots_dir, p, device)
-    finally:
-        torch.set_num_threads(threads)
+    with distributed.session(p["device"]) as device:
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and int(p["threads"]) > 0:
+            torch.set_num_threads(int(p["threads"]))
+        try:
+            return _train(variant, Path(laion_dir), Path(flickr_dir), out_dir, plots_dir, p, device)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _train(
@@ -315,6 +329,8 @@ def _train(
         "token_width": table.shape[1],
     }
     trainer = Trainer(CaptionDecoder(cfg, table), p, device)
+    distributed.broadcast_params(trainer.model, trainer.disc)  # same start on every rank
+    world = distributed.world_size()
     g_data = torch.Generator().manual_seed(seed)
     g_dom = torch.Generator().manual_seed(seed + 1)
     bs, dbs = int(p["batch_size"]), int(p["domain_batch"])
@@ -323,12 +339,16 @@ def _train(
         ("adapt", laion, int(p["adapt_epochs"]), p["lr"]),
         ("finetune", f_train, int(p["finetune_epochs"]), p["finetune_lr"]),
     ]
-    adv_total = sum(e * math.ceil(len(d) / bs) for name, d, e, _ in plan if name != "pretrain")
+
+    def n_steps(n: int) -> int:  # optimiser steps per epoch on this rank
+        return math.ceil(math.ceil(n / world) / bs)
+
+    adv_total = sum(e * n_steps(len(d)) for name, d, e, _ in plan if name != "pretrain")
     adv_done, epoch, rows = 0, 0, []
     bar = tqdm(
-        total=sum(e * math.ceil(len(d) / bs) for _, d, e, _ in plan),
+        total=sum(e * n_steps(len(d)) for _, d, e, _ in plan),
         desc=f"train_caption[{variant}]",
-        disable=None,
+        disable=None if distributed.is_main() else True,
     )
     for phase, data, n_epochs, lr in plan:
         for _ in range(n_epochs):
@@ -339,8 +359,10 @@ def _train(
                 trainer.set_lr(lr)
                 domain = None
                 if phase != "pretrain":
-                    s = torch.randint(len(src_images), (dbs,), generator=g_dom)
-                    t = torch.randint(len(tgt_images), (dbs,), generator=g_dom)
+                    s = torch.randint(len(src_images), (dbs * world,), generator=g_dom)
+                    t = torch.randint(len(tgt_images), (dbs * world,), generator=g_dom)
+                    if world > 1:  # this rank's part of the shared global domain batch
+                        s, t = s[distributed.rank() :: world], t[distributed.rank() :: world]
                     domain = (src_images[s], tgt_images[t])
                     coeff = VARIANTS[variant] * warm_start_coeff(
                         adv_done / max(adv_total, 1), p["grl_gamma"], p["adv_weight"]
@@ -353,6 +375,10 @@ def _train(
                     sums.setdefault(key, []).append(val)
                 bar.update(1)
             mean = {k: torch.stack(v).float().mean().item() for k, v in sums.items()}
+            if world > 1:
+                keys = sorted(mean)
+                reduced = distributed.all_reduce_sum([mean[k] for k in keys])
+                mean = {k: v / world for k, v in zip(keys, reduced, strict=True)}
             rows.append(
                 {
                     "epoch": epoch,
@@ -392,9 +418,15 @@ def _train(
     }
     trainer.model.cpu()
     saved = {k: v for k, v in summary.items() if k != "seconds"}  # keep the folder reproducible
-    save_caption_model(
-        trainer.model, out_dir, extra={"clip": clip, "training": {**saved, "params": p}}
-    )
-    lines = ["\t".join(TSV_COLUMNS)] + ["\t".join(_fmt(r[c]) for c in TSV_COLUMNS) for r in rows]
-    write_text(Path(plots_dir) / f"caption_{variant}.tsv", "\n".join(lines) + "\n")
+    if distributed.is_main():
+        save_caption_model(
+            trainer.model, out_dir, extra={"clip": clip, "training": {**saved, "params": p}}
+        )
+        lines = ["\t".join(TSV_COLUMNS)]
+        lines += ["\t".join(_fmt(r[c]) for c in TSV_COLUMNS) for r in rows]
+        write_text(Path(plots_dir) / f"caption_{variant}.tsv", "\n".join(lines) + "\n")
+    if world > 1:
+        digest = distributed.weights_digest
+        summary |= {"rank": distributed.rank(), "world_size": world}
+        summary["weights_sha256"] = digest(trainer.model) + digest(trainer.disc)
     return summary

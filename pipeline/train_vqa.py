@@ -5,6 +5,12 @@ Recipe of the source paper (section 2.2.1), every number a param: batch 32, Adam
 schedule (StepLR, stepped once per epoch), bf16 autocast on CUDA. Loss `cosine`
 (1 - cos(pred, answer embedding)), `ce` (softmax over the vocabulary, logits = scale *
 cosine) or `both`. Train and validation loss per epoch go to `<plots>/vqa.tsv`.
+
+Under `torchrun` (pipeline.distributed) the head is wrapped in DistributedDataParallel:
+every rank draws the same shuffled order each epoch and trains on its strided slice of it
+(`batch_size` is per rank), gradients are all-reduced; validation rows are split the same
+way and the loss / accuracy sums all-reduced, so every rank logs the global numbers. Only
+rank 0 writes the model folder, the plots and the report.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.atomic import write_text
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import LOSSES, VQAHead, answer_logits, build_head, save_head, vqa_loss
@@ -92,9 +100,14 @@ def evaluate_loss(
     device: torch.device,
     candidates: dict[str, list[int]] | None = None,
 ) -> tuple[float, float]:
-    """(mean loss, top-1 accuracy among the qtype's candidates) of `data` in eval mode."""
+    """(mean loss, top-1 accuracy among the qtype's candidates) of `data` in eval mode.
+
+    Under torchrun each rank scores its strided slice and the sums are all-reduced.
+    """
     if len(data) == 0:
         return float("nan"), float("nan")
+    if isinstance(model, DDP):
+        model = model.module
     model.eval()
     total, correct = 0.0, 0
     qtypes = np.array(data.column("qtype"), dtype=object)
@@ -105,8 +118,11 @@ def evaluate_loss(
         m = torch.full((n_answers,), float("-inf"), device=device)
         m[ids] = 0.0
         masks[q] = m
-    for start in range(0, len(data), bs):
-        idx = np.arange(start, min(start + bs, len(data)))
+    rows = np.arange(len(data))
+    if distributed.is_distributed():
+        rows = rows[distributed.rank() :: distributed.world_size()]
+    for start in range(0, len(rows), bs):
+        idx = rows[start : start + bs]
         image, question, label = data.batch(idx, device)
         with autocast(device, bool(p["amp"])):
             pred = model(image, question)
@@ -118,6 +134,9 @@ def evaluate_loss(
             zero = torch.zeros(n_answers, device=device)
             logits = logits + torch.stack([masks.get(q, zero) for q in qtypes[idx]])
         correct += int((logits.argmax(dim=1) == label).sum())
+    if distributed.is_distributed():
+        total, correct_f = distributed.all_reduce_sum([total, correct])
+        correct = round(correct_f)
     return total / len(data), correct / len(data)
 
 
@@ -131,25 +150,37 @@ def train_epoch(
     gen: torch.Generator,
     desc: str,
 ) -> float:
-    """One pass over `data` in shuffled batches with gradient accumulation; mean loss."""
+    """One pass over `data` in shuffled batches with gradient accumulation; mean loss.
+
+    Under torchrun: this rank's slice of the shared permutation (`distributed.shard`), and
+    the mean loss over all ranks.
+    """
     model.train()
     bs, accum = int(p["batch_size"]), int(p["grad_accum"])
     perm = torch.randperm(len(data), generator=gen).numpy()
-    starts = list(range(0, len(data), bs))
+    perm = distributed.shard(perm)
+    starts = list(range(0, len(perm), bs))
     total = 0.0
     opt.zero_grad(set_to_none=True)
     bar = tqdm(starts, desc=desc, unit="batch", disable=not sys.stderr.isatty(), leave=False)
     for step, start in enumerate(bar):
         idx = perm[start : start + bs]
         image, question, label = data.batch(idx, device)
-        with autocast(device, bool(p["amp"])):
-            pred = model(image, question)
-        loss = vqa_loss(p["loss"], pred.float(), answer_emb, label, float(p["ce_scale"]))
-        (loss / accum).backward()
-        if (step + 1) % accum == 0 or step == len(starts) - 1:
+        stepping = (step + 1) % accum == 0 or step == len(starts) - 1
+        # DDP: all-reduce gradients only on the micro-batch that steps the optimizer
+        skip_sync = isinstance(model, DDP) and not stepping
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            with autocast(device, bool(p["amp"])):
+                pred = model(image, question)
+            loss = vqa_loss(p["loss"], pred.float(), answer_emb, label, float(p["ce_scale"]))
+            (loss / accum).backward()
+        if stepping:
             opt.step()
             opt.zero_grad(set_to_none=True)
         total += float(loss.detach()) * len(idx)
+    if distributed.is_distributed():
+        total, seen = distributed.all_reduce_sum([total, len(perm)])
+        return total / max(seen, 1)
     return total / max(len(data), 1)
 
 
@@ -160,11 +191,26 @@ def run(
     plots_dir: str | Path,
     params: dict[str, Any],
 ) -> Report:
-    """Train the head on data/qa train (validated on val) and save it to `out_dir`."""
+    """Train the head on data/qa train (validated on val) and save it to `out_dir`.
+
+    Under torchrun: DDP over the ranks, rank 0 writes (see the module docstring).
+    """
     p = settings(params)
+    with distributed.session(str(p["device"])) as device:
+        return _run(qa_dir, emb_dir, out_dir, plots_dir, p, device)
+
+
+def _run(
+    qa_dir: str | Path,
+    emb_dir: str | Path,
+    out_dir: str | Path,
+    plots_dir: str | Path,
+    p: dict[str, Any],
+    device: torch.device,
+) -> Report:
     seed = int(p.get("seed", 0))
     seed_everything(seed)
-    device = pick_device(str(p["device"]))
+    main = distributed.is_main()
     report = Report("train_vqa")
     store = open_embeddings(emb_dir)
     vocab = load_vocab(qa_dir, store)
@@ -180,6 +226,10 @@ def run(
 
     model = build_head(p, store.dim, vocab.emb.shape[1]).to(device)
     answer_emb = torch.from_numpy(vocab.emb).to(device)
+    net: torch.nn.Module = model
+    if distributed.is_distributed():
+        torch.manual_seed(seed + distributed.rank())  # own dropout masks per rank
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(
         model.parameters(), lr=float(p["lr"]), weight_decay=float(p["weight_decay"])
     )
@@ -193,7 +243,7 @@ def run(
     for epoch in range(1, int(p["epochs"]) + 1):
         lr = opt.param_groups[0]["lr"]
         train_loss = train_epoch(
-            model, train, answer_emb, opt, p, device, gen, f"train_vqa epoch {epoch}"
+            net, train, answer_emb, opt, p, device, gen, f"train_vqa epoch {epoch}"
         )
         val_loss, val_top1 = evaluate_loss(model, val, answer_emb, p, device, candidates)
         sched.step()
@@ -207,12 +257,14 @@ def run(
             }
         )
         rows.append(f"{epoch}\t{train_loss:.6f}\t{val_loss:.6f}\t{val_top1:.6f}\t{lr:.3g}")
-        print(
-            f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-            f"val_top1 {val_top1:.4f}",
-            file=sys.stderr,
-        )
-    write_text(Path(plots_dir) / "vqa.tsv", "\n".join(rows) + "\n")
+        if main:
+            print(
+                f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                f"val_top1 {val_top1:.4f}",
+                file=sys.stderr,
+            )
+    if main:
+        write_text(Path(plots_dir) / "vqa.tsv", "\n".join(rows) + "\n")
 
     manifest = store.manifest
     meta = {
@@ -231,7 +283,8 @@ def run(
             "history": history,
         },
     }
-    save_head(model.cpu(), out_dir, answer_emb.cpu(), meta)
+    if main:
+        save_head(model.cpu(), out_dir, answer_emb.cpu(), meta)
     report.written = len(train) + len(val)
     report.extra.update(
         {
@@ -243,6 +296,11 @@ def run(
             "device": device.type,
         }
     )
-    report.save(Path(out_dir) / "report.json")  # no timings inside the model folder
+    if main:
+        report.save(Path(out_dir) / "report.json")  # no timings inside the model folder
+    if distributed.is_distributed():
+        report.extra["rank"] = distributed.rank()
+        report.extra["world_size"] = distributed.world_size()
+        report.extra["weights_sha256"] = distributed.weights_digest(model)
     report.extra["seconds"] = round(time.perf_counter() - t0, 2)
     return report
