@@ -25,15 +25,6 @@ VOCAB, WIDTH, DIM = 40, 16, 12
 BOS, EOS, PAD = 2, 3, 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster (and reproducible) on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(**kw):
     base = {
         "image_dim": DIM,

@@ -11,15 +11,6 @@ VOCAB, WIDTH, DIM = 30, 16, 8
 BOS, EOS, PAD = 1, 2, 0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster (and reproducible) on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(loss: str = "mse", seed: int = 0, **kw) -> CaptionDecoder:
     torch.manual_seed(seed)
     cfg = {

@@ -16,15 +16,6 @@ from pipeline.nn.discriminator import (
 from pipeline.nn.grl import GradientReversal, grad_reverse, warm_start_coeff
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster (and reproducible) on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("coeff", [0.0, 0.3, 1.0, 2.5])
 def test_grl_forward_identity_backward_minus_lambda(coeff):
     torch.manual_seed(0)
