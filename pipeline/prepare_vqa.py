@@ -201,6 +201,7 @@ class QABuilder:
         self.rel_norm = rel_norm
         self.obj_norm = obj_norm
         self.emit = emit
+        self.seen_images: dict[str, set[int]] = {"relationships": set(), "objects": set()}
         self.relations = Report("prepare_vqa")
         self.objects = Report("prepare_vqa.objects")
         self.buffers = {s: _Columns() for s in SPLITS}
@@ -227,7 +228,14 @@ class QABuilder:
             self.malformed_entries[key] += 1
             return None
         report.read += len(items)
-        return vg.image_id_of(entry), items
+        image_id = vg.image_id_of(entry)
+        if image_id is not None:
+            seen = self.seen_images[key]
+            if image_id in seen:  # a repeated entry would repeat qids and dodge dedupe
+                report.skip("duplicate_image_entry", image_id, n=len(items))
+                return None
+            seen.add(image_id)
+        return image_id, items
 
     def _done(self, split: str, image_id: int, path: str | None, n: int, qtype: str) -> None:
         if not n:

@@ -400,3 +400,16 @@ def test_cli_prepare_vqa(vg_dir, tmp_path):
                                    "--params", str(params)])  # fmt: skip
     assert res.exit_code == 2
     assert res.output.strip().startswith("error:") and res.output.strip().count("\n") == 0
+
+
+def test_repeated_image_entry_is_skipped_and_counted(vg_dir, tmp_path):
+    rels = json.loads((vg_dir / "relationships.json").read_text())
+    first = next(e for e in rels if isinstance(e, dict) and e.get("relationships"))
+    (vg_dir / "relationships.json").write_text(json.dumps([*rels, first]))
+    base = run(make_vg(tmp_path / "clean"), tmp_path / "qa0", ALL_TRAIN)
+    rep = run(vg_dir, tmp_path / "qa", ALL_TRAIN)
+    n = len(first["relationships"])
+    assert rep.read == base.read + n and rep.written == base.written
+    assert rep.skipped["duplicate_image_entry"] == n
+    assert rep.read == rep.written + sum(rep.skipped.values())
+    assert rows(tmp_path / "qa") == rows(tmp_path / "qa0")
