@@ -220,8 +220,8 @@ class QABuilder:
         split = split_of(image_id, p["seed"], p["val_fraction"], p["test_fraction"])
         return split, self.files.path(image_id), w, h
 
-    def _items(self, entry: Any, key: str, report: Report) -> tuple[int | None, list] | None:
-        """(image_id, items) of an entry, counting malformed entries; None to skip it."""
+    def _items(self, entry: Any, key: str, report: Report) -> tuple[int, list, tuple] | None:
+        """(image_id, items, image info) of an entry; None (counted by reason) to skip it."""
         self.entries[key] += 1
         items = entry.get(key) if isinstance(entry, dict) else None
         if not isinstance(items, list):
@@ -235,7 +235,14 @@ class QABuilder:
                 report.skip("duplicate_image_entry", image_id, n=len(items))
                 return None
             seen.add(image_id)
-        return image_id, items
+        if not items:
+            return None
+        img = self._image(image_id)
+        if img is None:
+            reason = "no_image_id" if image_id is None else "image_not_in_image_data"
+            report.skip(reason, image_id if image_id is not None else "?", n=len(items))
+            return None
+        return image_id, items, img
 
     def _done(self, split: str, image_id: int, path: str | None, n: int, qtype: str) -> None:
         if not n:
@@ -263,16 +270,10 @@ class QABuilder:
     def add_relationships(self, entry: Any) -> None:
         """One relationships.json entry -> relation rows (or counted skips)."""
         got = self._items(entry, "relationships", self.relations)
-        if got is None or not got[1]:
+        if got is None:
             return
-        image_id, rels = got
+        image_id, rels, (split, path, _, _) = got
         rep = self.relations
-        img = self._image(image_id)
-        if img is None:
-            reason = "no_image_id" if image_id is None else "image_not_in_image_data"
-            rep.skip(reason, image_id if image_id is not None else "?", n=len(rels))
-            return
-        split, path, _, _ = img
         cols = self.buffers[split]
         rnorm, onorm, name_of, box_of = self.rel_norm, self.obj_norm, vg.entity_name, vg.box_of
         union_box = vg.union_box
@@ -334,16 +335,10 @@ class QABuilder:
     def add_objects(self, entry: Any) -> None:
         """One objects.json entry -> object rows (largest boxes first, capped)."""
         got = self._items(entry, "objects", self.objects)
-        if got is None or not got[1]:
+        if got is None:
             return
-        image_id, objs = got
+        image_id, objs, (split, path, _, _) = got
         rep = self.objects
-        img = self._image(image_id)
-        if img is None:
-            reason = "no_image_id" if image_id is None else "image_not_in_image_data"
-            rep.skip(reason, image_id if image_id is not None else "?", n=len(objs))
-            return
-        split, path, _, _ = img
         onorm = self.obj_norm
         kept: list[tuple[int, int, str, vg.Box]] = []
         seen_ids: set[int] = set()

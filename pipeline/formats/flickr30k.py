@@ -47,47 +47,49 @@ def hash_split(name: str, val: float = 0.05, test: float = 0.05) -> str:
     return "test" if u < test else ("val" if u < test + val else "train")
 
 
-def parse_results_csv(path: Path, report: Report) -> list[tuple[str, int, str]]:
-    """(image name, comment number, caption) rows of results.csv, in file order."""
-    rows = []
+def _data_lines(path: Path, report: Report, header: str | None = None):
+    """(line number, line) of the non-blank lines, each counted as read; a first line
+    starting with `header` (case-insensitive) is the header, not data."""
     with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
-            if lineno == 1 and line.lower().startswith("image_name"):
+            if lineno == 1 and header and line.lower().startswith(header):
                 continue
             report.read += 1
-            parts = line.split("|", 2)
-            if len(parts) == 3 and parts[1].strip().isdigit():
-                name, num, cap = parts[0].strip(), int(parts[1].strip()), parts[2]
-                cap = cap.removeprefix(" ")
-            else:
-                m = _LOOSE_ROW.match(line)
-                if not m:
-                    report.skip("malformed_row", f"{path.name}:{lineno}")
-                    continue
-                name, num, cap = m.group("name"), int(m.group("num")), m.group("cap")
-                report.note("csv_missing_separator", f"{Path(name).stem}#{num}")
-            rows.append((name, num, cap.strip()))
+            yield lineno, line
+
+
+def parse_results_csv(path: Path, report: Report) -> list[tuple[str, int, str]]:
+    """(image name, comment number, caption) rows of results.csv, in file order."""
+    rows = []
+    for lineno, line in _data_lines(path, report, header="image_name"):
+        parts = line.split("|", 2)
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            name, num, cap = parts[0].strip(), int(parts[1].strip()), parts[2]
+            cap = cap.removeprefix(" ")
+        else:
+            m = _LOOSE_ROW.match(line)
+            if not m:
+                report.skip("malformed_row", f"{path.name}:{lineno}")
+                continue
+            name, num, cap = m.group("name"), int(m.group("num")), m.group("cap")
+            report.note("csv_missing_separator", f"{Path(name).stem}#{num}")
+        rows.append((name, num, cap.strip()))
     return rows
 
 
 def parse_token_file(path: Path, report: Report) -> list[tuple[str, int, str]]:
     """(image name, comment number, caption) rows of results_20130124.token."""
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            report.read += 1
-            head, tab, cap = line.partition("\t")
-            name, hash_, num = head.strip().partition("#")
-            if not tab or not hash_ or not num.isdigit():
-                report.skip("malformed_row", f"{path.name}:{lineno}")
-                continue
-            rows.append((name, int(num), cap.strip()))
+    for lineno, line in _data_lines(path, report):
+        head, tab, cap = line.partition("\t")
+        name, hash_, num = head.strip().partition("#")
+        if not tab or not hash_ or not num.isdigit():
+            report.skip("malformed_row", f"{path.name}:{lineno}")
+            continue
+        rows.append((name, int(num), cap.strip()))
     return rows
 
 
