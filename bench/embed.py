@@ -7,10 +7,10 @@ The model is the ViT-B/32 architecture (transformers' `CLIPConfig()` defaults: 2
 patch 32, 12+12 layers, 512-d embeddings, 49408-token vocabulary) with random weights, so
 nothing is downloaded. The tokenizer is a small BPE trained on the generated texts.
 
-- images: `pipeline.embed.run("vg", ...)` over N generated JPEGs (decode + resize in
-  DataLoader workers, forward, Arrow writing, report, manifest, token table: everything
-  but loading the checkpoint) vs. `Backbone.encode_images` on ready, normalised tensors
-  with the same batch size, as many images.
+- images: `pipeline.embedding.dataset.embed_dataset("vg", ...)` over N generated JPEGs
+  (decode + resize in DataLoader workers, forward, Arrow writing, report, manifest, token
+  table: everything but loading the checkpoint) vs. `Backbone.encode_images` on ready,
+  normalised tensors with the same batch size, as many images.
 - texts: the same stage over M distinct questions (their one image file is absent, so no
   image is decoded) vs.
   `Backbone.encode_token_ids` on ready token ids with the same batch size.
@@ -37,8 +37,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import embed
 from pipeline.clip.backbone import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Backbone
+from pipeline.embedding.dataset import embed_dataset
+from pipeline.settings import Split
+from pipeline.stages.embed import Settings
 
 SUBJECTS = [
     "sofa",
@@ -124,7 +126,7 @@ def write_qa(root: Path, image_ids: list[int], texts: list[str]) -> Path:
     return qa
 
 
-def vit_b32(device: str, amp: torch.dtype | None, texts: list[str]) -> Backbone:
+def vit_b32(device: str, texts: list[str]) -> Backbone:
     """ViT-B/32 with random weights and a small BPE tokenizer (no download)."""
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
@@ -152,7 +154,6 @@ def vit_b32(device: str, amp: torch.dtype | None, texts: list[str]) -> Backbone:
         mean=OPENAI_CLIP_MEAN,
         std=OPENAI_CLIP_STD,
         device=torch.device(device),
-        amp_dtype=amp,
         model_id="random ViT-B/32",
         revision="random-init-seed-0",
         context_length=77,
@@ -230,12 +231,11 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    amp = torch.bfloat16 if args.device == "cuda" else None
     width, height = (int(x) for x in args.size.split("x"))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-embed-"))
     print(f"# load average at start: {loadavg()} ({os.cpu_count()} cores)")
     print(
-        f"# device {args.device}, amp {amp}, torch threads {args.threads}, "
+        f"# device {args.device}, bf16 autocast {args.device == 'cuda'}, torch threads {args.threads}, "
         f"decode workers {args.workers}, batch {args.batch_size}, text batch "
         f"{args.text_batch_size}"
     )
@@ -247,14 +247,15 @@ def main() -> None:
             make_images(vg, args.images, width, height)
         jpeg_kb = sum(f.stat().st_size for f in vg.glob("*.jpg")) / args.images / 1024
         print(f"# {args.images} JPEGs {width}x{height}, {jpeg_kb:.0f} KiB each on average")
-        bb = vit_b32(args.device, amp, texts)
-        params = {
-            "batch_size": args.batch_size,
-            "text_batch_size": args.text_batch_size,
-            "num_workers": args.workers,
-            "shard_size": 10**9,
-            "dtype": "float16",
-        }
+        bb = vit_b32(args.device, texts)
+        settings = Settings(
+            batch_size=args.batch_size,
+            text_batch_size=args.text_batch_size,
+            num_workers=args.workers,
+            shard_size=10**9,
+            dtype="float16",
+            vg_crops=False,
+        )
         bs = args.batch_size
         bb.encode_images(torch.randn(min(bs, 8), 3, 224, 224))  # warm-up
         bb.encode_token_ids(bb.tokenize(texts[:8]))
@@ -265,7 +266,7 @@ def main() -> None:
         out = work / "out-img"
         shutil.rmtree(out, ignore_errors=True)
         t0, c0 = time.perf_counter(), cpu_seconds()
-        rep = embed.run("vg", qa, out, params, backbone=bb, images_root=work / "vg")
+        rep = embed_dataset("vg", qa, out, bb, settings, Split(), images=work / "vg")
         sync(bb)
         stage = (time.perf_counter() - t0, cpu_seconds() - c0)
         bare2 = bare_images(bb, args.images, bs)
@@ -281,7 +282,7 @@ def main() -> None:
             out = work / "out-txt"
             shutil.rmtree(out, ignore_errors=True)
             t0, c0 = time.perf_counter(), cpu_seconds()
-            rep = embed.run("vg", qa, out, params, backbone=bb, images_root=work / "vg")
+            rep = embed_dataset("vg", qa, out, bb, settings, Split(), images=work / "vg")
             sync(bb)
             stage = (time.perf_counter() - t0, cpu_seconds() - c0)
             assert rep.skipped == {"missing_file": 1}, rep.summary()

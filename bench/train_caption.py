@@ -3,7 +3,7 @@
 Random cached embeddings shaped like the embed stage's output for ViT-B/32 (145k
 captions, d = 512, float16, L2-normalised; token table 49408 x 512; caption lengths
 drawn around Flickr30k's ~14 CLIP tokens) feed the stage's own `Trainer.step`
-(`pipeline.train_caption`), with the paper-scale decoder (6 layers, width 512) by
+(`pipeline.caption.training`), with the paper-scale decoder (6 layers, width 512) by
 default. bf16 autocast on CUDA, fp32 on CPU (the same code path as the stage).
 
 It times `--steps` optimiser steps (after `--warmup` untimed ones) of the `noada`
@@ -27,8 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.nn.caption_decoder import CaptionDecoder
-from pipeline.train_caption import Trainer, merged_params
+from pipeline.caption.training import Trainer
+from pipeline.nn.caption_decoder import CaptionDecoder, DecoderConfig
+from pipeline.stages.train_caption import Settings
+from pipeline.training import cpu_threads, pick_device
 
 
 def random_data(n: int, dim: int, vocab: int, max_len: int, seed: int):
@@ -89,32 +91,36 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    device = torch.device("cuda" if cuda else "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
     args.batch = args.batch or (256 if cuda else 32)
     args.domain_batch = args.domain_batch or args.batch
     args.steps = args.steps or (100 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
+    with cpu_threads(args.threads):
+        run(args, device)
 
+
+def run(args: argparse.Namespace, device: torch.device) -> None:
+    """Build the decoder and the trainer, time both variants' steps, print the ratios."""
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     data = tuple(
         x.to(device) for x in random_data(args.captions, args.dim, args.vocab, args.max_len, 0)
     )
     table = torch.randn(args.vocab, args.token_width) * 0.02
-    cfg = {
-        "image_dim": args.dim, "vocab_size": args.vocab, "token_width": args.token_width,
-        "width": args.width, "layers": args.layers, "heads": args.heads,
-        "prefix_len": args.prefix, "max_len": args.max_len, "loss": args.loss,
-        "bos_token_id": args.vocab - 2, "eos_token_id": args.vocab - 1,
-        "pad_token_id": args.vocab - 1,
-    }  # fmt: skip
+    cfg = DecoderConfig(
+        image_dim=args.dim, vocab_size=args.vocab, token_width=args.token_width,
+        width=args.width, layers=args.layers, heads=args.heads,
+        prefix_len=args.prefix, max_len=args.max_len, loss=args.loss,
+        bos_token_id=args.vocab - 2, eos_token_id=args.vocab - 1,
+        pad_token_id=args.vocab - 1,
+    )  # fmt: skip
     model = CaptionDecoder(cfg, table)
     n_params = sum(p.numel() for p in model.parameters())
-    trainer = Trainer(model, merged_params({"warmup_steps": 0}), device)
+    trainer = Trainer(model, Settings(warmup_steps=0), device)
     where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
     print(
         f"device {device} ({where}), "

@@ -5,7 +5,7 @@ images, ~2.3M relationships, ~0.8 GB relationships.json, ~3.8M objects, image_da
 alias files, empty image files split over VG_100K/ and VG_100K_2/, some missing) into a
 temp folder, then runs, each in its own subprocess:
 
-- the stage (`pipeline.prepare_vqa.run`: ijson streaming, parquet row groups), and
+- the stage (`pipeline.stages.prepare_vqa.main`: ijson streaming, parquet row groups), and
 - a naive baseline: `json.load` of each whole file, all rows held in memory, one
   `pq.write_table` per split (same normalisation code, so the same rows),
 
@@ -211,20 +211,23 @@ def generate_replica(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- workers
 
 
-def naive_parse(vg_dir: Path, out_dir: Path, params: dict) -> None:
+def naive_parse(vg_dir: Path, out_dir: Path) -> None:
     """The baseline: `json.load` each whole file, keep every row in memory, write at the end.
 
-    Row building is the stage's own `QABuilder` (same normalisation, checks and row
-    order), so the two outputs must be identical; only parsing and buffering differ.
+    Row building is the stage's own `QABuilder` with the default settings (same
+    normalisation, checks and row order), so the two outputs must be identical; only
+    parsing and buffering differ.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.formats import vg
-    from pipeline.prepare_vqa import SCHEMA, SPLITS, QABuilder, build_vocab, check_params
+    from pipeline.formats.vg_qa import SCHEMA, SPLITS, QABuilder, build_vocab
+    from pipeline.settings import Answers, Split
+    from pipeline.stages.prepare_vqa import Settings
 
-    p = check_params(params)
+    settings, split, answers = Settings(), Split(), Answers()
     with open(vg_dir / vg.IMAGE_DATA) as f:
         image_data = json.load(f)
     images = {}
@@ -234,7 +237,7 @@ def naive_parse(vg_dir: Path, out_dir: Path, params: dict) -> None:
     del image_data
     batches: dict[str, list] = {s: [] for s in SPLITS}
     builder = QABuilder(
-        p, images, vg.ImageFiles(vg_dir),
+        settings, split, images, vg.ImageFiles(vg_dir),
         vg.Normalizer(vg.load_aliases(vg_dir / vg.RELATIONSHIP_ALIAS)),
         vg.Normalizer(vg.load_aliases(vg_dir / vg.OBJECT_ALIAS)),
         lambda s, b: batches[s].append(b),
@@ -250,7 +253,7 @@ def naive_parse(vg_dir: Path, out_dir: Path, params: dict) -> None:
         builder.add_objects(entry)
     del objects
     builder.flush()
-    vocab = build_vocab(builder.answer_counts["train"], p["top_k"], p["min_count"])
+    vocab = build_vocab(builder.answer_counts["train"], answers.top_k, answers.min_count)
     vocab_arr = pa.array([a for a, _ in vocab], pa.string())
     out_dir.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
@@ -265,17 +268,20 @@ def naive_parse(vg_dir: Path, out_dir: Path, params: dict) -> None:
         pq.write_table(table, out_dir / f"{s}.parquet", use_compliant_nested_type=False)
     with open(out_dir / "answers.json", "w") as f:
         json.dump({"answers": [{"answer": a, "count": c} for a, c in vocab],
-                   "top_k": p["top_k"], "min_count": p["min_count"], "counted_on": "train"},
+                   "top_k": answers.top_k, "min_count": answers.min_count,
+                   "counted_on": "train"},
                   f, indent=2)  # fmt: skip
 
 
 def _worker(kind: str, vg_dir: Path, out_dir: Path) -> None:
     if kind == "stream":
-        from pipeline.prepare_vqa import run, summary
+        from pipeline.stages.prepare_vqa import main
 
-        print(summary(run(vg_dir, out_dir, {})))
+        params = out_dir.parent / f"{out_dir.name}.params.yaml"
+        params.write_text("{}\n")  # the default settings, as the naive baseline uses
+        print(main(vg_dir, out_dir, params))
     else:
-        naive_parse(vg_dir, out_dir, {})
+        naive_parse(vg_dir, out_dir)
 
 
 # --------------------------------------------------------------------------- driver

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
-from pipeline.params import torch_device
+from pipeline.training import pick_device
 
 
 def _env_int(name: str, default: int) -> int:
@@ -64,8 +64,8 @@ def is_main() -> bool:
 
 
 def device_for(name: str = "auto") -> torch.device:
-    """The training device of this rank: `torch_device(name)`, pinned to cuda:LOCAL_RANK."""
-    device = torch_device(name)
+    """The training device of this rank: `pick_device(name)`, pinned to cuda:LOCAL_RANK."""
+    device = pick_device(name)
     if device.type == "cuda" and is_distributed() and device.index is None:
         device = torch.device("cuda", local_rank())
     return device

@@ -1,4 +1,5 @@
-"""The clip_bootstrap stage on a tiny generated webdataset shard (offline, seconds)."""
+"""The clip_bootstrap stage and the CLIP library it runs on a tiny generated webdataset
+shard and Flickr30k folder (offline, seconds)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tiny_clip import make_tiny_clip
 from typer.testing import CliRunner
 
 from pipeline.clip.backbone import load_backbone, weights_sha256
-from pipeline.clip.bootstrap import evaluate, recall_at_k, run, split_heldout
+from pipeline.clip.checkpoint import ClipModelConfig
+from pipeline.clip.pairs import flickr30k_train_items, load_laion, split_heldout
+from pipeline.clip.retrieval import evaluate, recall_at_k
 from pipeline.errors import UserError
+from pipeline.formats.flickr30k import hash_split, list_flickr30k
+from pipeline.report import Report
+from pipeline.settings import Split, load
+from pipeline.stages.clip_bootstrap import Settings, main
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
            "yellow": (240, 220, 30), "white": (250, 250, 250), "black": (10, 10, 10)}  # fmt: skip
 TINY = {
-    "vocab_size": 200, "context_length": 16, "width": 32, "layers": 1, "heads": 2,
-    "image_size": 32, "patch_size": 8, "projection_dim": 16, "epochs": 6, "batch_size": 8,
-    "lr": 2e-3, "warmup_steps": 2, "heldout_fraction": 0.25, "seed": 0,
+    "model": {"vocab_size": 200, "context_length": 16, "width": 32, "layers": 1, "heads": 2,
+              "image_size": 32, "patch_size": 8, "projection_dim": 16},
+    "epochs": 6, "batch_size": 8, "lr": 2e-3, "warmup_steps": 2, "heldout_fraction": 0.25,
 }  # fmt: skip
 
 
@@ -70,20 +78,52 @@ def make_shard(folder, n: int = 40, seed: int = 0):
     return folder
 
 
+def make_flickr30k(root, names, captions):
+    """A Flickr30k folder without Karpathy's split file: `captions(name)` per image."""
+    (root / "flickr30k_images").mkdir(parents=True)
+    rs = np.random.RandomState(1)
+    lines = ["image_name| comment_number| comment"]
+    for name in names:
+        (root / "flickr30k_images" / name).write_bytes(_jpeg(COLOURS["white"], COLOURS["red"], rs))
+        lines += [f"{name}| {k}| {text}" for k, text in enumerate(captions(name))]
+    (root / "results.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     return make_shard(tmp_path_factory.mktemp("laion") / "laion")
 
 
 @pytest.fixture(scope="module")
-def scratch(shard, tmp_path_factory):
-    return _run(shard, tmp_path_factory.mktemp("scratch"))
+def flickr30k(tmp_path_factory):
+    names = [f"{2000 + i}.jpg" for i in range(10)]
+    root = tmp_path_factory.mktemp("f30k") / "flickr30k"
+    return make_flickr30k(root, names, lambda _: ["A red square on white ."])
 
 
-def _run(shard, tmp_path, name="out", **params):
+@pytest.fixture(scope="module")
+def scratch(shard, flickr30k, tmp_path_factory):
+    return _run(shard, flickr30k, tmp_path_factory.mktemp("scratch"))
+
+
+def _run(shard, flickr30k, tmp_path, name="out", pretrained="scratch", split=None, **settings):
+    """`main` with the TINY settings (+ `settings`); (report, metrics, detail, out folder)."""
     out = tmp_path / name
-    report = run(shard, None, out / "clip", out / "clip.json", out / "clip.tsv", {**TINY, **params})
-    return report, json.loads((out / "clip.json").read_text()), out
+    out.mkdir(parents=True)
+    params = {"seed": 0, "clip_bootstrap": {**TINY, **settings}}
+    if split is not None:
+        params["split"] = split
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    summary = main(
+        laion=shard, flickr30k=flickr30k, pretrained=pretrained, out=out / "clip",
+        metrics=out / "clip.json", detail=out / "detail.json", plots=out / "clip.tsv",
+        params=out / "params.yaml",
+    )  # fmt: skip
+    assert summary.startswith("clip_bootstrap: read")
+    report = json.loads((out / "clip" / "report.json").read_text())
+    read = lambda f: json.loads((out / f).read_text())
+    return report, read("clip.json"), read("detail.json"), out
 
 
 def test_recall_at_k_exact():
@@ -102,16 +142,16 @@ def test_split_heldout_is_seeded_and_disjoint():
 
 
 def test_scratch_bootstrap_outputs_and_metrics(scratch):
-    report, m, out = scratch
+    report, _, m, out = scratch
     folder = out / "clip"
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "preprocessor_config.json", "clip_source.json", "report.json"} <= names  # fmt: skip
     # 40 rows: 1 failed download, 1 broken JPEG -> 38 pairs, 25% held out
-    assert report.skipped["img2dataset_failed"] == 1
-    assert report.skipped["not_an_image"] == 1
-    assert report.skipped["unsafe_tar_member"] == 1
-    assert report.written == 38
+    assert report["skipped"]["img2dataset_failed"] == 1
+    assert report["skipped"]["not_an_image"] == 1
+    assert report["skipped"]["unsafe_tar_member"] == 1
+    assert report["written"] == 38
     assert (m["mode"], m["heldout_pairs"], m["train_laion_pairs"]) == ("scratch", 10, 28)
     assert m["chance_r1"] == 0.1 and m["chance_r5"] == 0.5
     assert len(m["loss_per_epoch"]) == 6 and m["epochs"] == 6
@@ -131,11 +171,19 @@ def test_scratch_bootstrap_outputs_and_metrics(scratch):
     assert src["mode"] == "scratch" and src["trained_on"]["laion_pairs"] == 28
 
 
-def test_saved_checkpoint_reproduces_after_metrics(shard, scratch):
-    from pipeline.clip.bootstrap import load_laion
-    from pipeline.report import Report
+def test_headline_metrics_are_the_detail_numbers(scratch):
+    _, headline, m, _ = scratch
+    recalls = {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"}
+    assert set(headline) == {"after", "before", "chance_r1"}
+    for when in ("after", "before"):
+        assert set(headline[when]) == recalls
+        assert headline[when] == {k: m[when][k] for k in recalls}
+    assert headline["chance_r1"] == m["chance_r1"]
+    assert m["settings"]["model"]["width"] == 32 and m["split"]["test_fraction"] == 0.1
 
-    _, m, out = scratch
+
+def test_saved_checkpoint_reproduces_after_metrics(shard, scratch):
+    _, _, m, out = scratch
     bb = load_backbone(out / "clip")
     pairs = load_laion(shard, bb.image_size, None, Report("t"))
     _, held_idx = split_heldout(len(pairs), 0.25, 1000, seed=0)
@@ -144,29 +192,30 @@ def test_saved_checkpoint_reproduces_after_metrics(shard, scratch):
     assert again == m["after"]
 
 
-def test_deterministic_on_cpu(shard, scratch, tmp_path):
-    _, m1, out1 = scratch
-    _, m2, out2 = _run(shard, tmp_path, "again")
-    assert m1 == m2
+def test_deterministic_on_cpu(shard, flickr30k, scratch, tmp_path):
+    _, h1, m1, out1 = scratch
+    _, h2, m2, out2 = _run(shard, flickr30k, tmp_path, "again")
+    assert h1 == h2 and m1 == m2
     assert weights_sha256(out1 / "clip") == weights_sha256(out2 / "clip")
     assert (out1 / "clip" / "tokenizer.json").read_bytes() == (
         out2 / "clip" / "tokenizer.json"
     ).read_bytes()
 
 
-def test_passthrough_copies_checkpoint_and_equal_metrics(shard, tmp_path):
+def test_passthrough_copies_checkpoint_and_equal_metrics(shard, flickr30k, tmp_path):
     tiny = make_tiny_clip(tmp_path / "tiny")
-    _, m, out = _run(shard, tmp_path, pretrained=str(tiny), finetune=False)
+    _, h, m, out = _run(shard, flickr30k, tmp_path, pretrained=str(tiny), finetune=False)
     assert m["mode"] == "passthrough" and m["before"] == m["after"] and m["loss_per_epoch"] == []
+    assert h["before"] == h["after"]
     assert weights_sha256(out / "clip") == weights_sha256(tiny)
     assert len((out / "clip.tsv").read_text().splitlines()) == 2  # header + epoch 0
     src = json.loads((out / "clip" / "clip_source.json").read_text())
     assert src["pretrained"] == str(tiny) and src["pretrained_revision"] == weights_sha256(tiny)
 
 
-def test_finetune_pretrained_changes_weights(shard, tmp_path):
+def test_finetune_pretrained_changes_weights(shard, flickr30k, tmp_path):
     tiny = make_tiny_clip(tmp_path / "tiny")
-    _, m, out = _run(shard, tmp_path, pretrained=str(tiny), finetune=True, epochs=2)
+    _, _, m, out = _run(shard, flickr30k, tmp_path, pretrained=str(tiny), finetune=True, epochs=2)
     assert m["mode"] == "finetune" and len(m["loss_per_epoch"]) == 2
     assert weights_sha256(out / "clip") != weights_sha256(tiny)
     bb = load_backbone(out / "clip")
@@ -176,10 +225,19 @@ def test_finetune_pretrained_changes_weights(shard, tmp_path):
     )
 
 
-def test_too_few_pairs_is_user_error(tmp_path):
+def test_too_few_pairs_is_user_error(flickr30k, tmp_path):
     small = make_shard(tmp_path / "small", n=8)
     with pytest.raises(UserError, match="usable LAION pairs"):
-        run(small, None, tmp_path / "o", tmp_path / "m.json", None, dict(TINY))
+        _run(small, flickr30k, tmp_path)
+    assert not (tmp_path / "out" / "clip").exists()
+
+
+def test_model_config_checks_name_the_key():
+    with pytest.raises(UserError, match=r"params clip_bootstrap\.model\.heads: must divide width"):
+        load(Settings, {"clip_bootstrap": {"model": {"width": 30, "heads": 4}}})
+    with pytest.raises(UserError, match=r"clip_bootstrap\.model\.patch_size: must divide"):
+        load(Settings, {"clip_bootstrap": {"model": {"image_size": 30}}})
+    assert load(Settings, {}).model == ClipModelConfig()
 
 
 def test_cli_missing_input_is_one_line_error(tmp_path):
@@ -188,7 +246,10 @@ def test_cli_missing_input_is_one_line_error(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("seed: 0\n")
     res = CliRunner().invoke(
-        app, ["clip-bootstrap", "--laion", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+        app, ["clip-bootstrap", "--laion", str(tmp_path / "nope"),
+              "--flickr30k", str(tmp_path / "nope"), "--pretrained", "scratch",
+              "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json"),
+              "--detail", str(tmp_path / "d.json"), "--plots", str(tmp_path / "p.tsv"),
               "--params", str(params)],
     )  # fmt: skip
     assert res.exit_code == 2
@@ -196,27 +257,42 @@ def test_cli_missing_input_is_one_line_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_flickr_pairs_and_tokenizer_texts(shard, tmp_path):
-    from pipeline.formats.flickr30k import list_flickr30k
-
-    root = tmp_path / "flickr30k"
-    (root / "flickr30k_images").mkdir(parents=True)
-    rs = np.random.RandomState(1)
-    lines = ["image_name| comment_number| comment"]
-    for i in range(30):
-        name = f"{1000 + i}.jpg"
-        (root / "flickr30k_images" / name).write_bytes(_jpeg(COLOURS["white"], COLOURS["red"], rs))
-        lines += [f"{name}| 0| A red square on white .", f"{name}| 1| A zebra crossing ."]
-    (root / "results.csv").write_text("\n".join(lines) + "\n")
-    n_train = sum(item.split == "train" for item in list_flickr30k(root).items)
-    out = tmp_path / "o"
-    report = run(
-        shard, root, out / "clip", out / "m.json", None, {**TINY, "epochs": 1, "flickr_pairs": True}
-    )
-    m = json.loads((out / "m.json").read_text())
+def test_flickr30k_pairs_and_tokenizer_texts(shard, tmp_path):
+    names = [f"{1000 + i}.jpg" for i in range(30)]
+    captions = lambda _: ["A red square on white .", "A zebra crossing ."]
+    root = make_flickr30k(tmp_path / "flickr30k", names, captions)
+    n_train = sum(item.split == "train" for item in list_flickr30k(root, Split()).items)
+    report, _, m, out = _run(shard, root, tmp_path, epochs=1, flickr30k_pairs=True)
     assert m["train_flickr30k_images"] == n_train > 0 and m["train_laion_pairs"] == 28
     assert m["train_images"] == 28 + n_train
-    assert report.extra["flickr30k"]["read"] == 60
+    assert report["flickr30k"]["read"] == 60
     # "zebra" only occurs in Flickr30k captions: the tokenizer learned it as one token
     bb = load_backbone(out / "clip")
     assert len(bb.tokenize(["zebra"])[0]) == 3
+
+
+def test_bootstrap_and_embed_share_the_flickr30k_split(shard, tmp_path):
+    """Issue 9 item 6: without dataset_flickr30k.json, the bootstrap trains only on what
+    `embed` (which lists Flickr30k with the same `split` section) calls train, and never
+    sees its test images, whatever the fractions."""
+    split = Split(val_fraction=0.25, test_fraction=0.25)
+    names = [f"{3000 + i}.jpg" for i in range(40)]
+    words = {"train": "zebra", "val": "ibis", "test": "quokka"}  # one word per split
+    captions = lambda name: [f"a {words[hash_split(name, 0.25, 0.25)]} on white ."]
+    root = make_flickr30k(tmp_path / "flickr30k", names, captions)
+
+    embed_listing = list_flickr30k(root, split).items  # what embed reads
+    by_split = {s: {i.id for i in embed_listing if i.split == s} for s in words}
+    assert all(by_split.values())
+    default = {i.id for i in list_flickr30k(root, Split()).items if i.split == "train"}
+    assert default != by_split["train"]  # the fractions matter for these names
+    mine = {item.id for item in flickr30k_train_items(root, split, Report("t"))}
+    assert mine == by_split["train"] and not mine & by_split["test"]
+
+    # through the stage: params `split` decides what the tokenizer and training see
+    fractions = {"val_fraction": 0.25, "test_fraction": 0.25}
+    _, _, m, out = _run(shard, root, tmp_path, split=fractions, epochs=1, flickr30k_pairs=True)
+    assert m["train_flickr30k_images"] == len(by_split["train"])
+    bb = load_backbone(out / "clip")
+    assert len(bb.tokenize(["zebra"])[0]) == 3  # train captions: learned as one token
+    assert len(bb.tokenize(["quokka"])[0]) > 3  # test captions: never seen

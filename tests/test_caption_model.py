@@ -1,5 +1,6 @@
 """Caption decoder, its data loader and the train_caption stage on tiny random data."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,23 +10,28 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.caption_data import load_captions, load_images, load_token_table
-from pipeline.embfile import read_table, vector_array, write_table
+from pipeline.caption.data import load_captions, load_images, load_token_table
+from pipeline.caption.training import PLOT_COLUMNS, Trainer
+from pipeline.embedding.files import read_table, vector_array, write_table
 from pipeline.errors import UserError
 from pipeline.nn.caption_decoder import (
     CaptionDecoder,
+    DecoderConfig,
+    DecoderSettings,
     load_caption_model,
-    make_config,
     save_caption_model,
     split_batch,
 )
-from pipeline.train_caption import TSV_COLUMNS, Trainer, merged_params, run
+from pipeline.settings import SettingError, load
+from pipeline.stages.train_caption import Settings, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB, WIDTH, DIM = 40, 16, 12
 BOS, EOS, PAD = 2, 3, 0
 
 
-def tiny_config(**kw):
+def tiny_config(**kw) -> DecoderConfig:
     base = {
         "image_dim": DIM,
         "vocab_size": VOCAB,
@@ -40,7 +46,7 @@ def tiny_config(**kw):
         "eos_token_id": EOS,
         "pad_token_id": PAD,
     }
-    return {**base, **kw}
+    return DecoderConfig(**{**base, **kw})
 
 
 def write_emb_folder(folder: Path, rows: list[tuple], table: torch.Tensor, seed: int = 0) -> None:
@@ -155,22 +161,34 @@ def test_forward_shapes_and_padding_is_masked():
     assert torch.equal(model.caption_loss(model(img, i2), t2, m2), loss)
 
 
-def test_make_config_rejects_bad_settings():
-    with pytest.raises(UserError, match="loss"):
-        make_config(loss="l1")
+def test_decoder_config_rejects_bad_settings_and_resolves_the_target_scale():
+    with pytest.raises(SettingError) as exc:
+        DecoderSettings(loss="l1")
+    assert exc.value.key == "loss"
     with pytest.raises(UserError, match="divisible"):
-        make_config(width=30, heads=4)
-    with pytest.raises(UserError, match="unknown"):
-        make_config(colour="red")
-    assert make_config(token_width=64)["target_scale"] == 8.0
-    assert make_config(target_norm=False)["target_scale"] == 1.0
+        DecoderSettings(width=30, heads=4)
+    with pytest.raises(UserError, match="train_caption.model.colour: unknown"):
+        load(Settings, {"train_caption": {"model": {"colour": "red"}}})
+    with pytest.raises(UserError, match="train_caption.model.loss: expected one of"):
+        load(Settings, {"train_caption": {"model": {"loss": "l1"}}})
+    assert tiny_config(token_width=64).target_scale == 8.0
+    assert tiny_config(target_norm=False).target_scale == 1.0
+    assert tiny_config(target_scale=2.5).target_scale == 2.5
+    with pytest.raises(UserError):
+        tiny_config(bos_token_id=VOCAB)  # not a row of the table
+
+
+def test_the_one_default_is_params_yaml():
+    """The settings' defaults are the values of params.yaml (the default run)."""
+    assert load(Settings, ROOT / "params.yaml") == Settings()
+    assert Settings().model == DecoderSettings() and DecoderSettings().prefix_len == 4
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine", "ce"])
 def test_a_few_training_steps_lower_the_loss(loss):
     torch.manual_seed(0)
     model = CaptionDecoder(tiny_config(loss=loss), torch.randn(VOCAB, WIDTH))
-    trainer = Trainer(model, merged_params({"lr": 3e-3, "warmup_steps": 0}), torch.device("cpu"))
+    trainer = Trainer(model, Settings(lr=3e-3, warmup_steps=0), torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
     img = torch.randn(8, DIM, generator=gen)
     ids = torch.randint(4, VOCAB, (8, 6), generator=gen)
@@ -193,7 +211,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
         "model.safetensors",
     ]
     back = load_caption_model(tmp_path / "m")
-    assert back.config == model.config
+    assert back.config == model.config and isinstance(back.config, DecoderConfig)
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
     assert torch.equal(back.target_table, model.target_table)  # derived tables rebuilt
@@ -201,12 +219,16 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(back(img, tok), model(img, tok))
     with pytest.raises(UserError, match="not a caption model"):
         load_caption_model(tmp_path)
+    info = json.loads((tmp_path / "m" / "config.json").read_text())
+    info["model"]["heads"] = 3  # 16 is not divisible by 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="config.json: model.heads: width 16 is not divisible"):
+        load_caption_model(tmp_path / "m")
 
 
 def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
     laion, flickr = emb_dirs
-    params = {
-        "seed": 3,
+    section = {
         "model": {"width": 16, "layers": 1, "heads": 2, "prefix_len": 2, "max_len": 10},
         "batch_size": 8,
         "domain_batch": 4,
@@ -216,15 +238,17 @@ def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
         "warmup_steps": 2,
         "disc_hidden": 8,
     }
-    s1 = run("ada", laion, flickr, tmp_path / "m1", tmp_path / "p1", params)
-    run("ada", laion, flickr, tmp_path / "m2", tmp_path / "p2", params)
-    s3 = run("noada", laion, flickr, tmp_path / "m3", tmp_path / "p3", params)
-    tsv1 = (tmp_path / "p1" / "caption_ada.tsv").read_text()
-    assert tsv1 == (tmp_path / "p2" / "caption_ada.tsv").read_text()  # bit-reproducible
+    params = {"seed": 3, "train_caption": section}
+    line = main("ada", laion, flickr, tmp_path / "m1", tmp_path / "p1.tsv", params)
+    main("ada", laion, flickr, tmp_path / "m2", tmp_path / "p2.tsv", params)
+    main("noada", laion, flickr, tmp_path / "m3", tmp_path / "p3.tsv", params)
+    assert line.startswith("train_caption[ada]: 15 steps, 5 epochs on cpu, caption loss ")
+    tsv1 = (tmp_path / "p1.tsv").read_text()
+    assert tsv1 == (tmp_path / "p2.tsv").read_text()  # bit-reproducible
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "m1" / name).read_bytes() == (tmp_path / "m2" / name).read_bytes()
     lines = [ln.split("\t") for ln in tsv1.strip().split("\n")]
-    assert lines[0] == TSV_COLUMNS
+    assert lines[0] == list(PLOT_COLUMNS)
     assert [r[:2] for r in lines[1:]] == [
         ["1", "pretrain"],
         ["2", "pretrain"],
@@ -233,21 +257,27 @@ def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
         ["5", "finetune"],
     ]
     assert lines[1][3] == "nan" and lines[3][3] != "nan"  # no domain loss while pretraining
+    info = json.loads((tmp_path / "m1" / "config.json").read_text())
+    s1 = info["training"]
+    s3 = json.loads((tmp_path / "m3" / "config.json").read_text())["training"]
     # 24 LAION captions / 8 = 3 steps, 6 train images x 3 captions = 18 / 8 = 3 steps
     assert s1["steps"] == 2 * 3 + 1 * 3 + 2 * 3 == s3["steps"]
-    assert s1["n_flickr_train_captions"] == 18 and s1["n_flickr_val_captions"] == 9
-    noada = [
-        ln.split("\t")
-        for ln in (tmp_path / "p3" / "caption_noada.tsv").read_text().split("\n")[1:-1]
-    ]
+    assert s1["n_flickr30k_train_captions"] == 18 and s1["n_flickr30k_val_captions"] == 9
+    noada = [ln.split("\t") for ln in (tmp_path / "p3.tsv").read_text().split("\n")[1:-1]]
     assert all(r[7] == "0" for r in noada) and float(lines[-1][7]) > 0
     # same data, same order: the pretrain phase (no adversary yet) is identical
     assert [r[2] for r in noada[:2]] == [r[2] for r in lines[1:3]]
-    info = json.loads((tmp_path / "m1" / "config.json").read_text())
     assert info["clip"]["model"] == "tiny" and info["model"]["vocab_size"] == VOCAB
-    assert info["training"]["variant"] == "ada"
+    assert s1["variant"] == "ada" and s1["settings"]["model"]["width"] == 16
+    # the config rebuilds the model: DecoderConfig = the settings + what the data fixes
+    model = load_caption_model(tmp_path / "m1")
+    want = DecoderSettings(**section["model"])
+    assert dataclasses.asdict(want).items() <= {**dataclasses.asdict(model.config),
+                                                "target_scale": None}.items()  # fmt: skip
+    assert (model.config.image_dim, model.config.token_width) == (DIM, WIDTH)
+    assert model.config.target_scale == WIDTH**0.5
     with pytest.raises(UserError, match="variant"):
-        run("both", laion, flickr, tmp_path / "x", tmp_path / "x", params)
+        main("both", laion, flickr, tmp_path / "x", tmp_path / "x.tsv", params)
 
 
 def test_cli_train_caption(emb_dirs, tmp_path):
@@ -261,41 +291,21 @@ def test_cli_train_caption(emb_dirs, tmp_path):
         "seed: 1\ntrain_caption:\n  model: {width: 16, layers: 1, heads: 2, prefix_len: 2}\n"
         "  pretrain_epochs: 1\n  adapt_epochs: 1\n  finetune_epochs: 1\n  batch_size: 16\n"
     )
-    res = CliRunner().invoke(
-        app,
-        [
-            "train-caption",
-            "--variant",
-            "noada",
-            "--laion",
-            str(laion),
-            "--flickr",
-            str(flickr),
-            "--out",
-            str(tmp_path / "m"),
-            "--plots",
-            str(tmp_path / "p"),
-            "--params",
-            str(params),
-        ],
-    )
+
+    def invoke(laion_dir: Path):
+        args = ["train-caption", "--variant", "noada", "--laion", str(laion_dir)]
+        args += ["--flickr30k", str(flickr), "--out", str(tmp_path / "m")]
+        args += ["--plots", str(tmp_path / "p.tsv"), "--params", str(params)]
+        return CliRunner().invoke(app, args)
+
+    res = invoke(laion)
     assert res.exit_code == 0, res.output
     assert "train_caption[noada]" in res.output
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    assert (tmp_path / "p" / "caption_noada.tsv").read_text().count("\n") == 4
-    bad = CliRunner().invoke(
-        app,
-        [
-            "train-caption",
-            "--variant",
-            "noada",
-            "--laion",
-            str(tmp_path / "nope"),
-            "--params",
-            str(params),
-        ],
-    )
-    assert bad.exit_code == 2 and "error:" in bad.output
+    assert (tmp_path / "p.tsv").read_text().count("\n") == 4
+    bad = invoke(tmp_path / "nope")
+    assert bad.exit_code == 2 and bad.output.startswith("error:")
+    assert len(bad.output.strip().splitlines()) == 1
 
 
 def test_load_captions_reads_several_shards_like_one(tmp_path):

@@ -3,9 +3,18 @@
 import pytest
 import torch
 
-from pipeline.decode import beam_search, generate, greedy_search, load_caption_model, token_index
-from pipeline.nn.caption_decoder import CaptionDecoder, save_caption_model
-from pipeline.train_caption import Trainer, merged_params
+from pipeline.caption.decode import (
+    beam_search,
+    caption_images,
+    generate,
+    greedy_search,
+    load_caption_model,
+    token_index,
+)
+from pipeline.caption.training import Trainer
+from pipeline.errors import UserError
+from pipeline.nn.caption_decoder import CaptionDecoder, DecoderConfig, save_caption_model
+from pipeline.stages.train_caption import Settings
 
 VOCAB, WIDTH, DIM = 30, 16, 8
 BOS, EOS, PAD = 1, 2, 0
@@ -29,7 +38,7 @@ def tiny_model(loss: str = "mse", seed: int = 0, **kw) -> CaptionDecoder:
         "pad_token_id": PAD,
         **kw,
     }
-    return CaptionDecoder(cfg, torch.randn(VOCAB, WIDTH))
+    return CaptionDecoder(DecoderConfig(**cfg), torch.randn(VOCAB, WIDTH))
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine", "ce"])
@@ -83,9 +92,7 @@ def test_beam_size_one_equals_greedy(loss):
 def _memorising_model(loss: str):
     """A tiny decoder trained until it reproduces 3 captions of 3 images exactly."""
     model = tiny_model(loss, seed=2)
-    trainer = Trainer(
-        model, merged_params({"lr": 3e-3, "warmup_steps": 0, "grad_clip": 0}), torch.device("cpu")
-    )
+    trainer = Trainer(model, Settings(lr=3e-3, warmup_steps=0, grad_clip=0), torch.device("cpu"))
     img = torch.nn.functional.normalize(
         torch.randn(3, DIM, generator=torch.Generator().manual_seed(5)), dim=-1
     )
@@ -125,41 +132,50 @@ def test_generate_batches_and_rejects_bad_beam():
         generate(model, img, beam_size=0)
 
 
-def test_cli_caption_prints_one_decoded_caption_per_image(tmp_path):
+def _tiny_clip_and_decoder(tmp_path):
+    """A tiny CLIP, a random decoder on its token table (saved with the CLIP's name), and
+    two images."""
     from PIL import Image
     from tiny_clip import make_tiny_clip
-    from typer.testing import CliRunner
 
-    from pipeline.cli import app
     from pipeline.clip.backbone import load_backbone
 
     clip = make_tiny_clip(tmp_path / "clip")
     bb = load_backbone(clip, device="cpu")
     table = bb.token_embedding()
-    cfg = {
-        "image_dim": bb.dim,
-        "vocab_size": table.shape[0],
-        "token_width": table.shape[1],
-        "width": 32,
-        "layers": 1,
-        "heads": 2,
-        "prefix_len": 2,
-        "max_len": 8,
-        "bos_token_id": bb.bos_token_id,
-        "eos_token_id": bb.eos_token_id,
-        "pad_token_id": bb.pad_token_id,
-    }
+    cfg = DecoderConfig(
+        image_dim=bb.dim,
+        vocab_size=table.shape[0],
+        token_width=table.shape[1],
+        width=32,
+        layers=1,
+        heads=2,
+        prefix_len=2,
+        max_len=8,
+        bos_token_id=bb.bos_token_id,
+        eos_token_id=bb.eos_token_id,
+        pad_token_id=bb.pad_token_id,
+    )
     torch.manual_seed(0)
     model = CaptionDecoder(cfg, table).eval()
-    info = {"clip": {"model": bb.model_id, "revision": bb.revision}}
+    info = {"clip": {"model": str(clip), "revision": bb.revision}}
     save_caption_model(model, tmp_path / "m", extra=info)
     paths = []
     for name, colour in (("red.png", (220, 30, 30)), ("blue.jpg", (30, 70, 220))):
         Image.new("RGB", (48, 40), colour).save(tmp_path / name)
         paths.append(tmp_path / name)
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    return clip, bb, model, paths
+
+
+def test_cli_caption_prints_one_decoded_caption_per_image(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    clip, bb, model, paths = _tiny_clip_and_decoder(tmp_path)
     args = ["caption", *map(str, paths), "--model", str(tmp_path / "m"), "--clip", str(clip)]
-    args += ["--beam", "2", "--params", str(tmp_path / "params.yaml")]
+    args += ["--beam", "2"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     pixels = []
@@ -169,6 +185,20 @@ def test_cli_caption_prints_one_decoded_caption_per_image(tmp_path):
     ids = generate(model, bb.encode_images(torch.stack(pixels)), beam_size=2)
     texts = [" ".join(bb.tokenizer.decode(i, skip_special_tokens=True).split()) for i in ids]
     assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, texts)]
+    # without --clip: the CLIP named in the model's config.json
+    res = CliRunner().invoke(app, [arg for arg in args if arg not in ("--clip", str(clip))])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, texts)]
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     bad = CliRunner().invoke(app, [*args[:1], str(tmp_path / "bad.jpg"), *args[3:]])
     assert bad.exit_code == 2 and bad.output.startswith("error: cannot use image")
+
+
+def test_caption_images_rejects_bad_beam_and_max_len(tmp_path):
+    clip, _, _, paths = _tiny_clip_and_decoder(tmp_path)
+    with pytest.raises(UserError, match="beam must be >= 1"):
+        list(caption_images(paths, tmp_path / "m", str(clip), beam=0))
+    with pytest.raises(UserError, match="max_len must be >= 1"):
+        list(caption_images(paths, tmp_path / "m", str(clip), max_len=0))
+    greedy = list(caption_images(paths, tmp_path / "m", None, beam=1, max_len=3))
+    assert [p for p, _ in greedy] == paths and all(len(t.split()) <= 3 for _, t in greedy)

@@ -23,7 +23,8 @@ from safetensors.numpy import load_file
 from test_caption_model import VOCAB, WIDTH, random_rows, write_emb_folder
 from test_vqa import make_world
 
-from pipeline import distributed, train_caption, train_vqa
+from pipeline import distributed
+from pipeline.stages import train_caption, train_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
 # 120 train rows (60 train images x 2 questions): 4 full global batches of 2 x 15
@@ -40,6 +41,13 @@ CAPTION = {
     "device": "cpu",
 }
 PARAMS = {"lr": 1e-2, "epochs": 3, "hidden": [32], "dropout": 0.0, "seed": 0, "device": "cpu"}
+
+
+def vqa_params(path: Path, **changes) -> Path:
+    """A params file (JSON is YAML) with PARAMS + `changes` as its train_vqa section."""
+    section = {k: v for k, v in {**PARAMS, **changes}.items() if k != "seed"}
+    path.write_text(json.dumps({"seed": PARAMS["seed"], "train_vqa": section}))
+    return path
 
 
 def free_port() -> int:
@@ -82,29 +90,29 @@ def _worker(rank: int, world: int, port: int, root: str, stage: str = "vqa") -> 
     r = Path(root)
     # per-rank folders only to check that rank 1 writes nothing
     if stage == "caption":
-        s = train_caption.run(
-            "ada", r / "laion", r / "flickr30k", r / f"m{rank}", r / f"p{rank}", CAPTION
+        params = {"seed": 3, "train_caption": {k: v for k, v in CAPTION.items() if k != "seed"}}
+        summary = train_caption.main(
+            "ada", r / "laion", r / "flickr30k", r / f"m{rank}", r / f"p{rank}.tsv", params
         )
-        (r / f"rank{rank}.json").write_text(json.dumps(s))
+        (r / f"rank{rank}.txt").write_text(summary)
         return
-    params = {**PARAMS, "batch_size": 15}
-    report = train_vqa.run(r / "qa", r / "emb", r / f"m{rank}", r / f"p{rank}", params)
-    (r / f"rank{rank}.json").write_text(json.dumps(report.extra))
+    params = vqa_params(r / f"params{rank}.yaml", batch_size=15)
+    summary = train_vqa.main(r / "qa", r / "emb", r / f"m{rank}", r / f"p{rank}.tsv", params)
+    (r / f"rank{rank}.txt").write_text(summary)
 
 
 def test_train_vqa_ddp_two_processes_matches_one(tmp_path):
     make_world(tmp_path, n_images=100)
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    x0, x1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    # gradients all-reduced: both ranks end with the same weights and log the same losses
-    assert x0["weights_sha256"] == x1["weights_sha256"]
-    assert (x0["rank"], x1["rank"], x0["world_size"]) == (0, 1, 2)
-    assert x0["final_train_loss"] == x1["final_train_loss"]
-    assert x0["final_val_loss"] == x1["final_val_loss"]
+    s0, s1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    # gradients all-reduced: both ranks end with the same weights (digest in the summary)
+    # and log the same losses
+    assert "; rank 0/2, weights " in s0 and "; rank 1/2, weights " in s1
+    assert s0.replace("rank 0/2", "rank 1/2") == s1
     # only rank 0 writes
     assert (tmp_path / "m0/model.safetensors").exists() and (tmp_path / "m0/report.json").exists()
-    assert not (tmp_path / "m1").exists() and not (tmp_path / "p1").exists()
-    lines = (tmp_path / "p0/vqa.tsv").read_text().splitlines()[1:]
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "p1.tsv").exists()
+    lines = (tmp_path / "p0.tsv").read_text().splitlines()[1:]
     train_loss = [float(r.split("\t")[1]) for r in lines]
     val_loss = [float(r.split("\t")[2]) for r in lines]
     assert train_loss[-1] < train_loss[0] and val_loss[-1] < val_loss[0]
@@ -112,15 +120,16 @@ def test_train_vqa_ddp_two_processes_matches_one(tmp_path):
     assert cfg["train"]["n_train"] == 120
 
     # the same optimisation in one process with the global batch
-    single = {**PARAMS, "batch_size": 30}
-    r1 = train_vqa.run(tmp_path / "qa", tmp_path / "emb", tmp_path / "s", tmp_path / "ps", single)
+    single = vqa_params(tmp_path / "single.yaml", batch_size=30)
+    train_vqa.main(tmp_path / "qa", tmp_path / "emb", tmp_path / "s", tmp_path / "ps.tsv", single)
     a = load_file(str(tmp_path / "m0/model.safetensors"))
     b = load_file(str(tmp_path / "s/model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
-    assert abs(r1.extra["final_train_loss"] - x0["final_train_loss"]) < 1e-4
-    assert abs(r1.extra["final_val_loss"] - x0["final_val_loss"]) < 1e-4
+    last = (tmp_path / "ps.tsv").read_text().splitlines()[-1].split("\t")
+    assert abs(float(last[1]) - train_loss[-1]) < 1e-4  # final train_loss
+    assert abs(float(last[2]) - val_loss[-1]) < 1e-4  # final val_loss
 
 
 def test_torchrun_cli_two_processes(tmp_path):
@@ -133,7 +142,7 @@ def test_torchrun_cli_two_processes(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", "pipeline", "train-vqa", "--qa", str(qa), "--emb", str(emb),
-        "--out", str(tmp_path / "m"), "--plots", str(tmp_path / "plots"), "--params", str(params),
+        "--out", str(tmp_path / "m"), "--plots", str(tmp_path / "vqa.tsv"), "--params", str(params),
     ]  # fmt: skip
     res = subprocess.run(
         cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
@@ -145,7 +154,7 @@ def test_torchrun_cli_two_processes(tmp_path):
         "model.safetensors",
         "report.json",
     ]
-    lines = (tmp_path / "plots/vqa.tsv").read_text().splitlines()
+    lines = (tmp_path / "vqa.tsv").read_text().splitlines()
     assert len(lines) == 4
     assert float(lines[-1].split("\t")[1]) < float(lines[1].split("\t")[1])
 
@@ -156,15 +165,16 @@ def test_train_caption_two_processes_stay_in_sync(tmp_path):
     flickr_rows = random_rows(12, 3, ["train", "train", "val", "test"], 2)
     write_emb_folder(tmp_path / "flickr30k", flickr_rows, table, seed=2)
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path), "caption"), nprocs=2, join=True)
-    s0, s1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    # decoder and discriminator gradients averaged: identical weights on both ranks
-    assert s0["weights_sha256"] == s1["weights_sha256"]
-    assert s0["final_caption_loss"] == s1["final_caption_loss"]
+    s0, s1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    # decoder and discriminator gradients averaged: identical weights on both ranks (digest
+    # in the summary) and the same losses
+    assert "; rank 0/2, weights " in s0 and "; rank 1/2, weights " in s1
+    assert s0.replace("rank 0/2", "rank 1/2") == s1
     # 24 LAION captions / 2 ranks / 4 = 3 steps, 18 Flickr train captions -> 9 / 4 = 3 steps
-    assert s0["steps"] == s1["steps"] == 2 * 3 + 1 * 3 + 2 * 3
+    assert s0.startswith(f"train_caption[ada]: {2 * 3 + 1 * 3 + 2 * 3} steps, ")
     assert (tmp_path / "m0/model.safetensors").exists()
-    assert not (tmp_path / "m1").exists() and not (tmp_path / "p1").exists()
-    rows = [r.split("\t") for r in (tmp_path / "p0/caption_ada.tsv").read_text().split("\n")[1:-1]]
+    assert not (tmp_path / "m1").exists() and not (tmp_path / "p1.tsv").exists()
+    rows = [r.split("\t") for r in (tmp_path / "p0.tsv").read_text().split("\n")[1:-1]]
     assert [r[1] for r in rows] == ["pretrain", "pretrain", "adapt", "finetune", "finetune"]
     assert float(rows[-1][2]) < float(rows[0][2])  # caption loss went down
     assert rows[0][3] == "nan" and rows[2][3] != "nan" and float(rows[-1][7]) > 0

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,22 @@ from test_formats_caption import make_laion
 from tiny_clip import make_tiny_clip
 from typer.testing import CliRunner
 
-from pipeline import embed
 from pipeline.clip.backbone import load_backbone, preprocess_image
-from pipeline.embfile import read_dataset, read_table, vectors
+from pipeline.embedding.dataset import embed_dataset
+from pipeline.embedding.encoders import PixelNormalizer
+from pipeline.embedding.files import read_dataset, read_table, vectors
+from pipeline.embedding.shards import parse_shard, resolve_shard
 from pipeline.errors import UserError
 from pipeline.imagedecode import decode_image, open_rgb, resize_crop
+from pipeline.settings import Split, load
+from pipeline.stages.embed import Settings
 
-P = {"batch_size": 4, "num_workers": 0, "shard_size": 3, "dtype": "float16"}
+S = Settings(batch_size=4, num_workers=0, shard_size=3, dtype="float16", vg_crops=False)
+
+
+def run(dataset: str, src: Path, out: Path, bb, settings: Settings = S, **kw):
+    """`embed_dataset` with the test settings and the shared split."""
+    return embed_dataset(dataset, src, out, bb, settings, Split(), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +80,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_caption_rows_match_the_model(tmp_path, bb):
     src = make_flickr(tmp_path / "f", n=5)
-    rep = embed.run("flickr30k", src, tmp_path / "out", P, backbone=bb)
+    rep = run("flickr30k", src, tmp_path / "out", bb)
     assert (rep.read, rep.written) == (10, 10)
     table = read_dataset(tmp_path / "out")
     assert table.column_names == [
@@ -110,19 +120,14 @@ def test_caption_rows_match_the_model(tmp_path, bb):
 
 def test_uint8_path_equals_preprocess_image(bb):
     img = _img(3, size=(61, 40))
-    norm = embed.PixelNormalizer(bb)
+    norm = PixelNormalizer(bb)
     ours = norm(torch.from_numpy(resize_crop(img, 32)[None]))[0]
     assert torch.equal(ours, preprocess_image(img, 32, bb.mean, bb.std))
 
 
 def test_arrow_memory_mapped_zero_copy(tmp_path, bb):
-    embed.run(
-        "flickr30k",
-        make_flickr(tmp_path / "f", n=3),
-        tmp_path / "out",
-        {**P, "shard_size": 100},
-        backbone=bb,
-    )
+    src = make_flickr(tmp_path / "f", n=3)
+    run("flickr30k", src, tmp_path / "out", bb, replace(S, shard_size=100))
     path = tmp_path / "out" / "part-00000.arrow"
     source = pa.memory_map(str(path), "r")
     table = ipc.open_file(source).read_all()
@@ -147,7 +152,7 @@ def test_arrow_memory_mapped_zero_copy(tmp_path, bb):
 
 def test_killed_run_resumes_to_identical_output(tmp_path, bb):
     src = make_flickr(tmp_path / "f", n=10)  # 4 shards of 3, 3, 3, 1 images
-    embed.run("flickr30k", src, tmp_path / "full", P, backbone=bb)
+    run("flickr30k", src, tmp_path / "full", bb)
 
     class Killed(Exception):
         pass
@@ -156,34 +161,27 @@ def test_killed_run_resumes_to_identical_output(tmp_path, bb):
         raise Killed(k)
 
     with pytest.raises(Killed):
-        embed.run(
-            "flickr30k",
-            src,
-            tmp_path / "resumed",
-            P,
-            backbone=bb,
-            on_shard_written=kill_after_first,
-        )
+        run("flickr30k", src, tmp_path / "resumed", bb, on_shard_written=kill_after_first)
     names = sorted(p.name for p in (tmp_path / "resumed").iterdir())
     assert names == ["part-00000.arrow", "token_embedding.safetensors"]
     written = []
-    rep = embed.run(
+    rep = run(
         "flickr30k",
         src,
         tmp_path / "resumed",
-        {**P, "num_workers": 2},
-        backbone=bb,
+        bb,
+        replace(S, num_workers=2),
         on_shard_written=written.append,
     )
     assert written == [1, 2, 3]  # shard 0 was not recomputed
     assert rep.written == 20
     assert _files(tmp_path / "resumed") == _files(tmp_path / "full")
     again = []
-    embed.run("flickr30k", src, tmp_path / "resumed", P, backbone=bb, on_shard_written=again.append)
+    run("flickr30k", src, tmp_path / "resumed", bb, on_shard_written=again.append)
     assert again == []
     # a changed input file invalidates only its own shard
     _save(_img(99), src / "flickr30k_images" / "104.jpg")
-    embed.run("flickr30k", src, tmp_path / "resumed", P, backbone=bb, on_shard_written=again.append)
+    run("flickr30k", src, tmp_path / "resumed", bb, on_shard_written=again.append)
     assert again == [1]
 
 
@@ -197,27 +195,27 @@ def test_copied_inputs_are_not_recomputed(tmp_path, bb):
     same output bytes (shards are fingerprinted by content, not by mtime or path)."""
     src = make_flickr(tmp_path / "f", n=7)  # shards of 3, 3, 1 images
     out = tmp_path / "out"
-    embed.run("flickr30k", src, out, P, backbone=bb)
+    run("flickr30k", src, out, bb)
     before = _files(out)
     # the same path, files replaced by copies with other mtimes (a dvc checkout)
     shutil.move(src, tmp_path / "orig")
     shutil.copytree(tmp_path / "orig", src)
     _touch_all(src, 1_000_000_000_123_456_789)
     written = []
-    embed.run("flickr30k", src, out, P, backbone=bb, on_shard_written=written.append)
+    run("flickr30k", src, out, bb, on_shard_written=written.append)
     assert written == [] and _files(out) == before
     # another folder (a clone elsewhere): the parts are kept, byte for byte
     clone = tmp_path / "clone"
     shutil.copytree(src, clone)
     _touch_all(clone, 1_500_000_000_000_000_000)
-    embed.run("flickr30k", clone, out, P, backbone=bb, on_shard_written=written.append)
+    run("flickr30k", clone, out, bb, on_shard_written=written.append)
     parts = {k: v for k, v in before.items() if k.startswith("part-")}
     assert written == [] and {k: v for k, v in _files(out).items() if k in parts} == parts
     # one image's bytes changed: only its shard is recomputed
     (clone / "flickr30k_images" / "104.jpg").write_bytes(
         _save(_img(99), tmp_path / "x.jpg").read_bytes()
     )
-    embed.run("flickr30k", clone, out, P, backbone=bb, on_shard_written=written.append)
+    run("flickr30k", clone, out, bb, on_shard_written=written.append)
     assert written == [1]
     after = _files(out)
     assert after["part-00001.arrow"] != parts["part-00001.arrow"]
@@ -227,7 +225,7 @@ def test_copied_inputs_are_not_recomputed(tmp_path, bb):
 
 
 def test_file_stamp_reads_the_ends_of_the_file(tmp_path):
-    from pipeline.embed_items import STAMP_BLOCK, file_stamp
+    from pipeline.embedding.items import STAMP_BLOCK, file_stamp
 
     f = tmp_path / "big.bin"
     data = bytearray(os.urandom(3 * STAMP_BLOCK))
@@ -246,31 +244,21 @@ def test_file_stamp_reads_the_ends_of_the_file(tmp_path):
 
 def test_process_shards_and_torchrun_env(tmp_path, bb, monkeypatch):
     src = make_flickr(tmp_path / "f", n=7)
-    embed.run("flickr30k", src, tmp_path / "one", P, backbone=bb)
+    run("flickr30k", src, tmp_path / "one", bb)
     first = []
-    embed.run(
-        "flickr30k",
-        src,
-        tmp_path / "two",
-        P,
-        shard=(0, 2),
-        backbone=bb,
-        on_shard_written=first.append,
-    )
+    run("flickr30k", src, tmp_path / "two", bb, shard=(0, 2), on_shard_written=first.append)
     assert first == [0, 2] and not (tmp_path / "two" / "manifest.json").exists()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     second = []
-    rep = embed.run(
-        "flickr30k", src, tmp_path / "two", P, backbone=bb, on_shard_written=second.append
-    )
+    rep = run("flickr30k", src, tmp_path / "two", bb, on_shard_written=second.append)
     assert second == [1] and rep.written == 14
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
-    assert embed.resolve_shard(None) == (1, 2)
+    assert resolve_shard(None) == (1, 2)
     with pytest.raises(UserError):
-        embed.parse_shard("2/2")
+        parse_shard("2/2")
     with pytest.raises(UserError):
-        embed.parse_shard("a/b")
+        parse_shard("a/b")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -322,7 +310,7 @@ def test_every_bad_input_is_counted(tmp_path, bb):
         "10.jpg| 0| missing file .",
     ]
     (root / "results.csv").write_text("\n".join(rows) + "\n")
-    rep = embed.run("flickr30k", root, tmp_path / "out", P, backbone=bb)
+    rep = run("flickr30k", root, tmp_path / "out", bb)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["skipped"] == {  # caption rows, under their image's reason
         "empty_caption": 1,
@@ -370,7 +358,7 @@ def test_counts_are_caption_rows(tmp_path, bb):
     src = make_flickr(tmp_path / "f", n=10)  # 2 captions per image
     (src / "flickr30k_images" / "103.jpg").unlink()
     (src / "flickr30k_images" / "105.jpg").write_text("not an image")
-    rep = embed.run("flickr30k", src, tmp_path / "out", P, backbone=bb)
+    rep = run("flickr30k", src, tmp_path / "out", bb)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (saved["read"], saved["written"], saved["skipped_total"]) == (20, 16, 4)
     assert saved["read"] == saved["written"] + saved["skipped_total"]
@@ -409,7 +397,7 @@ def test_decoding_conversions():
 
 def test_laion_webdataset_through_the_stage(tmp_path, bb):
     root = make_laion(tmp_path / "laion")
-    rep = embed.run("laion", root, tmp_path / "out", P, backbone=bb)
+    rep = run("laion", root, tmp_path / "out", bb)
     table = read_dataset(tmp_path / "out")
     assert table.column("id").to_pylist() == ["000000000#0", "000000003#0"]
     assert set(table.column("split").to_pylist()) == {"train"}
@@ -425,7 +413,7 @@ def test_laion_webdataset_through_the_stage(tmp_path, bb):
         info = tarfile.TarInfo("000000011.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"cap"))
-    embed.run("laion", tmp_path / "bad", tmp_path / "out2", P, backbone=bb)
+    run("laion", tmp_path / "bad", tmp_path / "out2", bb)
     saved = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert saved["read"] == 11 == saved["written"] + saved["skipped_total"]
     assert saved["skipped"]["not_an_image"] == 1 and saved["written"] == 2
@@ -461,7 +449,7 @@ def test_precomputed_layout_is_taken_as_is(tmp_path, bb, monkeypatch):
     monkeypatch.setattr(bb, "encode_images", forbidden)
     monkeypatch.setattr(bb, "encode_token_ids", forbidden)
     monkeypatch.setattr(bb, "encode_texts", forbidden)
-    rep = embed.run("laion", tmp_path / "pre", tmp_path / "out", P, backbone=bb)
+    rep = run("laion", tmp_path / "pre", tmp_path / "out", bb)
     table = read_dataset(tmp_path / "out")
     assert rep.written == 5 and table.num_rows == 5
     assert table.column("id").to_pylist()[0] == "000000000#0"
@@ -475,9 +463,9 @@ def test_precomputed_layout_is_taken_as_is(tmp_path, bb, monkeypatch):
 def test_precomputed_dim_mismatch_and_missing_text(tmp_path, bb):
     _precomputed(tmp_path / "wrong", bb.dim + 1)
     with pytest.raises(UserError, match="dim"):
-        embed.run("laion", tmp_path / "wrong", tmp_path / "o1", P, backbone=bb)
+        run("laion", tmp_path / "wrong", tmp_path / "o1", bb)
     _precomputed(tmp_path / "notext", bb.dim, text=False)
-    rep = embed.run("laion", tmp_path / "notext", tmp_path / "o2", P, backbone=bb)
+    rep = run("laion", tmp_path / "notext", tmp_path / "o2", bb)
     table = read_dataset(tmp_path / "o2")
     expect = bb.encode_texts(table.column("caption").to_pylist()).numpy()
     assert np.allclose(vectors(table.column("text_emb")).astype(np.float32), expect, atol=2e-3)
@@ -547,9 +535,7 @@ def make_qa(root: Path) -> tuple[Path, Path]:
 
 def test_vg_images_crops_and_texts(tmp_path, bb):
     qa, vg = make_qa(tmp_path)
-    rep = embed.run(
-        "vg", qa, tmp_path / "out", {**P, "vg_crops": True}, images_root=vg, backbone=bb
-    )
+    rep = run("vg", qa, tmp_path / "out", bb, replace(S, vg_crops=True), images=vg)
     table = read_dataset(tmp_path / "out")
     assert table.column("id").to_pylist() == ["1", "1@5,5,10,10", "2", "2@0,0,20,30"]
     assert table.column("box").to_pylist() == [None, [5, 5, 10, 10], None, [0, 0, 20, 30]]
@@ -577,50 +563,61 @@ def test_vg_images_crops_and_texts(tmp_path, bb):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli(tmp_path, clip_dir):
+def flickr30k_opts(src: Path, clip: Path, out: Path, params: Path) -> dict:
+    """The options dvc.yaml passes for flickr30k (its images are inside --input)."""
+    return {"--dataset": "flickr30k", "--input": src, "--images": src, "--clip": clip,
+            "--out": out, "--params": params}  # fmt: skip
+
+
+def cli_args(opts: dict) -> list[str]:
+    return [str(x) for option, value in opts.items() for x in (option, value)]
+
+
+def invoke(opts: dict):
+    """`clipda embed OPTIONS` in-process (CliRunner)."""
     from pipeline.cli import app
 
+    return CliRunner().invoke(app, ["embed", *cli_args(opts)])
+
+
+def test_cli(tmp_path, clip_dir):
     src = make_flickr(tmp_path / "f", n=2)
     params = tmp_path / "params.yaml"
-    params.write_text(
-        f"seed: 0\nembed:\n  model: {clip_dir}\n  num_workers: 1\n  shard_size: 1\n"
-        f"  inputs: {{flickr30k: {src}}}\n"
-    )
-    runner = CliRunner()
-    res = runner.invoke(
-        app,
-        ["embed", "--dataset", "flickr30k", "--out", str(tmp_path / "o"), "--params", str(params)],
-    )
+    params.write_text("seed: 0\nembed:\n  num_workers: 1\n  shard_size: 1\n")
+    res = invoke(flickr30k_opts(src, clip_dir, tmp_path / "o", params))
     assert res.exit_code == 0, res.output
     assert "read 4, wrote 4" in res.output
     assert sorted(p.name for p in (tmp_path / "o").glob("part-*.arrow")) == [
         "part-00000.arrow",
         "part-00001.arrow",
     ]
-    for args, msg in [
-        (["--dataset", "coco"], "must be one of"),
-        (["--dataset", "laion", "--input", str(tmp_path / "none")], "not found"),
-        (["--dataset", "flickr30k", "--shard", "3/2"], "bad shard"),
-        (["--dataset", "flickr30k", "--model", str(tmp_path / "nomodel")], "not found"),
+    ok = flickr30k_opts(src, clip_dir, tmp_path / "x", params)
+    for changes, msg in [
+        ({"--dataset": "coco"}, "must be one of"),
+        ({"--dataset": "laion", "--input": tmp_path / "none"}, "not found"),
+        ({"--images": tmp_path / "none"}, "not found"),
+        ({"--images": tmp_path}, "--images"),  # laion / flickr30k: must be the --input folder
+        ({"--shard": "3/2"}, "bad shard"),
+        ({"--clip": tmp_path / "nomodel"}, "not found"),
     ]:
-        res = runner.invoke(
-            app, ["embed", *args, "--out", str(tmp_path / "x"), "--params", str(params)]
-        )
+        res = invoke({**ok, **changes})
         assert res.exit_code == 2 and msg in res.output, res.output
+    for required in ("--input", "--images", "--clip", "--out"):  # path options have no default
+        res = invoke({k: v for k, v in ok.items() if k != required})
+        assert res.exit_code == 2 and required in res.output, res.output
 
 
 def test_two_concurrent_processes(tmp_path, clip_dir, bb):
     """Two CLI processes (--shard 0/2 and torchrun-style env 1/2) at once: same bytes."""
-    import os
     import subprocess
     import sys
 
     src = make_flickr(tmp_path / "f", n=5)
-    embed.run("flickr30k", src, tmp_path / "one", {**P, "shard_size": 1}, backbone=bb)
+    run("flickr30k", src, tmp_path / "one", bb, replace(S, shard_size=1))
     params = tmp_path / "params.yaml"
-    params.write_text(f"embed:\n  model: {clip_dir}\n  num_workers: 0\n  shard_size: 1\n")
-    cmd = [sys.executable, "-m", "pipeline", "embed", "--dataset", "flickr30k", "--input",
-           str(src), "--out", str(tmp_path / "two"), "--params", str(params)]  # fmt: skip
+    params.write_text("embed:\n  num_workers: 0\n  shard_size: 1\n")
+    opts = flickr30k_opts(src, clip_dir, tmp_path / "two", params)
+    cmd = [sys.executable, "-m", "pipeline", "embed", *cli_args(opts)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     procs = [
         subprocess.Popen([*cmd, "--shard", "0/2"], env=env),
@@ -630,28 +627,30 @@ def test_two_concurrent_processes(tmp_path, clip_dir, bb):
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
 
 
-def test_bad_params_are_one_line_errors(tmp_path, clip_dir, bb):
-    from pipeline.cli import app
-
-    src = make_flickr(tmp_path / "f", n=2)
-    for key, value in [
-        ("batch_size", "abc"),
-        ("batch_size", 0),
-        ("text_batch_size", -1),
-        ("shard_size", 1.5),
-        ("num_workers", -1),
-        ("num_workers", "two"),
-        ("val_fraction", "lots"),
-        ("test_fraction", 1.5),
-        ("dtype", "int8"),
+def test_bad_params_are_one_line_errors(tmp_path, clip_dir):
+    for section, key, value in [
+        ("embed", "batch_size", "abc"),
+        ("embed", "batch_size", 0),
+        ("embed", "text_batch_size", -1),
+        ("embed", "shard_size", 1.5),
+        ("embed", "num_workers", -1),
+        ("embed", "num_workers", "two"),
+        ("split", "val_fraction", "lots"),
+        ("split", "test_fraction", 1.5),
+        ("embed", "dtype", "int8"),
+        ("embed", "threads", -1),
+        ("embed", "device", "gpu"),
+        ("embed", "torch_threads", 2),  # renamed to `threads`: an unknown key now
     ]:
-        with pytest.raises(UserError, match=key):
-            embed.run("flickr30k", src, tmp_path / "o", {**P, key: value}, backbone=bb)
-    p = embed.check_params({"val_fraction": "1e-3", "test_fraction": "2E-2", "batch_size": "8"})
-    assert (p["val_fraction"], p["test_fraction"], p["batch_size"]) == (0.001, 0.02, 8)
+        cls = Settings if section == "embed" else Split
+        with pytest.raises(UserError, match=f"{section}.{key}"):
+            load(cls, {section: {key: value}})
+    split = load(Split, {"split": {"val_fraction": "1e-3", "test_fraction": "2E-2"}})
+    assert (split.val_fraction, split.test_fraction) == (0.001, 0.02)
+    assert load(Settings, {"embed": {"batch_size": "8", "device": "cuda:1"}}).batch_size == 8
+    # through the CLI: one line, exit 2, before any input is looked at (--input is absent)
     params = tmp_path / "params.yaml"
-    params.write_text(f"embed:\n  model: {clip_dir}\n  batch_size: abc\n")
-    args = ["embed", "--dataset", "flickr30k", "--input", str(src), "--out", str(tmp_path / "o")]
-    res = CliRunner().invoke(app, [*args, "--params", str(params)])
+    params.write_text("embed:\n  batch_size: abc\n")
+    res = invoke(flickr30k_opts(tmp_path / "none", clip_dir, tmp_path / "o", params))
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "embed.batch_size" in res.output and len(res.output.strip().splitlines()) == 1

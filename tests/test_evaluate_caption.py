@@ -11,8 +11,15 @@ import pytest
 from tiny_clip import make_tiny_clip
 from typer.testing import CliRunner
 
-from pipeline.embfile import vector_array, write_table
-from pipeline.evaluate_caption import ids_to_text, run
+from pipeline.caption.decode import ids_to_text
+from pipeline.caption.evaluation import (
+    load_image_captions,
+    nearest_neighbour_captions,
+    score,
+    write_predictions,
+)
+from pipeline.cli import app
+from pipeline.embedding.files import read_dataset, vector_array, write_table
 from pipeline.metrics import cider_d, corpus_bleu_1to4, tokenize
 
 DIM = 8
@@ -45,7 +52,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_embeddings(folder: Path, clip: Path) -> dict:
+def make_embeddings(folder: Path, clip: Path, revision: str | None = None) -> dict:
     """Two shards; test image i lies next to train image 2*i (its nearest neighbour)."""
     rng = np.random.default_rng(0)
     train_emb = _unit(rng.normal(size=(N_TRAIN, DIM)))
@@ -76,95 +83,57 @@ def make_embeddings(folder: Path, clip: Path) -> dict:
             }
         )
         write_table(folder / f"part-{s:05d}.arrow", table)
-    (folder / "manifest.json").write_text(json.dumps({"model": str(clip), "dim": DIM}))
+    manifest = {"model": str(clip), "dim": DIM}
+    if revision:
+        manifest["revision"] = revision
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     return {"train_emb": train_emb, "test_emb": test_emb}
-
-
-def fake_captioner(calls: list):
-    """'ada' answers each image's first reference, 'noada' always the same sentence."""
-
-    def captioner(folder, emb, tokenizer, beam_size, max_len, batch_size, label):
-        calls.append((Path(folder).name, emb.copy(), beam_size, max_len))
-        if label == "ada":
-            return [_test_captions(i)[0] for i in range(len(emb))]
-        return ["a photo of a thing"] * len(emb)
-
-    return captioner
-
-
-def _model_folders(root: Path, variants=("noada", "ada")) -> Path:
-    for v in variants:
-        (root / v).mkdir(parents=True)
-        (root / v / "config.json").write_text("{}")
-    return root
 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_run_with_fake_captioner(tmp_path, clip_folder):
+def test_test_images_baseline_and_scores(tmp_path, clip_folder):
     embs = make_embeddings(tmp_path / "emb", clip_folder)
-    models = _model_folders(tmp_path / "models")
-    calls: list = []
-    params = {"beam_size": 2, "max_len": 12, "variants": ["noada", "ada"]}
-    report = run(
-        tmp_path / "emb",
-        models,
-        tmp_path / "m.json",
-        tmp_path / "eval",
-        params,
-        captioner=fake_captioner(calls),
-    )
+    table = read_dataset(tmp_path / "emb")
+    test = load_image_captions(table, "test")
+    train = load_image_captions(table, "train")
 
-    # the captioner saw the test images' embeddings (first row of each, file order)
-    assert [c[0] for c in calls] == ["noada", "ada"]
+    # one entry per test image (file order), the embedding of its first row, all captions
+    assert test.image_ids == [f"te{i}" for i in range(N_TEST)] and len(train) == N_TRAIN
     expected_emb = embs["test_emb"].astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(calls[1][1], expected_emb)
-    assert calls[0][2:] == (2, 12)
+    np.testing.assert_array_equal(test.emb, expected_emb)
+    assert test.captions == [_test_captions(i) for i in range(N_TEST)]
 
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"noada", "ada", "nn_baseline", "settings"}
     refs = [[tokenize(c) for c in _test_captions(i)] for i in range(N_TEST)]
-    # 'ada' predicts one of the references: BLEU-1..4 exactly 1
-    assert {k: metrics["ada"][k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")} == {
+    # a system that predicts one of the references: BLEU-1..4 exactly 1
+    ada = score([_test_captions(i)[0] for i in range(N_TEST)], test.captions)
+    assert {k: ada[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")} == {
         "bleu1": 1.0,
         "bleu2": 1.0,
         "bleu3": 1.0,
         "bleu4": 1.0,
     }
-    assert metrics["ada"]["cider"] == pytest.approx(
-        cider_d(refs, [r[0] for r in refs])[0], abs=1e-6
-    )
-    assert metrics["noada"]["n_distinct"] == 1 and metrics["ada"]["n_distinct"] == N_TEST
+    assert ada["cider"] == pytest.approx(cider_d(refs, [r[0] for r in refs])[0], abs=1e-6)
+    assert ada["n_distinct"] == N_TEST
+    assert score(["a photo of a thing"] * N_TEST, test.captions)["n_distinct"] == 1
 
     # the baseline answers the first caption of train image 2*i
+    preds, neighbours = nearest_neighbour_captions(train, test)
+    write_predictions(tmp_path / "eval" / "caption_nn_baseline.jsonl", test, preds, neighbours)
     base = _jsonl(tmp_path / "eval" / "caption_nn_baseline.jsonl")
     assert [r["image_id"] for r in base] == [f"te{i}" for i in range(N_TEST)]
     assert [r["neighbour_id"] for r in base] == [f"tr{2 * i}" for i in range(N_TEST)]
-    preds = [_train_captions(2 * i)[0] for i in range(N_TEST)]
-    assert [r["prediction"] for r in base] == preds
+    want_preds = [_train_captions(2 * i)[0] for i in range(N_TEST)]
+    assert [r["prediction"] for r in base] == want_preds
     assert [r["references"] for r in base] == [_test_captions(i) for i in range(N_TEST)]
-    hyps = [tokenize(p) for p in preds]
-    want = corpus_bleu_1to4(refs, hyps)
-    for k, v in want.items():
-        assert metrics["nn_baseline"][k] == pytest.approx(v, abs=1e-6)
-    assert metrics["nn_baseline"]["cider"] == pytest.approx(cider_d(refs, hyps)[0], abs=1e-6)
-    assert metrics["nn_baseline"]["bleu1"] > 0.0
-
-    s = metrics["settings"]
-    assert (s["n_images"], s["n_references"], s["split"]) == (N_TEST, 4 * N_TEST, "test")
-    assert (s["beam_size"], s["max_len"], s["baseline_n_images"]) == (2, 12, N_TRAIN)
-    assert (s["bleu_ref_length"], s["smoothing"]) == ("closest", "none")
-    assert (s["paper_bleu_noada"], s["paper_bleu_ada"]) == (0.2805, 0.4116)
-    assert (
-        _jsonl(tmp_path / "eval" / "caption_noada.jsonl")[0]["prediction"] == "a photo of a thing"
-    )
-    assert report.read == 4 * N_TEST and report.written == N_TEST
-    saved = json.loads((tmp_path / "eval" / "caption_report.json").read_text())
-    assert saved["written"] == N_TEST and saved["skipped_total"] == 0
-    assert "closest" in saved["method"]["bleu_ref_length"]
-    assert saved["method"]["clip_model"] == str(clip_folder)
+    nn = score(preds, test.captions)
+    hyps = [tokenize(p) for p in want_preds]
+    for k, v in corpus_bleu_1to4(refs, hyps).items():
+        assert nn[k] == pytest.approx(v, abs=1e-6)
+    assert nn["cider"] == pytest.approx(cider_d(refs, hyps)[0], abs=1e-6)
+    assert nn["bleu1"] > 0.0
 
 
 def test_ids_to_text_cuts_at_eos(clip_folder):
@@ -180,118 +149,149 @@ def test_ids_to_text_cuts_at_eos(clip_folder):
     assert ids_to_text(tok, [tok.eos_token_id]) == ""
 
 
-def _write_params(path: Path, emb: Path, models: Path, out: Path, pred: Path, **extra) -> Path:
+def _write_params(path: Path, **extra) -> Path:
     import yaml
 
-    section = {
-        "emb": str(emb),
-        "models": str(models),
-        "out": str(out),
-        "pred_dir": str(pred),
-        "beam_size": 2,
-        "max_len": 8,
-        "batch_size": 4,
-        **extra,
-    }
+    section = {"beam_size": 2, "max_len": 8, "batch_size": 4, **extra}
     path.write_text(yaml.safe_dump({"seed": 0, "evaluate_caption": section}))
     return path
 
 
-def test_cli_user_errors(tmp_path, clip_folder):
-    from pipeline.cli import app
+def invoke(root: Path, clip: Path, *args: str, out: str = "", models=("noada", "ada")):
+    """`clipda evaluate-caption` on root/emb and root/models/<name>; outputs named by `out`."""
+    cmd = ["evaluate-caption", "--emb", str(root / "emb"), "--clip", str(clip)]
+    for name in models:
+        cmd += ["--model", str(root / "models" / name)]
+    cmd += ["--metrics", str(root / f"m{out}.json"), "--detail", str(root / f"d{out}.json")]
+    cmd += ["--predictions", str(root / f"eval{out}"), *args]
+    return CliRunner().invoke(app, cmd)
 
+
+def one_line(res, fragment: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert fragment in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_cli_user_errors(tmp_path, clip_folder):
     make_embeddings(tmp_path / "emb", clip_folder)
-    params = _write_params(
-        tmp_path / "params.yaml",
-        tmp_path / "emb",
-        tmp_path / "models",
-        tmp_path / "m.json",
-        tmp_path / "eval",
+    params = str(_write_params(tmp_path / "params.yaml"))
+    one_line(invoke(tmp_path, clip_folder, "--params", params), "caption model 'noada' not found")
+    for v in ("noada", "ada"):
+        (tmp_path / "models" / v).mkdir(parents=True)
+        (tmp_path / "models" / v / "config.json").write_text("{}")
+    res = CliRunner().invoke(
+        app,
+        ["evaluate-caption", "--emb", str(tmp_path / "nope"), "--clip", str(clip_folder),
+         "--model", str(tmp_path / "models" / "ada"), "--metrics", str(tmp_path / "m.json"),
+         "--detail", str(tmp_path / "d.json"), "--predictions", str(tmp_path / "eval"),
+         "--params", params],
+    )  # fmt: skip
+    one_line(res, "embeddings folder not found")
+    bad = _write_params(tmp_path / "bad.yaml", beam_size=0)
+    one_line(
+        invoke(tmp_path, clip_folder, "--params", str(bad)),
+        "params evaluate_caption.beam_size: must be >= 1",
     )
-    runner = CliRunner()
-    res = runner.invoke(app, ["evaluate-caption", "--params", str(params)])
-    assert res.exit_code == 2
-    assert "caption model 'noada' not found" in res.output
-    assert len(res.output.strip().splitlines()) == 1
-    res = runner.invoke(
-        app, ["evaluate-caption", "--params", str(params), "--emb", str(tmp_path / "nope")]
+    typo = _write_params(tmp_path / "typo.yaml", beam=3)
+    one_line(
+        invoke(tmp_path, clip_folder, "--params", str(typo)),
+        "params evaluate_caption.beam: unknown key",
     )
-    assert res.exit_code == 2 and "embeddings folder not found" in res.output
-    bad = _write_params(
-        tmp_path / "bad.yaml",
-        tmp_path / "emb",
-        tmp_path / "models",
-        tmp_path / "m.json",
-        tmp_path / "eval",
-        beam_size=0,
+    (tmp_path / "models" / "nn").mkdir()
+    one_line(
+        invoke(tmp_path, clip_folder, "--params", params, models=("ada", "nn")),
+        "model folder name 'nn' is reserved",
     )
-    res = runner.invoke(app, ["evaluate-caption", "--params", str(bad)])
-    assert res.exit_code == 2 and "beam_size must be a positive integer" in res.output
-    typo = _write_params(
-        tmp_path / "typo.yaml",
-        tmp_path / "emb",
-        tmp_path / "models",
-        tmp_path / "m.json",
-        tmp_path / "eval",
-        beam=3,
-    )
-    res = runner.invoke(app, ["evaluate-caption", "--params", str(typo)])
-    assert res.exit_code == 2 and "unknown evaluate_caption params: ['beam']" in res.output
     assert not (tmp_path / "m.json").exists()
+
+
+def test_cli_rejects_a_clip_the_embeddings_were_not_made_with(tmp_path, clip_folder):
+    from pipeline.clip.backbone import weights_sha256
+
+    params = str(_write_params(tmp_path / "params.yaml"))
+    make_embeddings(tmp_path / "emb", clip_folder, revision="sha256:" + "0" * 64)
+    one_line(invoke(tmp_path, clip_folder, "--params", params), "is not the one the embeddings")
+    one_line(invoke(tmp_path, "openai/clip-vit-base-patch32", "--params", params),
+             "is not the one the embeddings")  # fmt: skip
+    # the right weights pass the check (and fail later, on the missing models)
+    manifest = tmp_path / "emb" / "manifest.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "revision": weights_sha256(clip_folder)}))
+    one_line(invoke(tmp_path, clip_folder, "--params", params), "caption model 'noada' not found")
 
 
 def _save_tiny_decoder(folder: Path, clip: Path, seed: int) -> None:
     import torch
 
-    from pipeline.nn.caption_decoder import CaptionDecoder, save_caption_model
+    from pipeline.nn.caption_decoder import CaptionDecoder, DecoderConfig, save_caption_model
 
     text_cfg = json.loads((clip / "config.json").read_text())["text_config"]
     torch.manual_seed(seed)
     table = torch.randn(text_cfg["vocab_size"], text_cfg["hidden_size"])
-    cfg = {
-        "image_dim": DIM,
-        "vocab_size": table.shape[0],
-        "token_width": table.shape[1],
-        "width": 16,
-        "layers": 1,
-        "heads": 2,
-        "prefix_len": 2,
-        "max_len": 10,
-        "dropout": 0.0,
-        "bos_token_id": 2,
-        "eos_token_id": 3,
-        "pad_token_id": 0,
-    }
+    cfg = DecoderConfig(
+        image_dim=DIM,
+        vocab_size=table.shape[0],
+        token_width=table.shape[1],
+        width=16,
+        layers=1,
+        heads=2,
+        prefix_len=2,
+        max_len=10,
+        dropout=0.0,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     save_caption_model(CaptionDecoder(cfg, table), folder)
 
 
 def test_end_to_end_with_saved_decoders(tmp_path, clip_folder):
-    pytest.importorskip("pipeline.decode")
-    from pipeline.cli import app
+    import torch
+    from transformers import AutoTokenizer
 
-    make_embeddings(tmp_path / "emb", clip_folder)
+    from pipeline.caption.decode import caption_embeddings, load_caption_model
+
+    embs = make_embeddings(tmp_path / "emb", clip_folder)
     for seed, variant in enumerate(("noada", "ada")):
         _save_tiny_decoder(tmp_path / "models" / variant, clip_folder, seed)
-    outs = []
+    params = str(_write_params(tmp_path / "params.yaml"))
+    details = []
     for k in range(2):  # twice: CPU runs are bit-reproducible
-        params = _write_params(
-            tmp_path / f"p{k}.yaml",
-            tmp_path / "emb",
-            tmp_path / "models",
-            tmp_path / f"m{k}.json",
-            tmp_path / f"eval{k}",
-        )
-        res = CliRunner().invoke(app, ["evaluate-caption", "--params", str(params)])
+        res = invoke(tmp_path, clip_folder, "--params", params, out=str(k))
         assert res.exit_code == 0, res.output
-        assert "noada: bleu4=" in res.output and "nn_baseline: bleu4=" in res.output
-        outs.append(json.loads((tmp_path / f"m{k}.json").read_text()))
-    assert outs[0] == outs[1]
-    for variant in ("noada", "ada", "nn_baseline"):
-        assert set(outs[0][variant]) >= {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
-        rows = _jsonl(tmp_path / "eval0" / f"caption_{variant}.jsonl")
+        assert "noada: bleu4=" in res.output and "nn: bleu4=" in res.output
+        details.append(json.loads((tmp_path / f"d{k}.json").read_text()))
+        headline = json.loads((tmp_path / f"m{k}.json").read_text())
+        assert list(headline) == ["noada", "ada", "nn"]  # the --model order, then the baseline
+        # the metrics file: headline numbers only, the same as in the detail file
+        assert headline == {
+            system: {"bleu4": details[k][system]["bleu4"], "cider": details[k][system]["cider"]}
+            for system in ("noada", "ada", "nn")
+        }
+    assert details[0] == details[1]
+    detail = details[0]
+    for system, file in (("noada", "noada"), ("ada", "ada"), ("nn", "nn_baseline")):
+        assert set(detail[system]) >= {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
+        rows = _jsonl(tmp_path / "eval0" / f"caption_{file}.jsonl")
         assert len(rows) == N_TEST
         assert all(isinstance(r["prediction"], str) for r in rows)
         assert all(len(r["references"]) == 4 for r in rows)
     # random decoders write at most max_len - 1 (= 7) tokens after BOS
     rows = _jsonl(tmp_path / "eval0" / "caption_ada.jsonl")
     assert all(len(r["prediction"].split()) <= 7 for r in rows)
+    # each model captioned the test images' embeddings (first row of each) with the settings
+    test_emb = torch.from_numpy(embs["test_emb"].astype(np.float16).astype(np.float32))
+    tok = AutoTokenizer.from_pretrained(str(clip_folder))
+    model = load_caption_model(tmp_path / "models" / "ada")
+    assert [r["prediction"] for r in rows] == caption_embeddings(model, test_emb, tok, 2, 8)
+
+    s = detail["settings"]
+    assert (s["n_images"], s["n_references"], s["split"]) == (N_TEST, 4 * N_TEST, "test")
+    assert (s["beam_size"], s["max_len"], s["baseline_n_images"]) == (2, 8, N_TRAIN)
+    assert (s["bleu_ref_length"], s["smoothing"]) == ("closest", "none")
+    assert (s["paper_bleu_noada"], s["paper_bleu_ada"]) == (0.2805, 0.4116)
+    assert "closest" in detail["method"]["bleu_ref_length"]
+    assert detail["method"]["clip_model"] == str(clip_folder)
+    saved = json.loads((tmp_path / "eval0" / "caption_report.json").read_text())
+    assert (saved["read"], saved["written"]) == (4 * N_TEST, N_TEST)
+    assert saved["skipped_total"] == 0

@@ -16,6 +16,9 @@ from PIL import Image
 from pipeline.errors import UserError
 from pipeline.formats import flickr30k, laion
 from pipeline.report import Report
+from pipeline.settings import Split
+
+SPLIT = Split()  # the shared hash-split fractions
 
 
 def _jpeg(color=(200, 30, 30), size=(40, 30)) -> bytes:
@@ -58,7 +61,7 @@ CSV = (
 
 
 def test_results_csv_rows_separators_and_skips(tmp_path):
-    listing = flickr30k.list_flickr30k(_flickr(tmp_path, csv=CSV))
+    listing = flickr30k.list_flickr30k(_flickr(tmp_path, csv=CSV), SPLIT)
     assert [(i.id, i.captions) for i in listing.items] == [
         (
             "1",
@@ -99,7 +102,7 @@ def test_token_file_and_karpathy_splits(tmp_path):
         ],
         "dataset": "flickr30k",
     }
-    listing = flickr30k.list_flickr30k(_flickr(tmp_path, token=token, karpathy=karpathy))
+    listing = flickr30k.list_flickr30k(_flickr(tmp_path, token=token, karpathy=karpathy), SPLIT)
     assert [(i.id, i.split, i.captions) for i in listing.items] == [
         ("1", "test", (("1#0", "A red circle ."),)),
         ("2", "train", (("2#0", "Two dogs ."),)),
@@ -124,7 +127,7 @@ def test_karpathy_only_and_missing_split(tmp_path):
             {"filename": "2.jpg", "split": "train", "sentences": [{"tokens": ["a", "dog"]}]},
         ]
     }
-    listing = flickr30k.list_flickr30k(_flickr(tmp_path, karpathy=karpathy))
+    listing = flickr30k.list_flickr30k(_flickr(tmp_path, karpathy=karpathy), SPLIT)
     assert [(i.id, i.split, i.captions) for i in listing.items] == [
         ("1", "val", (("1#0", "one ."), ("1#1", "two ."))),
         ("2", "train", (("2#0", "a dog"),)),
@@ -132,22 +135,38 @@ def test_karpathy_only_and_missing_split(tmp_path):
     assert listing.report.read == 3
     # a csv row for an image outside the Karpathy file gets a hash split, noted
     (tmp_path / "results.csv").write_text("3.jpg| 0| x .\n")
-    listing = flickr30k.list_flickr30k(tmp_path)
-    assert listing.items[0].split == flickr30k.hash_split("3.jpg")
+    listing = flickr30k.list_flickr30k(tmp_path, SPLIT)
+    assert listing.items[0].split == flickr30k.hash_split(
+        "3.jpg", SPLIT.val_fraction, SPLIT.test_fraction
+    )
     assert listing.report.noted == {"not_in_karpathy_split": 1}
 
 
 def test_flickr_errors(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        flickr30k.list_flickr30k(tmp_path / "nope")
+        flickr30k.list_flickr30k(tmp_path / "nope", SPLIT)
     with pytest.raises(UserError, match="no results.csv"):
-        flickr30k.list_flickr30k(_flickr(tmp_path))
+        flickr30k.list_flickr30k(_flickr(tmp_path), SPLIT)
 
 
 def test_hash_split_is_stable():
-    splits = [flickr30k.hash_split(f"{i}.jpg") for i in range(2000)]
-    assert splits == [flickr30k.hash_split(f"{i}.jpg") for i in range(2000)]
+    splits = [flickr30k.hash_split(f"{i}.jpg", 0.05, 0.05) for i in range(2000)]
+    assert splits == [flickr30k.hash_split(f"{i}.jpg", 0.05, 0.05) for i in range(2000)]
     assert 0.85 < splits.count("train") / 2000 < 0.95
+
+
+def test_hash_split_follows_the_split_settings(tmp_path):
+    """Without dataset_flickr30k.json the shared `split` fractions decide (one definition)."""
+    images = [f"{i}.jpg" for i in range(60)]
+    csv = "".join(f"{name}| 0| a dog .\n" for name in images)
+    root = _flickr(tmp_path, csv=csv, images=images)
+    seen = {}
+    for split in (Split(), Split(val_fraction=0.3, test_fraction=0.4), Split(0.0, 0.0)):
+        got = [i.split for i in flickr30k.list_flickr30k(root, split).items]
+        want = [flickr30k.hash_split(n, split.val_fraction, split.test_fraction) for n in images]
+        assert got == want
+        seen[split] = set(got)
+    assert seen[Split()] == {"train", "val", "test"} and seen[Split(0.0, 0.0)] == {"train"}
 
 
 # --------------------------------------------------------------------------- LAION

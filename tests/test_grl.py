@@ -6,13 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.nn.discriminator import (
-    DomainDiscriminator,
-    bce_and_accuracy,
-    confusion_loss,
-    domain_adversarial_loss,
-    domain_logits,
-)
+from pipeline.nn.discriminator import DomainDiscriminator, domain_adversarial_loss
 from pipeline.nn.grl import GradientReversal, grad_reverse, warm_start_coeff
 
 
@@ -81,13 +75,13 @@ def test_adversarial_loss_value_accuracy_and_reversed_feature_gradient():
     disc = _fixed_discriminator()
     src = torch.tensor([[1.0, 0.5], [0.2, 0.1]], requires_grad=True)  # logits 3.0, 0.6
     tgt = torch.tensor([[0.1, 0.2], [3.0, 0.5]], requires_grad=True)  # logits 0.6, 7.0
-    loss, acc = domain_adversarial_loss(disc, src, tgt, coeff=0.5)
+    out = domain_adversarial_loss(disc, src, tgt, coeff=0.5)
     logits = torch.tensor([3.0, 0.6, 0.6, 7.0])
     labels = torch.tensor([1.0, 1.0, 0.0, 0.0])
     expected = F.binary_cross_entropy_with_logits(logits, labels)
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    assert acc.item() == 0.5  # source logits > 0: right; target logits > 0: wrong
-    loss.backward()
+    assert out.loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert out.accuracy.item() == 0.5  # source logits > 0: right; target logits > 0: wrong
+    out.loss.backward()
     # plain gradient of the BCE wrt each feature row: dL/dlogit * 2 (both features)
     dlogit = (torch.sigmoid(logits) - labels) / 4
     torch.testing.assert_close(src.grad, -0.5 * (2 * dlogit[:2, None]).expand(2, 2))
@@ -101,8 +95,7 @@ def test_zero_coeff_gives_features_exact_zero_gradient_but_trains_discriminator(
     disc = DomainDiscriminator(8, hidden=16)
     src = torch.randn(5, 8, requires_grad=True)
     tgt = torch.randn(3, 8, requires_grad=True)
-    loss, _ = domain_adversarial_loss(disc, src, tgt, coeff=0.0)
-    loss.backward()
+    domain_adversarial_loss(disc, src, tgt, coeff=0.0).loss.backward()
     assert torch.count_nonzero(src.grad) == 0 and torch.count_nonzero(tgt.grad) == 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
 
@@ -110,13 +103,12 @@ def test_zero_coeff_gives_features_exact_zero_gradient_but_trains_discriminator(
 def test_confusion_loss_is_bce_with_swapped_labels():
     disc = _fixed_discriminator()
     src, tgt = torch.tensor([[1.0, 0.5]]), torch.tensor([[0.5, 0.0]])
-    logits, labels = domain_logits(disc, src, tgt, 1.0)
-    assert labels.tolist() == [1.0, 0.0] and logits.tolist() == [3.0, 1.0]
-    conf = confusion_loss(logits, labels)
+    out = domain_adversarial_loss(disc, src, tgt, 1.0)
+    assert out.labels.tolist() == [1.0, 0.0] and out.logits.tolist() == [3.0, 1.0]
     expected = (math.log1p(math.exp(3.0)) + math.log1p(math.exp(-1.0))) / 2
-    assert conf.item() == pytest.approx(expected, abs=1e-6)
-    loss, acc = bce_and_accuracy(logits, labels)
-    assert acc.item() == 0.5
-    assert loss.item() == pytest.approx(
+    assert out.confusion.item() == pytest.approx(expected, abs=1e-6)
+    assert not out.confusion.requires_grad  # reported, not optimised
+    assert out.accuracy.item() == 0.5
+    assert out.loss.item() == pytest.approx(
         (math.log1p(math.exp(-3.0)) + math.log1p(math.exp(1.0))) / 2, abs=1e-6
     )

@@ -19,9 +19,33 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.errors import UserError
 from pipeline.formats import vg
-from pipeline.prepare_vqa import SCHEMA, SPLITS, build_vocab, check_params, run, split_of
+from pipeline.formats.vg_qa import SCHEMA, SPLITS, build_vocab, split_of
+from pipeline.stages.prepare_vqa import main
 
+# settings as flat keys; `write_params` puts each in its section
 ALL_TRAIN = {"val_fraction": 0.0, "test_fraction": 0.0, "max_objects_per_image": 2}
+SECTION_OF = {"val_fraction": "split", "test_fraction": "split", "top_k": "answers",
+              "min_count": "answers"}  # fmt: skip
+
+
+def write_params(path: Path, settings: dict) -> Path:
+    """A params file: `seed` at the top level, the split and answers keys in their shared
+    sections, the rest under `prepare_vqa`."""
+    data: dict = {}
+    for key, value in settings.items():
+        if key == "seed":
+            data["seed"] = value
+        else:
+            data.setdefault(SECTION_OF.get(key, "prepare_vqa"), {})[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(vg_dir: Path, out: Path, settings: dict) -> dict:
+    """The stage end to end with `settings` (flat keys); its report.json."""
+    params = write_params(out.parent / f"{out.name}.params.yaml", settings)
+    main(vg_dir, out, params)
+    return json.loads((out / "report.json").read_text())
 
 
 def ent(oid, x=0, y=0, w=10, h=10, name=None, names=None, synsets=True):
@@ -154,10 +178,8 @@ def rows(out: Path, split: str = "train") -> list[dict]:
 
 
 def test_relationship_counts_add_up(vg_dir, tmp_path):
-    rep = run(vg_dir, tmp_path / "qa", ALL_TRAIN)
-    assert (rep.read, rep.written) == (20, 9)
-    assert dict(rep.skipped) == EXPECTED_SKIPPED
-    saved = json.loads((tmp_path / "qa" / "report.json").read_text())
+    saved = run(vg_dir, tmp_path / "qa", ALL_TRAIN)
+    assert (saved["read"], saved["written"]) == (20, 9)
     assert saved["read"] == saved["written"] + saved["skipped_total"] == 20
     assert saved["skipped"] == EXPECTED_SKIPPED
     assert saved["ids"]["skipped:duplicate_triple"] == ["1/r6"]
@@ -209,7 +231,7 @@ def test_image_ids_paths_and_sizes(vg_dir, tmp_path):
         3: (None, 100, 50),  # no file
         4: ("VG_100K/4.jpg", 10, 10),
     }
-    images = rep.extra["images"]
+    images = rep["images"]
     assert images["in_image_data"] == 4
     assert images["files_found"] == 4  # 1, 2, 4, 7 (readme.txt ignored)
     assert images["files_per_folder"] == {"VG_100K": 3, "VG_100K_2": 1}
@@ -228,7 +250,7 @@ def test_object_questions_capped_largest_first(vg_dir, tmp_path):
         assert r["question"] == "What is this?"
         assert r["subject"] == r["answer"] and r["object"] is None
         assert r["obj_box"] is None and r["union_box"] is None
-    objects = rep.extra["objects"]
+    objects = rep["objects"]
     assert (objects["read"], objects["written"]) == (9, 3)
     assert objects["skipped"] == {"bad_box": 1, "duplicate_object": 1, "image_not_in_image_data": 1,
                                   "malformed": 1, "no_name": 1, "over_image_cap": 1}  # fmt: skip
@@ -237,17 +259,17 @@ def test_object_questions_capped_largest_first(vg_dir, tmp_path):
 
 def test_object_cap_variants(vg_dir, tmp_path):
     uncapped = run(vg_dir, tmp_path / "a", {**ALL_TRAIN, "max_objects_per_image": None})
-    assert uncapped.extra["objects"]["written"] == 4  # sky, man, tree + dog
+    assert uncapped["objects"]["written"] == 4  # sky, man, tree + dog
     none = run(vg_dir, tmp_path / "b", {**ALL_TRAIN, "max_objects_per_image": 0})
-    assert none.extra["objects"]["read"] == 0
+    assert none["objects"]["read"] == 0
     assert {r["qtype"] for r in rows(tmp_path / "b")} == {"relation"}
-    assert none.written == 9
+    assert none["written"] == 9
 
 
 def test_dedupe_off_keeps_duplicate_triples(vg_dir, tmp_path):
     rep = run(vg_dir, tmp_path / "qa", {**ALL_TRAIN, "dedupe_triples": False})
-    assert (rep.read, rep.written) == (20, 10)
-    assert "duplicate_triple" not in rep.skipped
+    assert (rep["read"], rep["written"]) == (20, 10)
+    assert "duplicate_triple" not in rep["skipped"]
     assert "1/r6" in {r["qid"] for r in rows(tmp_path / "qa")}
 
 
@@ -289,13 +311,13 @@ def test_splits_by_image_are_disjoint_and_deterministic(vg_dir, tmp_path):
             assert r["split"] == s == split_of(r["image_id"], 3, 0.5, 0.25)
             assert seen.setdefault(r["image_id"], s) == s
         total += table.num_rows
-        counts = rep.extra["splits"][s]
+        counts = rep["splits"][s]
         assert counts["rows"] == table.num_rows == counts["relation"] + counts["object"]
         assert counts["images"] == len({r["image_id"] for r in table.to_pylist()})
     assert total == 12
     # the vocabulary counts train rows only
     answers = json.loads((tmp_path / "a" / "answers.json").read_text())["answers"]
-    assert sum(a["count"] for a in answers) == rep.extra["splits"]["train"]["rows"]
+    assert sum(a["count"] for a in answers) == rep["splits"]["train"]["rows"]
 
 
 def test_split_of_fractions():
@@ -352,17 +374,22 @@ def test_missing_inputs_are_user_errors(vg_dir, tmp_path):
     with pytest.raises(UserError, match="objects.json not found"):
         run(vg_dir, tmp_path / "qa", {})
     rep = run(vg_dir, tmp_path / "qa", {**ALL_TRAIN, "max_objects_per_image": 0})
-    assert rep.written == 9  # objects.json is not needed without object questions
+    assert rep["written"] == 9  # objects.json is not needed without object questions
 
 
-@pytest.mark.parametrize("bad", [
-    {"val_fraction": 0.7, "test_fraction": 0.5}, {"val_fraction": -0.1}, {"top_k": 0},
-    {"min_count": 1.5}, {"max_objects_per_image": -1}, {"dedupe_triples": "yes"},
-    {"row_group_size": 0},
+@pytest.mark.parametrize("bad, key", [
+    ({"val_fraction": 0.7, "test_fraction": 0.5}, "split.test_fraction"),
+    ({"val_fraction": -0.1}, "split.val_fraction"), ({"top_k": 0}, "answers.top_k"),
+    ({"min_count": 1.5}, "answers.min_count"),
+    ({"max_objects_per_image": -1}, "prepare_vqa.max_objects_per_image"),
+    ({"dedupe_triples": "yes"}, "prepare_vqa.dedupe_triples"),
+    ({"row_group_size": 0}, "prepare_vqa.row_group_size"),
+    ({"val_fraction": 0.1, "vg": "data/sample/vg"}, "prepare_vqa.vg"),  # paths are options now
 ])  # fmt: skip
-def test_bad_params(bad):
-    with pytest.raises(UserError, match="prepare_vqa"):
-        check_params(bad)
+def test_bad_params(vg_dir, tmp_path, bad, key):
+    with pytest.raises(UserError, match=f"^params {key}: "):
+        run(vg_dir, tmp_path / "qa", bad)
+    assert not (tmp_path / "qa").exists()  # settings are checked before anything is written
 
 
 def test_format_helpers(tmp_path):
@@ -385,21 +412,22 @@ def test_format_helpers(tmp_path):
 
 
 def test_cli_prepare_vqa(vg_dir, tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"seed": 0, "prepare_vqa": {
-        "vg": str(vg_dir), "out": str(tmp_path / "qa"), **ALL_TRAIN}}))  # fmt: skip
-    res = CliRunner().invoke(app, ["prepare-vqa", "--params", str(params)])
+    params = write_params(tmp_path / "params.yaml", {"seed": 0, **ALL_TRAIN})
+
+    def invoke(*args: str):
+        return CliRunner().invoke(app, ["prepare-vqa", *args, "--params", str(params)])
+
+    res = invoke("--vg", str(vg_dir), "--out", str(tmp_path / "qa"))
     assert res.exit_code == 0, res.output
     assert "prepare_vqa: read 20, wrote 9" in res.output
     assert "objects: read 9, wrote 3; rows train/val/test 12/0/0" in res.output
     assert (tmp_path / "qa" / "train.parquet").exists()
-    res = CliRunner().invoke(app, ["prepare-vqa", "--vg", str(vg_dir), "--out",
-                                   str(tmp_path / "qa2"), "--params", str(params)])  # fmt: skip
-    assert res.exit_code == 0 and (tmp_path / "qa2" / "answers.json").exists()
-    res = CliRunner().invoke(app, ["prepare-vqa", "--vg", str(tmp_path / "nope"),
-                                   "--params", str(params)])  # fmt: skip
+    assert (tmp_path / "qa" / "answers.json").exists()
+    res = invoke("--vg", str(tmp_path / "nope"), "--out", str(tmp_path / "qa2"))
     assert res.exit_code == 2
     assert res.output.strip().startswith("error:") and res.output.strip().count("\n") == 0
+    res = invoke("--vg", str(vg_dir))  # paths are required options: no defaults
+    assert res.exit_code == 2 and not (tmp_path / "qa2").exists()
 
 
 def test_repeated_image_entry_is_skipped_and_counted(vg_dir, tmp_path):
@@ -409,7 +437,7 @@ def test_repeated_image_entry_is_skipped_and_counted(vg_dir, tmp_path):
     base = run(make_vg(tmp_path / "clean"), tmp_path / "qa0", ALL_TRAIN)
     rep = run(vg_dir, tmp_path / "qa", ALL_TRAIN)
     n = len(first["relationships"])
-    assert rep.read == base.read + n and rep.written == base.written
-    assert rep.skipped["duplicate_image_entry"] == n
-    assert rep.read == rep.written + sum(rep.skipped.values())
+    assert rep["read"] == base["read"] + n and rep["written"] == base["written"]
+    assert rep["skipped"]["duplicate_image_entry"] == n
+    assert rep["read"] == rep["written"] + sum(rep["skipped"].values())
     assert rows(tmp_path / "qa") == rows(tmp_path / "qa0")

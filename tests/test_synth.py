@@ -17,6 +17,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.settings import load
+from pipeline.stages.synth import Settings
 from pipeline.synth.scene import PREDICATES, predicate
 from pipeline.synth.world import REL_ALIASES, generate
 
@@ -24,15 +26,19 @@ SMALL = {
     "vg_images": 40,
     "laion_samples": 30,
     "laion_shard_size": 20,
-    "flickr_images": 20,
+    "flickr30k_images": 20,
     "laion_fail_rate": 0.1,
 }
+
+
+def small(seed: int) -> Settings:
+    return Settings(**SMALL, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
-    generate(out, seed=3, params=SMALL)
+    generate(out, small(3))
     return out
 
 
@@ -49,11 +55,11 @@ def test_help_lists_commands():
 
 
 def test_same_seed_gives_identical_bytes(world, tmp_path):
-    generate(tmp_path / "again", seed=3, params=SMALL)
+    generate(tmp_path / "again", small(3))
     first, again = _files(world), _files(tmp_path / "again")
     assert first.keys() == again.keys()
     assert first == again
-    generate(tmp_path / "other", seed=4, params=SMALL)
+    generate(tmp_path / "other", small(4))
     other = _files(tmp_path / "other")
     assert other["flickr30k/results.csv"] != first["flickr30k/results.csv"]
 
@@ -169,12 +175,28 @@ def test_invalid_out_is_one_line_error(tmp_path, kind):
 
 def test_cli_writes_three_datasets(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"synth": SMALL}))
-    res = CliRunner().invoke(
-        app, ["synth", "--out", str(tmp_path / "w"), "--seed", "1", "--params", str(params)]
-    )
+    params.write_text(yaml.safe_dump({"seed": 1, "synth": SMALL}))
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "w"), "--params", str(params)])
     assert res.exit_code == 0, res.output
     assert {p.name for p in (tmp_path / "w").iterdir()} >= {"vg", "laion", "flickr30k"}
+    info = json.loads((tmp_path / "w" / "SAMPLE_WORLD.json").read_text())
+    assert info["seed"] == 1 and info["params"]["flickr30k_images"] == 20
+    assert load(Settings, params) == small(1)
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"flickr_images": 20}, "params synth.flickr_images: unknown key"),
+    ({"image_size": [192]}, "params synth.image_size: expected a list of 2 items"),
+    ({"flickr30k_split": [0.8, 0.1, 0.2]}, "params synth.flickr30k_split: must be"),
+    ({"objects_per_image": [3, 2]}, "params synth.objects_per_image: must be"),
+    ({"laion_shard_size": 0}, "params synth.laion_shard_size: must be >= 1"),
+])  # fmt: skip
+def test_bad_settings_are_one_line_errors(tmp_path, section, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"synth": section}))
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "w"), "--params", str(params)])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {message}"), res.output
+    assert res.output.count("\n") == 1 and not (tmp_path / "w").exists()
 
 
 def test_unwritable_out_is_one_line_error(tmp_path):
@@ -186,6 +208,8 @@ def test_unwritable_out_is_one_line_error(tmp_path):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         target = locked / "out"
-    res = CliRunner().invoke(app, ["synth", "--out", str(target)])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"synth": SMALL}))
+    res = CliRunner().invoke(app, ["synth", "--out", str(target), "--params", str(params)])
     assert res.exit_code == 2
     assert res.output.startswith("error: cannot write to --out") and res.output.count("\n") == 1

@@ -3,7 +3,11 @@ one `error: ...` line and exit code 2 (a `UserError`), never a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -11,15 +15,13 @@ import yaml
 from test_vqa import make_world
 from typer.testing import CliRunner
 
-from pipeline import train_vqa
-from pipeline.caption_data import read_manifest
+from pipeline.caption.data import read_manifest
 from pipeline.cli import app
 from pipeline.errors import UserError
 from pipeline.formats.qa import list_qa
-from pipeline.nn.caption_decoder import make_config
-from pipeline.params import load_params, torch_device, typed
 from pipeline.readers import read_json
-from pipeline.train_caption import merged_params
+from pipeline.settings import load
+from pipeline.training import pick_device
 
 JUNK = b"this is not a parquet, arrow or json file\n"
 
@@ -50,7 +52,7 @@ def world(tmp_path):
 def train_vqa_cli(root: Path, qa: Path, emb: Path, params: Path | None = None, **vqa):
     params = params or write_params(root / "params.yaml", train_vqa={"epochs": 1, **vqa})
     args = ["train-vqa", "--qa", str(qa), "--emb", str(emb), "--out", str(root / "m")]
-    args += ["--plots", str(root / "plots"), "--params", str(params)]
+    args += ["--plots", str(root / "vqa.tsv"), "--params", str(params)]
     return CliRunner().invoke(app, args)
 
 
@@ -85,14 +87,10 @@ def test_broken_manifest_evaluate_caption(tmp_path):
     emb = tmp_path / "emb"
     emb.mkdir()
     (emb / "manifest.json").write_text("{not json")
-    section = {
-        "emb": str(emb),
-        "models": str(tmp_path / "models"),
-        "out": str(tmp_path / "caption.json"),
-        "pred_dir": str(tmp_path / "eval"),
-    }
-    params = write_params(tmp_path / "params.yaml", evaluate_caption=section)
-    res = CliRunner().invoke(app, ["evaluate-caption", "--params", str(params)])
+    args = ["evaluate-caption", "--emb", str(emb), "--clip", str(tmp_path / "clip")]
+    args += ["--model", str(tmp_path / "noada"), "--metrics", str(tmp_path / "caption.json")]
+    args += ["--detail", str(tmp_path / "detail.json"), "--predictions", str(tmp_path / "eval")]
+    res = CliRunner().invoke(app, args)
     one_error(res, "manifest.json", "not valid JSON")
     with pytest.raises(UserError, match="not valid JSON"):
         read_manifest(emb)
@@ -133,78 +131,117 @@ def test_read_json(tmp_path):
 
 
 # ---------------------------------------------------------------- bad params values
+#
+# Every key of every stage's settings, through the stage's own command: an unknown key, a
+# value of the wrong type and a negative number are each one line naming `section.key`.
+# Settings load before any input is touched, so the paths below need not exist.
+
+DUMMY = "does-not-exist"
+STAGE_ARGS = {
+    "synth": ["--out", DUMMY],
+    "clip_bootstrap": ["--laion", DUMMY, "--flickr30k", DUMMY, "--pretrained", "scratch",
+                       "--out", DUMMY, "--metrics", DUMMY, "--detail", DUMMY, "--plots", DUMMY],
+    "prepare_vqa": ["--vg", DUMMY, "--out", DUMMY],
+    "embed": ["--dataset", "vg", "--input", DUMMY, "--images", DUMMY, "--clip", DUMMY,
+              "--out", DUMMY],
+    "train_caption": ["--variant", "noada", "--laion", DUMMY, "--flickr30k", DUMMY,
+                      "--out", DUMMY, "--plots", DUMMY],
+    "evaluate_caption": ["--emb", DUMMY, "--clip", DUMMY, "--model", DUMMY, "--metrics", DUMMY,
+                         "--detail", DUMMY, "--predictions", DUMMY],
+    "train_vqa": ["--qa", DUMMY, "--emb", DUMMY, "--out", DUMMY, "--plots", DUMMY],
+    "evaluate_vqa": ["--qa", DUMMY, "--emb", DUMMY, "--model", DUMMY, "--clip", DUMMY,
+                     "--metrics", DUMMY, "--detail", DUMMY, "--predictions", DUMMY],
+}  # fmt: skip
 
 
-def train_caption_cli(tmp_path: Path, **section):
-    params = write_params(tmp_path / "params.yaml", train_caption=section)
-    args = ["train-caption", "--variant", "noada", "--params", str(params)]
-    args += ["--laion", str(tmp_path / "laion"), "--flickr", str(tmp_path / "flickr")]
-    args += ["--out", str(tmp_path / "m"), "--plots", str(tmp_path / "plots")]
-    return CliRunner().invoke(app, args)
+def _leaf_fields(cls, path=()):
+    """(path of keys, type) of every settings leaf, nested sections included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "seed":
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, (*path, f.name))
+        else:
+            yield (*path, f.name), tp
 
 
-def test_train_caption_lr_not_a_number(tmp_path):
-    res = train_caption_cli(tmp_path, lr="abc")
-    one_error(res, "params train_caption.lr: expected a number, got 'abc'")
+def _wrong_type(tp) -> object:
+    """A value no field of type `tp` accepts."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+    origin = typing.get_origin(base)
+    if origin in (list, tuple, dict):
+        return "abc"
+    if base is str:
+        return [1, 2]
+    return "abc"  # bool, int, float, Literal
 
 
-def test_train_caption_zero_heads_and_batch(tmp_path):
-    res = train_caption_cli(tmp_path, model={"heads": 0})
-    one_error(res, "train_caption.model.heads", "> 0")
-    one_error(train_caption_cli(tmp_path, batch_size=0), "train_caption.batch_size", "> 0")
-    with pytest.raises(UserError, match="heads must be >= 1"):
-        make_config(heads=0)
-
-
-def test_train_vqa_bad_device_and_lr(world):
-    root, qa, emb = world
-    one_error(train_vqa_cli(root, qa, emb, device="gpu"), "unknown device 'gpu'")
-    one_error(
-        train_vqa_cli(root, qa, emb, lr="abc"), "params train_vqa.lr: expected a number, got 'abc'"
+def _numeric(tp) -> bool:
+    args = (
+        typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     )
-    with pytest.raises(UserError, match="unknown device"):
-        torch_device("cuda:x")
+    return any(a in (int, float) for a in args)
 
 
-@pytest.mark.parametrize("template", ["a photo of {answer", "{answer!z}", "a {subject}"])
-def test_evaluate_vqa_bad_template(world, template):
-    root, qa, emb = world
-    params = write_params(root / "params.yaml", evaluate_vqa={"templates": {"relation": template}})
-    args = ["evaluate-vqa", "--qa", str(qa), "--emb", str(emb), "--model", str(root / "m")]
-    args += ["--out", str(root / "vqa.json"), "--predictions", str(root / "vqa.jsonl")]
-    res = CliRunner().invoke(app, [*args, "--params", str(params)])
-    one_error(res, "evaluate_vqa.templates.relation")
+def _cases():
+    for stage in STAGE_ARGS:
+        for cls in importlib.import_module(f"pipeline.stages.{stage}").SETTINGS:
+            yield stage, cls.SECTION, ("not_a_key",), "unknown key", "x"
+            for keys, tp in _leaf_fields(cls):
+                yield stage, cls.SECTION, keys, "expected", _wrong_type(tp)
+                if _numeric(tp):
+                    yield stage, cls.SECTION, keys, "", -1
+
+
+def _nest(keys: tuple, value) -> dict:
+    return {keys[0]: value} if len(keys) == 1 else {keys[0]: _nest(keys[1:], value)}
+
+
+@pytest.mark.parametrize(
+    "stage, section, keys, fragment, value",
+    list(_cases()),
+    ids=lambda v: ".".join(v) if isinstance(v, tuple) else str(v),
+)
+def test_bad_param_is_one_line_naming_the_key(
+    tmp_path, monkeypatch, stage, section, keys, fragment, value
+):
+    monkeypatch.chdir(tmp_path)  # relative dummy paths: nothing may be written anyway
+    params = write_params(tmp_path / "params.yaml", **{section: _nest(keys, value)})
+    args = [stage.replace("_", "-"), *STAGE_ARGS[stage], "--params", str(params)]
+    res = CliRunner().invoke(app, args)
+    one_error(res, f"params {section}.{'.'.join(keys)}: {fragment}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_every_stage_is_covered():
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_ARGS)
 
 
 def test_exponent_string_is_a_float(tmp_path):
+    from pipeline.stages.train_vqa import Settings
+
     params = tmp_path / "params.yaml"
-    params.write_text("train_caption:\n  lr: 1e-3\ntrain_vqa:\n  lr: 1e-3\n")
-    p = load_params("train_caption", params)
-    assert p["lr"] == "1e-3"  # what PyYAML makes of it
-    assert merged_params(p)["lr"] == 0.001
-    assert train_vqa.settings(load_params("train_vqa", params))["lr"] == 0.001
+    params.write_text("train_vqa:\n  lr: 1e-3\n")
+    assert yaml.safe_load(params.read_text())["train_vqa"]["lr"] == "1e-3"  # PyYAML's reading
+    assert load(Settings, params).lr == 0.001
 
 
-def test_typed_casts():
-    defaults = {"n": 3, "x": 0.5, "flag": False, "name": "a", "xs": [1], "opt": None}
-    out = typed(
-        {"n": "4", "x": 2, "flag": "true", "name": "b", "xs": "a,b", "opt": 7, "other": "?"},
-        defaults,
-        "s",
+def test_unknown_device():
+    with pytest.raises(UserError, match="unknown device"):
+        pick_device("cuda:x")
+    with pytest.raises(UserError, match="unknown device"):
+        pick_device("gpu")
+
+
+@pytest.mark.parametrize("template", ["a photo of {answer", "{answer!z}", "a {subject}"])
+def test_evaluate_vqa_bad_template(tmp_path, template):
+    params = write_params(
+        tmp_path / "params.yaml", evaluate_vqa={"templates": {"relation": template}}
     )
-    assert out == {"n": 4, "x": 2.0, "flag": True, "name": "b", "xs": "a,b", "opt": 7, "other": "?"}
-    assert isinstance(out["x"], float)
-    assert typed({"n": 5.0}, defaults, "s")["n"] == 5
-    for key, value, msg in [
-        ("n", "abc", "params s.n: expected an integer, got 'abc'"),
-        ("n", 2.5, "expected an integer"),
-        ("n", True, "expected an integer"),
-        ("x", True, "expected a number"),
-        ("flag", 1, "expected true or false"),
-        ("flag", "yes", "expected true or false"),
-        ("name", 3, "expected a string"),
-    ]:
-        with pytest.raises(UserError, match=msg):
-            typed({key: value}, defaults, "s")
-    with pytest.raises(UserError, match="params s.n: must be > 0, got 0"):
-        typed({"n": 0}, defaults, "s", positive=("n",))
+    args = [a if a != DUMMY else str(tmp_path / "x") for a in STAGE_ARGS["evaluate_vqa"]]
+    res = CliRunner().invoke(app, ["evaluate-vqa", *args, "--params", str(params)])
+    one_error(res, "evaluate_vqa.templates.relation")

@@ -14,27 +14,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tiny_clip import make_tiny_clip
 from typer.testing import CliRunner
 
-from pipeline import evaluate_vqa, train_vqa
 from pipeline.cli import app
-from pipeline.embfile import vector_array, write_table
+from pipeline.embedding.files import vector_array, write_table
 from pipeline.errors import UserError
-from pipeline.evaluate_vqa import FrequencyPrior
 from pipeline.formats import qa_table
+from pipeline.formats.vg_qa import SCHEMA, split_of
 from pipeline.nn.vqa_head import (
     VQAHead,
     VQAHeadConfig,
-    build_head,
     ce_loss,
     cosine_loss,
     load_head,
     save_head,
     vqa_loss,
 )
-from pipeline.prepare_vqa import SCHEMA
+from pipeline.settings import Answers, Split
+from pipeline.stages import evaluate_vqa, train_vqa
+from pipeline.vqa import zeroshot
+from pipeline.vqa.baselines import FrequencyPrior
 
 PREDICATES = ["on", "has", "near", "under"]
 OBJECTS = ["cat", "dog", "tree", "car", "cup"]
@@ -147,7 +149,36 @@ def fake_text_encoder(answers: list[str], a_emb: np.ndarray):
     return encode
 
 
-FAST = {"lr": 1e-2, "epochs": 4, "hidden": [64], "lr_gamma": 0.8, "seed": 0}
+FAST = {"lr": 1e-2, "epochs": 4, "hidden": [64], "lr_gamma": 0.8}
+
+
+def write_params(path: Path, seed: int = 0, **sections) -> Path:
+    path.write_text(yaml.safe_dump({"seed": seed, **sections}))
+    return path
+
+
+def train(qa: Path, emb: Path, out: Path, plots: Path, **settings) -> str:
+    """`train_vqa.main` with `settings` as the params file's `train_vqa:` section."""
+    params = write_params(out.parent / f"{out.name}.params.yaml", train_vqa=settings)
+    return train_vqa.main(qa=qa, emb=emb, out=out, plots=plots, params=params)
+
+
+def evaluate(qa: Path, emb: Path, model: Path, out: Path, clip="fake-clip", cache=None, **settings):
+    """`evaluate_vqa.main` writing out/{vqa.json,detail.json,vqa.jsonl} -> (summary, headline,
+    detail); `settings` is the params file's `evaluate_vqa:` section."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = evaluate_vqa.main(
+        qa=qa, emb=emb, model=model, clip=clip, metrics=out / "vqa.json",
+        detail=out / "detail.json", predictions=out / "vqa.jsonl", prompt_cache=cache,
+        params=write_params(out / "params.yaml", evaluate_vqa=settings),
+    )  # fmt: skip
+    headline, detail = (json.loads((out / n).read_text()) for n in ("vqa.json", "detail.json"))
+    return summary, headline, detail
+
+
+def head(fusion="concat", hidden=(512,), dropout=0.1, dim=DIM, out_dim=None) -> VQAHead:
+    return VQAHead(VQAHeadConfig(dim, out_dim or dim, fusion, list(hidden), dropout))
+
 
 # ------------------------------------------------------------------ head and losses
 
@@ -179,7 +210,7 @@ def test_fusion_widths(fusion, width):
     assert [type(m).__name__ for m in head.mlp] == ["Linear", "ReLU", "Dropout", "Linear"]
     assert head(torch.randn(3, DIM), torch.randn(3, DIM)).shape == (3, 8)
     with pytest.raises(UserError):
-        VQAHeadConfig(dim=DIM, out_dim=8, fusion="sum")
+        VQAHeadConfig(dim=DIM, out_dim=8, fusion="sum", hidden=[5], dropout=0.0)
 
 
 @pytest.mark.parametrize("loss", ["cosine", "ce", "both"])
@@ -189,11 +220,11 @@ def test_loss_decreases_over_a_few_steps(loss):
     labels = torch.arange(6).repeat(4)
     image = answers[labels] + 0.1 * torch.randn(len(labels), DIM)
     question = torch.randn(len(labels), DIM)
-    head = build_head({"hidden": [32], "dropout": 0.0}, DIM)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    model = head(hidden=[32], dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(20):
-        value = vqa_loss(loss, head(image, question), answers, labels, 10.0)
+        value = vqa_loss(loss, model(image, question), answers, labels, 10.0)
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -202,12 +233,12 @@ def test_loss_decreases_over_a_few_steps(loss):
 
 
 def test_save_load_round_trip(tmp_path):
-    head = build_head({"fusion": "both", "hidden": [12, 7]}, DIM, 5).eval()
+    model = head(fusion="both", hidden=[12, 7], out_dim=5).eval()
     emb = torch.randn(4, 5)
-    save_head(head, tmp_path, emb, {"answers": list("abcd")})
+    save_head(model, tmp_path, emb, {"answers": list("abcd")})
     again, emb2, cfg = load_head(tmp_path)
     x, q = torch.randn(2, DIM), torch.randn(2, DIM)
-    assert torch.equal(head(x, q), again(x, q))
+    assert torch.equal(model(x, q), again(x, q))
     assert torch.equal(emb, emb2)
     assert cfg["answers"] == list("abcd") and cfg["head"]["hidden"] == [12, 7]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
@@ -220,12 +251,12 @@ def test_save_load_round_trip(tmp_path):
 
 def test_train_learns_and_is_deterministic(tmp_path):
     qa, emb, answers, _ = make_world(tmp_path, n_images=150, oov_every=7)
-    r1 = train_vqa.run(qa, emb, tmp_path / "m1", tmp_path / "p1", {**FAST, "epochs": 6})
-    train_vqa.run(qa, emb, tmp_path / "m2", tmp_path / "p2", {**FAST, "epochs": 6})
+    train(qa, emb, tmp_path / "m1", tmp_path / "p1.tsv", **{**FAST, "epochs": 6})
+    train(qa, emb, tmp_path / "m2", tmp_path / "p2.tsv", **{**FAST, "epochs": 6})
     w1 = (tmp_path / "m1/model.safetensors").read_bytes()
     assert w1 == (tmp_path / "m2/model.safetensors").read_bytes()
-    tsv = (tmp_path / "p1/vqa.tsv").read_text()
-    assert tsv == (tmp_path / "p2/vqa.tsv").read_text()
+    tsv = (tmp_path / "p1.tsv").read_text()
+    assert tsv == (tmp_path / "p2.tsv").read_text()
     lines = [line.split("\t") for line in tsv.splitlines()]
     assert lines[0] == ["epoch", "train_loss", "val_loss", "val_top1", "lr"]
     assert [int(r[0]) for r in lines[1:]] == [1, 2, 3, 4, 5, 6]
@@ -236,7 +267,8 @@ def test_train_learns_and_is_deterministic(tmp_path):
     assert [float(r[4]) for r in lines[1:4]] == [1e-2, 8e-3, 6.4e-3]
     # rows whose answer is outside the vocabulary are skipped for training, and counted
     n_oov_train = sum(1 for i in range(150) if i % 7 == 0 and i % 5 < 3)
-    assert r1.skipped["answer_out_of_vocab"] >= n_oov_train
+    r1 = json.loads((tmp_path / "m1/report.json").read_text())
+    assert r1["skipped"]["answer_out_of_vocab"] >= n_oov_train
     cfg = json.loads((tmp_path / "m1/config.json").read_text())
     assert cfg["answers"] == answers and cfg["clip"] == "fake-clip"
     assert cfg["qtype_candidates"] == {"object": [4, 5, 6, 7, 8], "relation": [0, 1, 2, 3]}
@@ -245,9 +277,9 @@ def test_train_learns_and_is_deterministic(tmp_path):
 def test_train_errors_are_user_errors(tmp_path):
     qa, emb, _, _ = make_world(tmp_path, n_images=10)
     with pytest.raises(UserError, match="loss"):
-        train_vqa.run(qa, emb, tmp_path / "m", tmp_path / "p", {"loss": "mse"})
+        train(qa, emb, tmp_path / "m", tmp_path / "p.tsv", loss="mse")
     with pytest.raises(UserError, match="texts.arrow"):
-        train_vqa.run(qa, tmp_path / "qa", tmp_path / "m", tmp_path / "p", {})
+        train(qa, tmp_path / "qa", tmp_path / "m", tmp_path / "p.tsv")
 
 
 # ------------------------------------------------------------------ baselines and evaluate
@@ -318,16 +350,8 @@ def test_frequency_prior_on_hand_made_table(tmp_path):
 
 def test_evaluate_metrics_exact_for_baselines(tmp_path):
     qa, emb, _ = prior_world(tmp_path)
-    train_vqa.run(qa, emb, tmp_path / "model", tmp_path / "plots", {**FAST, "epochs": 1})
-    rep = evaluate_vqa.run(
-        qa,
-        emb,
-        tmp_path / "model",
-        tmp_path / "vqa.json",
-        tmp_path / "vqa.jsonl",
-        {"zeroshot": False},
-    )
-    m = json.loads((tmp_path / "vqa.json").read_text())
+    train(qa, emb, tmp_path / "model", tmp_path / "plots.tsv", **{**FAST, "epochs": 1})
+    summary, headline, m = evaluate(qa, emb, tmp_path / "model", tmp_path / "eval", zeroshot=False)
     rel, obj, overall = m["relation"], m["object"], m["overall"]
     assert (rel["n"], rel["n_out_of_vocab"], obj["n"], overall["n"]) == (4, 1, 1, 5)
     assert rel["prior_top1"] == 0.25 and rel["majority_top1"] == 0.25
@@ -340,15 +364,21 @@ def test_evaluate_metrics_exact_for_baselines(tmp_path):
     assert overall["prior_top1"] == 0.2
     assert "zeroshot_top1" not in rel and "model_top1" in rel
     assert m["settings"]["split"] == "test" and m["settings"]["n_samples"] == 5
-    preds = [json.loads(line) for line in (tmp_path / "vqa.jsonl").read_text().splitlines()]
+    # the headline: top-1 of every method overall, of the head (and zero-shot) per type
+    assert headline["overall"] == {
+        "head": overall["model_top1"], "prior": 0.2, "majority": overall["majority_top1"]
+    }  # fmt: skip
+    assert headline["relation"] == {"head": rel["model_top1"]}
+    assert set(headline) == {"overall", "relation", "object"}
+    preds = [json.loads(line) for line in (tmp_path / "eval/vqa.jsonl").read_text().splitlines()]
     assert [p["prior"][0] for p in preds] == ["on", "under", "near", "on", "cat"]
     assert all(set(p["model"]) <= {"near", "on", "under"} for p in preds[:4])
-    assert rep.written == 5
+    assert summary.startswith("evaluate_vqa: read 5, wrote 5")
 
 
-def test_evaluate_zeroshot_with_prompt_cache(tmp_path):
+def test_evaluate_zeroshot_with_prompt_cache(tmp_path, monkeypatch):
     qa, emb, answers, a_emb = make_world(tmp_path, n_images=100)
-    train_vqa.run(qa, emb, tmp_path / "model", tmp_path / "plots", FAST)
+    train(qa, emb, tmp_path / "model", tmp_path / "plots.tsv", **FAST)
     calls = []
     base = fake_text_encoder(answers, a_emb)
 
@@ -356,20 +386,14 @@ def test_evaluate_zeroshot_with_prompt_cache(tmp_path):
         calls.append(list(texts))
         return base(texts)
 
-    params = {"prompt_cache": str(tmp_path / "prompts.arrow"), "prompt_batch": 7}
-    rep = evaluate_vqa.run(
-        qa,
-        emb,
-        tmp_path / "model",
-        tmp_path / "m.json",
-        tmp_path / "p.jsonl",
-        params,
-        encode_texts=encode,
-    )
-    m = json.loads((tmp_path / "m.json").read_text())
+    monkeypatch.setattr(zeroshot, "load_text_encoder", lambda clip: (encode, clip, "r0"))
+    cache = tmp_path / "prompts.arrow"
+    summary, _, m = evaluate(qa, emb, tmp_path / "model", tmp_path / "e1", cache=cache,
+                             prompt_batch=7)  # fmt: skip
     prompts = [t for c in calls for t in c]
     assert len(prompts) == len(set(prompts)) == m["settings"]["prompts"]
-    assert rep.extra["prompts"] == {"used": len(prompts), "embedded": len(prompts), "from_cache": 0}
+    n = len(prompts)
+    assert summary.splitlines()[0].endswith(f"; prompts {n} ({n} embedded, 0 cached)")
     assert max(len(c) for c in calls) == 7
     assert "a photo of a cat" in prompts
     assert any(t.startswith("a photo of ") and " on " in t for t in prompts)
@@ -378,20 +402,21 @@ def test_evaluate_zeroshot_with_prompt_cache(tmp_path):
     assert m["object"]["zeroshot_top1"] > m["object"]["majority_top1"] + 0.2
     assert m["relation"]["model_top1"] > m["relation"]["majority_top1"]
     calls.clear()
-    rep = evaluate_vqa.run(
-        qa,
-        emb,
-        tmp_path / "model",
-        tmp_path / "m2.json",
-        tmp_path / "p2.jsonl",
-        params,
-        encode_texts=encode,
-    )
+    summary, _, m2 = evaluate(qa, emb, tmp_path / "model", tmp_path / "e2", cache=cache,
+                              prompt_batch=7)  # fmt: skip
     assert calls == []  # every prompt came from the cache
-    assert rep.extra["prompts"]["from_cache"] == len(prompts)
-    m2 = json.loads((tmp_path / "m2.json").read_text())
+    assert summary.splitlines()[0].endswith(f"; prompts {n} (0 embedded, {n} cached)")
     assert m2 == m
-    assert (tmp_path / "p.jsonl").read_text() == (tmp_path / "p2.jsonl").read_text()
+    for name in ("vqa.json", "vqa.jsonl"):
+        assert (tmp_path / "e1" / name).read_bytes() == (tmp_path / "e2" / name).read_bytes()
+    # the CLIP must be the one the embeddings were made with (manifest revision r0)
+    monkeypatch.setattr(zeroshot, "load_text_encoder", lambda clip: (encode, clip, "r1"))
+    with pytest.raises(UserError, match="revision r1"):
+        evaluate(qa, emb, tmp_path / "model", tmp_path / "e3")
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_cli_train_and_evaluate(tmp_path):
@@ -400,50 +425,21 @@ def test_cli_train_and_evaluate(tmp_path):
     params.write_text(
         "seed: 1\ntrain_vqa:\n  epochs: 2\n  hidden: [16]\nevaluate_vqa:\n  zeroshot: false\n"
     )
-    runner = CliRunner()
-    res = runner.invoke(
-        app,
-        [
-            "train-vqa",
-            "--qa",
-            str(qa),
-            "--emb",
-            str(emb),
-            "--out",
-            str(tmp_path / "m"),
-            "--plots",
-            str(tmp_path / "plots"),
-            "--params",
-            str(params),
-        ],
-    )
+    paths = ["--qa", qa, "--emb", emb, "--params", params]
+    res = invoke("train-vqa", *paths, "--out", tmp_path / "m", "--plots", tmp_path / "vqa.tsv")
     assert res.exit_code == 0, res.output
     assert "train_vqa: read" in res.output
-    assert len((tmp_path / "plots/vqa.tsv").read_text().splitlines()) == 3
-    res = runner.invoke(
-        app,
-        [
-            "evaluate-vqa",
-            "--qa",
-            str(qa),
-            "--emb",
-            str(emb),
-            "--model",
-            str(tmp_path / "m"),
-            "--out",
-            str(tmp_path / "vqa.json"),
-            "--predictions",
-            str(tmp_path / "vqa.jsonl"),
-            "--params",
-            str(params),
-        ],
-    )
+    assert len((tmp_path / "vqa.tsv").read_text().splitlines()) == 3
+    res = invoke(
+        "evaluate-vqa", *paths, "--model", tmp_path / "m", "--clip", "fake-clip",
+        "--metrics", tmp_path / "vqa.json", "--detail", tmp_path / "vqa_detail.json",
+        "--predictions", tmp_path / "vqa.jsonl",
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "relation (n=" in res.output and "prior" in res.output
-    res = runner.invoke(
-        app,
-        ["train-vqa", "--qa", str(tmp_path / "nope"), "--emb", str(emb), "--params", str(params)],
-    )
+    assert set(json.loads((tmp_path / "vqa.json").read_text())) == {"overall", "relation", "object"}
+    res = invoke("train-vqa", *paths[2:], "--qa", tmp_path / "nope", "--out", tmp_path / "m2",
+                 "--plots", tmp_path / "p2.tsv")  # fmt: skip
     assert res.exit_code == 2
     assert res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) == 1
 
@@ -524,7 +520,7 @@ def test_qa_table_formats_and_hash_split(tmp_path):
     # JSONL without a split column: splits by image hash, never straddling
     plain = [{k: v for k, v in r.items() if k != "split"} for r in rows]
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in plain) + "\n")
-    rep = qa_table.run(tmp_path / "t.jsonl", tmp_path / "qa1", {"seed": 3})
+    rep = qa_table.convert(tmp_path / "t.jsonl", tmp_path / "qa1", 3, Split(), Answers())
     assert (rep.read, rep.written, dict(rep.skipped)) == (62, 61, {"empty_answer": 1})
     assert rep.noted == {"missing_image": 1}
     seen: dict[int, str] = {}
@@ -539,8 +535,8 @@ def test_qa_table_formats_and_hash_split(tmp_path):
     # CSV and parquet with a split column give identical tables
     write_csv(tmp_path / "t.csv", rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
-    qa_table.run(tmp_path / "t.csv", tmp_path / "qa2", {})
-    qa_table.run(tmp_path / "t.parquet", tmp_path / "qa3", {})
+    qa_table.convert(tmp_path / "t.csv", tmp_path / "qa2", 0, Split(), Answers())
+    qa_table.convert(tmp_path / "t.parquet", tmp_path / "qa3", 0, Split(), Answers())
     for name in ("train.parquet", "val.parquet", "test.parquet", "answers.json"):
         a, b = tmp_path / "qa2" / name, tmp_path / "qa3" / name
         if name.endswith(".json"):
@@ -561,13 +557,44 @@ def test_qa_table_formats_and_hash_split(tmp_path):
     assert set(test.column("split").to_pylist()) == {"test"} and test.num_rows == 10
     (tmp_path / "bad.csv").write_text("img,q\nx,y\n")
     with pytest.raises(UserError, match="lacks column"):
-        qa_table.run(tmp_path / "bad.csv", tmp_path / "qa4", {})
+        qa_table.convert(tmp_path / "bad.csv", tmp_path / "qa4", 0, Split(), Answers())
+
+
+def test_qa_table_cli_reads_seed_split_and_answers(tmp_path):
+    write_images(tmp_path / "imgs", 12)
+    rows = [{k: v for k, v in r.items() if k not in ("split", "qtype")} for r in generic_rows(12)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    params = tmp_path / "params.yaml"
+
+    def invoke(text: str, *extra: str):
+        params.write_text(text)
+        args = ["prepare-qa-table", "--input", str(tmp_path / "t.jsonl"), "--out",
+                str(tmp_path / "qa"), "--params", str(params), *extra]  # fmt: skip
+        return CliRunner().invoke(app, args)
+
+    res = invoke("seed: 3\nsplit:\n  val_fraction: 0.3\nanswers:\n  top_k: 2\n",
+                 "--default-qtype", "vqa")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("prepare_qa_table: read 26, wrote 25")
+    answers = json.loads((tmp_path / "qa/answers.json").read_text())
+    assert len(answers["answers"]) == 2 and answers["top_k"] == 2
+    for split in ("train", "val", "test"):
+        t = pq.read_table(tmp_path / "qa" / f"{split}.parquet").to_pylist()
+        assert {r["qtype"] for r in t} <= {"vqa"}
+        assert all(r["split"] == split == split_of(r["image_id"], 3, 0.3, 0.1) for r in t)
+    # the old `qa_table:` section is gone: its keys are errors naming them
+    res = invoke("qa_table:\n  top_k: 50\n")
+    assert res.exit_code == 2 and res.output.startswith("error: params qa_table.top_k: unknown")
+    res = invoke("split:\n  val_fraction: 1.5\n")
+    assert res.exit_code == 2 and res.output.startswith("error: params split.val_fraction:")
 
 
 @pytest.fixture(scope="module")
 def clip_world(tmp_path_factory):
     """Generic QA table -> prepare-qa-table -> embed (tiny CLIP) -> train -> evaluate."""
-    from pipeline import embed
+    from pipeline.clip.backbone import load_backbone
+    from pipeline.embedding.dataset import embed_dataset
+    from pipeline.stages.embed import Settings as EmbedSettings
 
     root = tmp_path_factory.mktemp("vqa_clip")
     clip = make_tiny_clip(root / "clip")
@@ -587,7 +614,7 @@ def clip_world(tmp_path_factory):
         ],
     )
     assert res.exit_code != 0  # a named params file must exist
-    (root / "params.yaml").write_text("seed: 0\nqa_table:\n  top_k: 50\n")
+    (root / "params.yaml").write_text("seed: 0\nanswers:\n  top_k: 50\n")
     res = runner.invoke(
         app,
         [
@@ -602,32 +629,30 @@ def clip_world(tmp_path_factory):
     )
     assert res.exit_code == 0, res.output
     reports = {
-        "embed": embed.run("vg", root / "qa", root / "emb", {"num_workers": 0}, model=str(clip))
+        "embed": embed_dataset(
+            "vg",
+            root / "qa",
+            root / "emb",
+            load_backbone(clip),
+            EmbedSettings(num_workers=0, vg_crops=False),
+            Split(),
+            images=root,
+        )
     }
-    reports["train"] = train_vqa.run(
-        root / "qa",
-        root / "emb",
-        root / "model",
-        root / "plots",
-        {**FAST, "hidden": [32], "epochs": 3},
-    )
-    reports["evaluate"] = evaluate_vqa.run(
-        root / "qa",
-        root / "emb",
-        root / "model",
-        root / "vqa.json",
-        root / "vqa.jsonl",
-        {"prompt_cache": str(root / "prompts.arrow")},
-    )
+    train(root / "qa", root / "emb", root / "model", root / "vqa.tsv",
+          **{**FAST, "hidden": [32], "epochs": 3})  # fmt: skip
+    reports["train"] = json.loads((root / "model/report.json").read_text())
+    evaluate(root / "qa", root / "emb", root / "model", root / "eval", clip=str(clip),
+             cache=root / "prompts.arrow")  # fmt: skip
     return root, clip, reports
 
 
 def test_generic_table_through_embed_train_evaluate(clip_world):
     root, clip, reports = clip_world
     assert dict(reports["embed"].skipped) == {"missing_file": 1}
-    assert dict(reports["train"].skipped) == {"no_image_embedding": 1}
-    assert reports["train"].extra["n_train"] == 16 * 2 and reports["train"].extra["n_val"] == 8
-    m = json.loads((root / "vqa.json").read_text())
+    assert reports["train"]["skipped"] == {"no_image_embedding": 1}
+    assert reports["train"]["n_train"] == 16 * 2 and reports["train"]["n_val"] == 8
+    m = json.loads((root / "eval/detail.json").read_text())
     assert (m["relation"]["n"], m["object"]["n"], m["overall"]["n"]) == (4, 4, 8)
     for method in ("model", "zeroshot", "prior", "majority"):
         for k in ("top1", "top5", "mean_class_acc"):
@@ -644,9 +669,9 @@ def test_generic_table_through_embed_train_evaluate(clip_world):
 
 
 def test_ask_end_to_end_with_tiny_clip(clip_world):
-    from pipeline.ask import ask, embed_image
-    from pipeline.clip.backbone import load_backbone
-    from pipeline.embfile import read_dataset, vectors
+    from pipeline.clip.backbone import embed_image, load_backbone
+    from pipeline.embedding.files import read_dataset, vectors
+    from pipeline.vqa.ask import ask
 
     root, clip, _ = clip_world
     res = ask(
@@ -716,7 +741,7 @@ def test_ask_end_to_end_with_tiny_clip(clip_world):
 
 
 def test_parse_question_and_box():
-    from pipeline.ask import parse_box, parse_question
+    from pipeline.vqa.ask import parse_box, parse_question
 
     q = parse_question("What is the relation between a Red  Sofa and the mattress?")
     assert (q.qtype, q.subject, q.object) == ("relation", "red sofa", "mattress")

@@ -16,20 +16,13 @@ WORDS = (
 def make_tiny_clip(folder: str | Path, image_size: int = 32, context_length: int = 16) -> Path:
     """Save a tiny random CLIP (width 32, 2 layers, 2 heads, patch 8) to `folder`.
 
-    Deterministic: the same folder contents (and weights hash) on every call.
+    Deterministic: the same folder contents (and weights hash) on every call; torch's
+    global generator is left as it was.
     """
-    from transformers import CLIPModel
+    from pipeline.clip.checkpoint import ClipModelConfig, build_scratch_checkpoint
 
-    from pipeline.clip.checkpoint import save_checkpoint, small_clip_config
-    from pipeline.clip.tokenizer import BOS, EOS, PAD, save_tokenizer, train_tokenizer
-
-    texts = [WORDS, "a red circle on a blue square.", "what is this?"]
-    tok = train_tokenizer(texts, vocab_size=300)
-    config = small_clip_config(
-        vocab_size=tok.get_vocab_size(),
-        bos_token_id=tok.token_to_id(BOS),
-        eos_token_id=tok.token_to_id(EOS),
-        pad_token_id=tok.token_to_id(PAD),
+    model = ClipModelConfig(
+        vocab_size=300,
         context_length=context_length,
         width=32,
         layers=2,
@@ -38,12 +31,6 @@ def make_tiny_clip(folder: str | Path, image_size: int = 32, context_length: int
         patch_size=8,
         projection_dim=16,
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = CLIPModel(config).eval()
-    finally:
-        torch.random.set_rng_state(state)
-    return save_checkpoint(
-        model, lambda f: save_tokenizer(tok, f, context_length), folder, image_size
-    )
+    texts = [WORDS, "a red circle on a blue square.", "what is this?"]
+    with torch.random.fork_rng(devices=[]):
+        return build_scratch_checkpoint(texts, model, folder, seed=0)

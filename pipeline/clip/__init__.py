@@ -1,1 +1,4 @@
-"""CLIP backbone (any Hugging Face checkpoint), tokenizer training and the contrastive bootstrap."""
+"""CLIP library: any Hugging Face checkpoint behind one interface (backbone), tokenizer
+training, small checkpoints (checkpoint), image-caption pairs (pairs), contrastive
+training (contrastive) and held-out retrieval (retrieval). The stage is
+`pipeline.stages.clip_bootstrap`."""

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.params import torch_device
+from pipeline.training import autocast, pick_device
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,8 +124,7 @@ class Backbone:
     image_size: int
     mean: tuple
     std: tuple
-    device: torch.device
-    amp_dtype: torch.dtype | None  # bf16 on CUDA, None on CPU
+    device: torch.device  # the forward runs under `training.autocast` (bf16 on CUDA only)
     model_id: str  # hub id, or folder path (relative when inside the working directory)
     revision: str  # hub commit hash, or "sha256:<hex>" of the weights
     context_length: int
@@ -149,10 +148,8 @@ class Backbone:
         )
 
     def autocast(self):
-        """bf16 autocast on CUDA, a no-op context on the CPU."""
-        if self.amp_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        """bf16 autocast on CUDA, a no-op context on the CPU (`training.autocast`)."""
+        return autocast(self.device)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) preprocessed pixels -> (n, d) L2-normalised fp32 on the CPU."""
@@ -216,12 +213,6 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1).cpu()
 
 
-def pick_device(device: str | None = None) -> tuple[torch.device, torch.dtype | None]:
-    """`cuda` when available (bf16 autocast), else CPU fp32; an explicit `device` wins."""
-    dev = torch_device(device)
-    return dev, (torch.bfloat16 if dev.type == "cuda" else None)
-
-
 def weights_sha256(folder: str | Path) -> str:
     """`sha256:<hex>` over the folder's safetensors files (sorted by name)."""
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -280,8 +271,9 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_backbone(name_or_path: str | Path, device: str | None = None) -> Backbone:
-    """Open a CLIP checkpoint: a local folder in the Hugging Face layout or a hub id."""
+def load_backbone(name_or_path: str | Path, device: str | None = "auto") -> Backbone:
+    """Open a CLIP checkpoint: a local folder in the Hugging Face layout or a hub id, on
+    `device` (`auto`: cuda when available, else cpu; see `training.pick_device`)."""
     from transformers import AutoTokenizer, CLIPModel
 
     name = str(name_or_path)
@@ -296,7 +288,7 @@ def load_backbone(name_or_path: str | Path, device: str | None = None) -> Backbo
         raise UserError(f"CLIP checkpoint folder not found: {name}")
     else:
         source = name  # hub id
-    dev, amp = pick_device(device)
+    dev = pick_device(device)
     try:
         with quiet_transformers():
             model = CLIPModel.from_pretrained(source, dtype=torch.float32)
@@ -321,7 +313,6 @@ def load_backbone(name_or_path: str | Path, device: str | None = None) -> Backbo
         mean=mean,
         std=std,
         device=dev,
-        amp_dtype=amp,
         model_id=_portable(source) if local.is_dir() else source,
         revision=revision,
         context_length=context,
@@ -330,3 +321,25 @@ def load_backbone(name_or_path: str | Path, device: str | None = None) -> Backbo
         pad_token_id=int(pad),
         resize_size=resize,
     )
+
+
+def embed_image(backbone, image: str | Path, box=None) -> torch.Tensor:
+    """(1, d) CLIP embedding of the image or its box crop, decoded as embed decodes."""
+    from pipeline.imagedecode import BAD_BOX, decode_image, read_bytes
+
+    data = read_bytes(str(image))
+    if data is None:
+        raise UserError(f"image not found: {image}")
+    decoded = decode_image(
+        data,
+        backbone.image_size,
+        backbone.resize_size,
+        boxes=(box,) if box else (),
+        whole=box is None,
+    )
+    if decoded.skip:
+        raise UserError(f"cannot use image {image}: {decoded.skip}")
+    if decoded.bad_boxes:
+        raise UserError(f"--box {box} lies outside the image {image} ({BAD_BOX})")
+    pixels = normalize_pixels(torch.from_numpy(decoded.pixels), backbone.mean, backbone.std)
+    return backbone.encode_images(pixels)

@@ -7,7 +7,8 @@
 - `results_20130124.token` (the original release): `1000092795.jpg#0<TAB>Two young ...`.
 - `dataset_flickr30k.json` (Karpathy's splits): images with `filename`, `split` and
   `sentences[].raw`. When present its splits are used (and its sentences, if no other
-  caption file exists); without it, splits come from a hash of the file name.
+  caption file exists); without it, splits come from a hash of the file name (with
+  the shared `split` fractions, as the CLIP bootstrap's).
 
 Row ids are `<image stem>#<k>`; image ids are the file stem (`1000092795`).
 """
@@ -19,9 +20,10 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.embed_items import ImageItem, Listing, file_stamp, source_entry
+from pipeline.embedding.items import ImageItem, Listing, file_stamp, source_entry
 from pipeline.errors import UserError
 from pipeline.report import Report
+from pipeline.settings import Split
 
 IMAGE_DIRS = ("flickr30k_images", "flickr30k-images", "images", "Images")
 CSV_NAME = "results.csv"
@@ -41,8 +43,9 @@ def image_dir(root: Path) -> Path:
     return root
 
 
-def hash_split(name: str, val: float = 0.05, test: float = 0.05) -> str:
-    """A stable split from the file name (used when no Karpathy split file exists)."""
+def hash_split(name: str, val: float, test: float) -> str:
+    """A stable split from the file name (used when no Karpathy split file exists): `test`
+    and `val` are the shares of test and val images."""
     u = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if u < test else ("val" if u < test + val else "train")
 
@@ -116,8 +119,11 @@ def read_karpathy(path: Path, report: Report) -> tuple[dict[str, str], list[tupl
     return splits, rows
 
 
-def list_flickr30k(input_path: Path, val: float = 0.05, test: float = 0.05) -> Listing:
+def list_flickr30k(input_path: Path, split: Split) -> Listing:
     """Flickr30k folder -> one item per image with its captions, in caption-file order.
+
+    Without a Karpathy split for an image, its split is `hash_split` with the shared
+    `split` fractions (the same for every stage that reads Flickr30k).
 
     `read` / `skipped` count caption rows. Skipped by reason: malformed rows, empty
     captions (row ids), duplicate rows, and the caption rows of images whose file is
@@ -176,16 +182,19 @@ def list_flickr30k(input_path: Path, val: float = 0.05, test: float = 0.05) -> L
             report.skip("missing_file", Path(name).stem, n=len(caps))
             missing += 1
             continue
-        if splits is None:
-            split = hash_split(name, val, test)
-        elif name in splits:
-            split = splits[name]
+        if splits is not None and name in splits:
+            image_split = splits[name]
         else:
-            split = hash_split(name, val, test)
-            report.note("not_in_karpathy_split", name)
+            image_split = hash_split(name, split.val_fraction, split.test_fraction)
+            if splits is not None:
+                report.note("not_in_karpathy_split", name)
         items.append(
             ImageItem(
-                id=Path(name).stem, path=str(path), split=split, captions=tuple(caps), stamp=stamp
+                id=Path(name).stem,
+                path=str(path),
+                split=image_split,
+                captions=tuple(caps),
+                stamp=stamp,
             )
         )
     extra = {

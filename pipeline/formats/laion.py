@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embed_items import ImageItem, Listing, file_stamp, source_entry
+from pipeline.embedding.items import ImageItem, Listing, file_stamp, source_entry
 from pipeline.errors import UserError
 from pipeline.report import Report
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.embed_items import ImageItem, Listing, file_stamp, source_entry
+from pipeline.embedding.items import ImageItem, Listing, file_stamp, source_entry
 from pipeline.errors import UserError
 from pipeline.readers import read_json, read_parquet, read_parquet_schema
 from pipeline.report import Report

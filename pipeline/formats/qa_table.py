@@ -8,16 +8,19 @@ their header is read, for width and height); missing ones keep the row with a nu
 as prepare_vqa does, so that embed counts them.
 
 Without a split column, splits are drawn by prepare_vqa's hash of the image id (an image
-id is a hash of its path unless the table gives one), so no image is in two splits; the
-answer vocabulary is built as prepare_vqa builds it (top-K train answers, min count).
+id is a hash of its path unless the table gives one) with the top-level `seed` and the
+shared `split` fractions, so no image is in two splits; the answer vocabulary is built as
+prepare_vqa builds it, from the shared `answers` settings (top-K train answers, min count).
+This is no dvc.yaml stage: `clipda prepare-qa-table` calls `main`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -27,9 +30,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
-from pipeline.params import typed
-from pipeline.prepare_vqa import SCHEMA, SPLITS, build_vocab, check_params, split_of
+from pipeline.formats.vg_qa import SCHEMA, SPLITS, build_vocab, split_of
 from pipeline.report import Report
+from pipeline.settings import Answers, Split, load
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -53,13 +56,18 @@ COLUMN_ALIASES = {
     "qid": ("qid", "question_id", "id"),
     "box": ("box", "bbox"),
 }
-DEFAULTS: dict[str, Any] = {
-    "top_k": 1000,
-    "min_count": 1,
-    "val_fraction": 0.1,
-    "test_fraction": 0.1,
-    "default_qtype": "other",
-}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """prepare-qa-table has no section of its own: it reads the top-level `seed` (and the
+    shared `split` and `answers`); a leftover `qa_table:` section is an error."""
+
+    SECTION: ClassVar[str] = "qa_table"
+    seed: int = 0  # top-level `seed`: the hash split of rows without a split column
+
+
+SETTINGS = (Settings, Split, Answers)
 
 
 def read_any(path: Path) -> pa.Table:
@@ -132,23 +140,41 @@ def _image_size(path: Path) -> tuple[int | None, int | None, str | None]:
         return None, None, "unreadable_image"
 
 
-def run(
+def main(
+    input: Path,
+    out: Path,
+    *,
+    images: Path | None = None,
+    default_qtype: str = "other",
+    params: Path,
+) -> str:
+    """`clipda prepare-qa-table`: convert the table `input` into `out`; the summary line."""
+    settings, split, answers = (load(cls, params) for cls in SETTINGS)
+    report = convert(input, out, settings.seed, split, answers, images, default_qtype)
+    return report.summary()
+
+
+def convert(
     input_path: str | Path,
     out_dir: str | Path,
-    params: dict[str, Any],
+    seed: int,
+    split_fractions: Split,
+    answers: Answers,
     images: str | Path | None = None,
+    default_qtype: str = "other",
 ) -> Report:
-    """Convert the table at `input_path` into `out_dir/{train,val,test}.parquet` + answers."""
-    p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-    p = typed(p, DEFAULTS, "qa_table")
+    """Convert the table at `input_path` into `out_dir/{train,val,test}.parquet` + answers.
+
+    Rows without a split column are split by `split_of(image_id, seed, ...)` with
+    `split_fractions`; the vocabulary keeps `answers.top_k` train answers seen at least
+    `answers.min_count` times. Relative image paths resolve against `images` (default: the
+    table's folder).
+    """
     input_path, out_dir = Path(input_path), Path(out_dir)
     if not input_path.is_file():
         raise UserError(f"QA table not found: {input_path}")
     root = Path(images) if images is not None else input_path.parent
-    checked = check_params(
-        {k: p[k] for k in ("val_fraction", "test_fraction", "top_k", "min_count", "seed") if k in p}
-    )
-    p.update(checked)
+    val_fraction, test_fraction = split_fractions.val_fraction, split_fractions.test_fraction
     table = read_any(input_path)
     cols = _columns(table)
     data = {ours: table.column(theirs).to_pylist() for ours, theirs in cols.items()}
@@ -182,7 +208,7 @@ def run(
                 report.skip("unknown_split", qid)
                 continue
         else:
-            split = split_of(image_id, int(p["seed"]), p["val_fraction"], p["test_fraction"])
+            split = split_of(image_id, seed, val_fraction, test_fraction)
         path = Path(rel) if Path(rel).is_absolute() else root / rel
         if rel not in sizes:
             sizes[rel] = _image_size(path)
@@ -197,7 +223,7 @@ def run(
                 "image_path": None if problem == "missing_image" else str(path),
                 "width": width,
                 "height": height,
-                "qtype": _norm(get.get("qtype")) or str(p["default_qtype"]),
+                "qtype": _norm(get.get("qtype")) or default_qtype,
                 "question": question,
                 "answer": answer,
                 "subject": _norm(get.get("subject")).lower() or None,
@@ -208,7 +234,8 @@ def run(
                 "split": split,
             }
         )
-    vocab = build_vocab(Counter(r["answer"] for r in rows["train"]), p["top_k"], p["min_count"])
+    counts = Counter(r["answer"] for r in rows["train"])
+    vocab = build_vocab(counts, answers.top_k, answers.min_count)
     in_vocab = {a for a, _ in vocab}
     if not vocab:
         raise UserError(f"{input_path}: no train answers (check the split column / fractions)")
@@ -230,8 +257,8 @@ def run(
         out_dir / "answers.json",
         {
             "answers": [{"answer": a, "count": c} for a, c in vocab],
-            "top_k": int(p["top_k"]),
-            "min_count": int(p["min_count"]),
+            "top_k": answers.top_k,
+            "min_count": answers.min_count,
         },
     )
     report.extra.update(

@@ -1,6 +1,6 @@
 """Corpus BLEU-1..4 with nltk, set up to match the COCO caption evaluation.
 
-Choices (recorded in `BLEU_SETTINGS` and in metrics/caption.json):
+Choices (recorded in `BLEU_SETTINGS` and in metrics/caption_detail.json):
 
 - corpus level (Papineni et al. 2002): clipped n-gram counts and lengths are summed over
   all images before dividing, as pycocoevalcap's `Bleu` does;
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from nltk.translate.bleu_score import corpus_bleu
 
 BLEU_WEIGHTS = [(1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25)]
-BLEU_SETTINGS = {"smoothing": "none", "bleu_ref_length": "closest"}  # for the metrics file
+BLEU_SETTINGS = {"smoothing": "none", "bleu_ref_length": "closest"}  # for the detail file
 BLEU_DETAIL = {
     "bleu": "nltk corpus_bleu, corpus-level (summed clipped counts), BLEU-n = uniform weights",
     "smoothing": "none: an n-gram order with zero matches in the corpus gives BLEU-n = 0",

@@ -24,7 +24,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-CIDER_SETTINGS = {"cider": "CIDEr-D,sigma=6,x10"}  # short, for the metrics file
+CIDER_SETTINGS = {"cider": "CIDEr-D,sigma=6,x10"}  # short, for the detail file
 CIDER_DETAIL = {
     "cider": "CIDEr-D as pycocoevalcap's Cider: n=1..4, clipped tf-idf cosine, Gaussian length "
     "penalty sigma=6, x10; idf from the references of the evaluated images only",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-TOKENIZATION = "lower,punct->space,split"  # short, for metrics/caption.json
+TOKENIZATION = "lower,punct->space,split"  # short, for metrics/caption_detail.json
 TOKENIZATION_DETAIL = "lower-case; every char that is not a letter/digit -> space; whitespace split"
 
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)

@@ -22,68 +22,112 @@ components, so the elementwise `mse` equals the squared distance of unit vectors
 (≈ 2·(1 - cos)) and its gradients are on the scale of the domain loss's, whatever the
 width. (With raw CLIP rows, whose norms differ, the L2 nearest neighbour of an averaged
 prediction is a small-norm "hub" row, and greedy captions collapse; see the stage's
-report.) Decoding (`pipeline.decode`) maps each prediction to its nearest table row in
+report.) Decoding (`pipeline.caption.decode`) maps each prediction to its nearest table row in
 the same space the loss measured it in (`search_space`).
+
+Configuration: `DecoderSettings` is what a user chooses (params `train_caption.model`,
+whose defaults it holds); `DecoderConfig` adds what the data fixes (embedding size, token
+table shape, special ids) and is saved as `config.json["model"]` beside the weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
 from pipeline.readers import read_json
+from pipeline.settings import SettingError, check
+from pipeline.training import CONFIG_FILE, WEIGHTS_FILE, save_model_folder
 
 LOSSES = ("mse", "cosine", "ce")
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-
-DEFAULT_CONFIG: dict[str, Any] = {
-    "image_dim": 512,  # CLIP image embedding size
-    "vocab_size": 49408,  # token table rows
-    "token_width": 512,  # token table columns
-    "width": 512,
-    "layers": 6,
-    "heads": 8,
-    "mlp_ratio": 4,
-    "prefix_len": 10,
-    "max_len": 32,  # caption tokens incl. BOS and EOS
-    "dropout": 0.1,
-    "loss": "mse",
-    "target_norm": True,
-    "target_scale": None,  # None: sqrt(token_width), i.e. unit-variance target components
-    "ce_temperature": 0.05,
-    "aux_ce": 0.0,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-}
 
 
-def make_config(**overrides: Any) -> dict[str, Any]:
-    """`DEFAULT_CONFIG` updated with `overrides`, checked."""
-    unknown = set(overrides) - set(DEFAULT_CONFIG)
-    if unknown:
-        raise UserError(f"unknown caption model settings: {sorted(unknown)}")
-    cfg = {**DEFAULT_CONFIG, **overrides}
-    if cfg["target_scale"] is None:
-        cfg["target_scale"] = math.sqrt(cfg["token_width"]) if cfg["target_norm"] else 1.0
-    if cfg["loss"] not in LOSSES:
-        raise UserError(f"loss must be one of {LOSSES}, got {cfg['loss']!r}")
-    for key in ("layers", "heads", "prefix_len", "width", "vocab_size", "token_width"):
-        if int(cfg[key]) < 1:
-            raise UserError(f"{key} must be >= 1, got {cfg[key]}")
-    if cfg["width"] % cfg["heads"]:
-        raise UserError(f"width {cfg['width']} is not divisible by heads {cfg['heads']}")
-    if cfg["max_len"] < 3:
-        raise UserError(f"max_len must be >= 3 (BOS, a token, EOS), got {cfg['max_len']}")
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class DecoderSettings:
+    """What the user chooses: params `train_caption.model` (defaults: the sample-world run;
+    real scale: width 512, layers 6, heads 8, prefix_len 10)."""
+
+    width: int = 128  # Transformer width (adapter output and residual stream)
+    layers: int = 2  # Transformer blocks
+    heads: int = 4  # attention heads per block (must divide width)
+    mlp_ratio: int = 4  # MLP hidden size / width
+    prefix_len: int = 4  # image prefix vectors the adapter makes (the discriminator's input)
+    max_len: int = 32  # caption tokens incl. BOS and EOS (longer captions are cut)
+    dropout: float = 0.0  # dropout in the blocks and after the embeddings
+    loss: Literal["mse", "cosine", "ce"] = "mse"  # caption loss (mse: the paper's)
+    target_norm: bool = True  # regress unit-normalised token rows (raw rows if false)
+    target_scale: float | None = None  # scale of the targets; null: sqrt(token width)
+    ce_temperature: float = 0.05  # temperature of the ce logits (and of beam scores)
+    aux_ce: float = 0.0  # weight of an auxiliary ce loss added to mse / cosine
+
+    def __post_init__(self) -> None:
+        for key in ("width", "layers", "heads", "mlp_ratio", "prefix_len"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        check(self.width % self.heads == 0, "heads",
+              f"width {self.width} is not divisible by heads {self.heads}")  # fmt: skip
+        check(self.max_len >= 3, "max_len", "must be >= 3 (BOS, a token, EOS)")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}")
+        check(self.target_scale is None or self.target_scale > 0, "target_scale", "must be > 0")
+        check(self.ce_temperature > 0, "ce_temperature", "must be > 0")
+        check(self.aux_ce >= 0, "aux_ce", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig(DecoderSettings):
+    """Everything needed to rebuild a `CaptionDecoder`: the user's `DecoderSettings` plus
+    what the data fixes (the CLIP embedding size and token table, its special ids).
+
+    Saved as `config.json["model"]` beside the weights and rebuilt from it. A
+    `target_scale` of None is resolved here: sqrt(token_width) with `target_norm`, else 1.
+    """
+
+    image_dim: int  # CLIP image embedding size
+    vocab_size: int  # token table rows
+    token_width: int  # token table columns
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("image_dim", "vocab_size", "token_width"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            check(0 <= getattr(self, key) < self.vocab_size, key, "must be a row of the table")
+        if self.target_scale is None:
+            scale = math.sqrt(self.token_width) if self.target_norm else 1.0
+            object.__setattr__(self, "target_scale", scale)
+
+    @classmethod
+    def for_data(
+        cls,
+        settings: DecoderSettings,
+        *,
+        image_dim: int,
+        token_table: torch.Tensor,
+        bos_token_id: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> DecoderConfig:
+        """`settings` completed with what the embeddings and their token table fix."""
+        return cls(
+            **dataclasses.asdict(settings),
+            image_dim=image_dim,
+            vocab_size=token_table.shape[0],
+            token_width=token_table.shape[1],
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
 
 
 class Block(nn.Module):
@@ -112,10 +156,10 @@ class Block(nn.Module):
 class CaptionDecoder(nn.Module):
     """Prefix-conditioned causal decoder predicting next-token embeddings (see module doc)."""
 
-    def __init__(self, config: dict[str, Any], token_table: torch.Tensor | None = None):
+    def __init__(self, config: DecoderConfig, token_table: torch.Tensor | None = None):
         super().__init__()
-        cfg = self.config = make_config(**config)
-        v, tw, w, k = cfg["vocab_size"], cfg["token_width"], cfg["width"], cfg["prefix_len"]
+        cfg = self.config = config
+        v, tw, w, k = cfg.vocab_size, cfg.token_width, cfg.width, cfg.prefix_len
         if token_table is None:
             token_table = torch.zeros(v, tw)
         if tuple(token_table.shape) != (v, tw):
@@ -128,13 +172,13 @@ class CaptionDecoder(nn.Module):
 
         hidden = max(w, (k * w) // 2)
         self.adapter = nn.Sequential(
-            nn.Linear(cfg["image_dim"], hidden), nn.GELU(), nn.Linear(hidden, k * w)
+            nn.Linear(cfg.image_dim, hidden), nn.GELU(), nn.Linear(hidden, k * w)
         )
         self.tok_in = nn.Linear(tw, w)
-        self.pos = nn.Parameter(torch.zeros(k + cfg["max_len"], w))
-        self.drop = nn.Dropout(cfg["dropout"])
+        self.pos = nn.Parameter(torch.zeros(k + cfg.max_len, w))
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(w, cfg["heads"], cfg["mlp_ratio"], cfg["dropout"]) for _ in range(cfg["layers"])
+            Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers)
         )
         self.ln_f = nn.LayerNorm(w)
         self.head = nn.Linear(w, tw)
@@ -142,7 +186,7 @@ class CaptionDecoder(nn.Module):
 
     # -- weights -------------------------------------------------------------------------
     def _init_weights(self) -> None:
-        std_res = 0.02 / math.sqrt(2 * self.config["layers"])
+        std_res = 0.02 / math.sqrt(2 * self.config.layers)
         for name, mod in self.named_modules():
             if isinstance(mod, nn.Linear):
                 std = std_res if name.endswith(("proj", "fc_out")) else 0.02
@@ -154,26 +198,26 @@ class CaptionDecoder(nn.Module):
     def _refresh_tables(self) -> None:
         """Derived, non-persistent copies of the frozen table (unit rows; loss targets)."""
         self.unit_table = F.normalize(self.token_table, dim=-1)
-        base = self.unit_table if self.config["target_norm"] else self.token_table
-        self.target_table = base * float(self.config["target_scale"])
+        base = self.unit_table if self.config.target_norm else self.token_table
+        self.target_table = base * float(self.config.target_scale)
 
     @property
     def search_space(self) -> str:
         """'l2' (nearest target row by L2, for mse) or 'ip' (cosine, for cosine / ce)."""
-        return "l2" if self.config["loss"] == "mse" else "ip"
+        return "l2" if self.config.loss == "mse" else "ip"
 
     # -- forward -------------------------------------------------------------------------
     def prefix(self, image_emb: torch.Tensor) -> torch.Tensor:
         """Adapter: (B, image_dim) -> (B, prefix_len, width); input scaled to unit variance."""
-        x = image_emb.to(self.pos.dtype) * math.sqrt(self.config["image_dim"])
-        return self.adapter(x).view(len(x), self.config["prefix_len"], self.config["width"])
+        x = image_emb.to(self.pos.dtype) * math.sqrt(self.config.image_dim)
+        return self.adapter(x).view(len(x), self.config.prefix_len, self.config.width)
 
     def decode(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Predicted next-token embeddings (B, T, token_width) for input tokens (B, T)."""
         k, t = prefix.shape[1], tokens.shape[1]
         if k + t > self.pos.shape[0]:
-            raise ValueError(f"sequence of {t} tokens exceeds max_len {self.config['max_len']}")
-        emb = F.normalize(self.token_table[tokens], dim=-1) * math.sqrt(self.config["token_width"])
+            raise ValueError(f"sequence of {t} tokens exceeds max_len {self.config.max_len}")
+        emb = F.normalize(self.token_table[tokens], dim=-1) * math.sqrt(self.config.token_width)
         x = torch.cat([prefix, self.tok_in(emb)], dim=1) + self.pos[: k + t]
         x = self.drop(x)
         for block in self.blocks:
@@ -187,14 +231,14 @@ class CaptionDecoder(nn.Module):
     def ce_logits(self, pred: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to every table row / ce_temperature: (..., vocab)."""
         pred = F.normalize(pred.float(), dim=-1)
-        return pred @ self.unit_table.T / float(self.config["ce_temperature"])
+        return pred @ self.unit_table.T / float(self.config.ce_temperature)
 
     def caption_loss(
         self, pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """Masked mean loss of predictions (B, T, tw) against target ids (B, T)."""
         pred, ids = pred[mask].float(), targets[mask]
-        kind = self.config["loss"]
+        kind = self.config.loss
         if kind == "ce":
             return F.cross_entropy(self.ce_logits(pred), ids)
         tgt = self.target_table[ids]
@@ -202,8 +246,8 @@ class CaptionDecoder(nn.Module):
             loss = F.mse_loss(pred, tgt)
         else:
             loss = (1.0 - F.cosine_similarity(pred, tgt, dim=-1)).mean()
-        if self.config["aux_ce"] > 0:
-            loss = loss + float(self.config["aux_ce"]) * F.cross_entropy(self.ce_logits(pred), ids)
+        if self.config.aux_ce > 0:
+            loss = loss + float(self.config.aux_ce) * F.cross_entropy(self.ce_logits(pred), ids)
         return loss
 
 
@@ -218,13 +262,10 @@ def split_batch(ids: torch.Tensor, lengths: torch.Tensor):
 def save_caption_model(
     model: CaptionDecoder, folder: str | Path, extra: dict[str, Any] | None = None
 ) -> None:
-    """Write `model.safetensors` (weights + frozen token table) and `config.json`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    write_json(folder / CONFIG_FILE, {"model": model.config, **(extra or {})})
+    """`model.safetensors` (weights + frozen token table) and `config.json`: the model's
+    `DecoderConfig` under "model", plus `extra` (what it was trained on)."""
+    config = {"model": dataclasses.asdict(model.config), **(extra or {})}
+    save_model_folder(folder, model.state_dict(), config)
 
 
 def load_caption_model(folder: str | Path, device: str | torch.device = "cpu") -> CaptionDecoder:
@@ -236,6 +277,12 @@ def load_caption_model(folder: str | Path, device: str | torch.device = "cpu") -
     config = read_json(cfg_path).get("model")
     if not isinstance(config, dict):
         raise UserError(f"{cfg_path}: not a caption model config (no 'model' object)")
+    try:
+        config = DecoderConfig(**config)
+    except TypeError as exc:
+        raise UserError(f"{cfg_path}: not a caption model config ({exc})") from None
+    except SettingError as exc:
+        raise UserError(f"{cfg_path}: model.{exc.key}: {exc.message}") from None
     model = CaptionDecoder(config)
     model.load_state_dict(load_file(str(w_path)))
     return model.to(device).eval()

@@ -13,6 +13,8 @@ adapter output (the image prefix, flattened).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,10 +43,31 @@ class DomainDiscriminator(nn.Module):
         return self.net(feats.flatten(1)).squeeze(-1)
 
 
-def domain_logits(
+class DomainLoss(NamedTuple):
+    """What `domain_adversarial_loss` computes (all but `loss` detached)."""
+
+    loss: torch.Tensor  # mean BCE of the discriminator: what `backward()` is called on
+    accuracy: torch.Tensor  # share of rows whose logit sign names their domain
+    confusion: torch.Tensor  # BCE against swapped labels (reported "adversarial loss")
+    logits: torch.Tensor  # (n_source + n_target,) discriminator logits, float32
+    labels: torch.Tensor  # SOURCE_LABEL for the source rows, then TARGET_LABEL
+
+
+def domain_adversarial_loss(
     disc: nn.Module, source: torch.Tensor, target: torch.Tensor, coeff: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Discriminator logits on GRL(λ=coeff)(source ++ target) and their domain labels."""
+) -> DomainLoss:
+    """L = BCE(D(GRL_λ([source; target])), [1...1; 0...0]), λ = `coeff`.
+
+    `loss.backward()` gives the discriminator the gradient of its BCE and the features
+    `-coeff` times it (Ganin & Lempitsky 2015, eq. 9). `coeff = 0` trains the
+    discriminator alone (the features receive an exact zero gradient), which is how the
+    no-adaptation variant measures how separable the domains stay.
+
+    Also returned: the accuracy of the sign of the logits, and the *confusion* loss, BCE
+    against swapped domain labels: the GAN-style loss of the feature extractor, reported
+    as the "adversarial loss" (it rises as the discriminator wins). It is not optimised:
+    the features' gradient comes through the GRL on `loss`.
+    """
     feats = grad_reverse(torch.cat([source, target]), coeff)
     logits = disc(feats).float()
     labels = torch.cat(
@@ -53,35 +76,7 @@ def domain_logits(
             torch.full((len(target),), TARGET_LABEL, device=logits.device),
         ]
     )
-    return logits, labels
-
-
-def bce_and_accuracy(
-    logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean BCE-with-logits and (detached) accuracy of the sign of the logits."""
     loss = F.binary_cross_entropy_with_logits(logits, labels)
-    acc = ((logits.detach() > 0).float() == labels).float().mean()
-    return loss, acc
-
-
-def confusion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BCE against *swapped* domain labels: the GAN-style loss of the feature extractor.
-
-    Reported as the "adversarial loss" (it rises as the discriminator wins); it is not
-    optimised: the features' gradient comes through the GRL on the discriminator loss.
-    """
-    return F.binary_cross_entropy_with_logits(logits.detach(), 1.0 - labels)
-
-
-def domain_adversarial_loss(
-    disc: nn.Module, source: torch.Tensor, target: torch.Tensor, coeff: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, accuracy): discriminator BCE on GRL(λ)-reversed source/target features.
-
-    `loss.backward()` gives the discriminator the gradient of its BCE and the features
-    `-coeff` times it. `coeff = 0` trains the discriminator alone (the features receive
-    an exact zero gradient), which is how the no-adaptation variant measures how
-    separable the domains stay.
-    """
-    return bce_and_accuracy(*domain_logits(disc, source, target, coeff))
+    accuracy = ((logits.detach() > 0).float() == labels).float().mean()
+    confusion = F.binary_cross_entropy_with_logits(logits.detach(), 1.0 - labels)
+    return DomainLoss(loss, accuracy, confusion, logits.detach(), labels)

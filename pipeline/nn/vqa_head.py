@@ -10,21 +10,23 @@ nearest-neighbour search over the answer vocabulary's embeddings, and the same s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
 from pipeline.readers import read_json
+from pipeline.training import CONFIG_FILE, WEIGHTS_FILE, save_model_folder
 
-FUSIONS = ("concat", "product", "both")
-LOSSES = ("cosine", "ce", "both")
+Fusion = Literal["concat", "product", "both"]  # [i, q] | i*q | [i, q, i*q]
+Loss = Literal["cosine", "ce", "both"]  # 1 - cos to the answer (paper) | softmax CE | sum
+FUSIONS: tuple[str, ...] = get_args(Fusion)
+LOSSES: tuple[str, ...] = get_args(Loss)
 VOCAB_KEY = "vocab.answer_emb"  # answer embeddings stored beside the weights
 
 
@@ -34,9 +36,9 @@ class VQAHeadConfig:
 
     dim: int  # CLIP embedding size of image and question inputs
     out_dim: int  # answer-embedding size (the CLIP text embedding size)
-    fusion: str = "concat"  # concat [i, q] | product i*q | both [i, q, i*q]
-    hidden: list[int] = field(default_factory=lambda: [512])
-    dropout: float = 0.1
+    fusion: Fusion  # concat [i, q] | product i*q | both [i, q, i*q]
+    hidden: list[int]  # widths of the hidden layers (Linear -> ReLU -> Dropout each)
+    dropout: float  # after each hidden layer
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -119,42 +121,23 @@ def vqa_loss(
     return total
 
 
-def build_head(params: dict[str, Any], dim: int, out_dim: int | None = None) -> VQAHead:
-    """A head from a params section (keys fusion, hidden, dropout)."""
-    hidden = params.get("hidden", [512])
-    if isinstance(hidden, int):
-        hidden = [hidden]
-    config = VQAHeadConfig(
-        dim=int(dim),
-        out_dim=int(out_dim if out_dim is not None else dim),
-        fusion=str(params.get("fusion", "concat")),
-        hidden=list(hidden),
-        dropout=float(params.get("dropout", 0.1)),
-    )
-    return VQAHead(config)
-
-
 def save_head(
     model: VQAHead, folder: str | Path, answer_emb: torch.Tensor, meta: dict[str, Any]
 ) -> None:
-    """Write model.safetensors (weights + the answer embeddings) and config.json.
+    """Write model.safetensors (fp32 weights + the answer embeddings) and config.json.
 
     `meta` (answer list, qtype candidates, CLIP model id, training settings) is stored
     next to the head config so that `load_head` + the CLIP named there can answer alone.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors[VOCAB_KEY] = answer_emb.detach().float().cpu().contiguous()
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json(folder / "config.json", {"head": asdict(model.config), **meta})
+    tensors = {k: v.detach().float() for k, v in model.state_dict().items()}
+    tensors[VOCAB_KEY] = answer_emb.detach().float()
+    save_model_folder(folder, tensors, {"head": asdict(model.config), **meta})
 
 
 def load_head(folder: str | Path) -> tuple[VQAHead, torch.Tensor, dict[str, Any]]:
     """Rebuild a saved head (eval mode, CPU) -> (head, answer_emb (n, d), config dict)."""
     folder = Path(folder)
-    cfg_path, weights = folder / "config.json", folder / "model.safetensors"
+    cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for p in (cfg_path, weights):
         if not p.exists():
             raise UserError(f"not a trained VQA model folder (missing {p.name}): {folder}")

@@ -10,7 +10,8 @@
   separator as in the real file) and `dataset_flickr30k.json` (Karpathy splits), five
   sentences per image, photo-style images: a real domain shift from the LAION-like source.
 
-Everything is a pure function of the seed and the sizes.
+Everything is a pure function of the settings (`pipeline.stages.synth.Settings`): the
+seed and the sizes.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import random
 import re
 import shutil
 import tarfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,22 +33,15 @@ from PIL import Image
 
 from pipeline.atomic import atomic_path, write_json, write_text
 from pipeline.errors import UserError
+from pipeline.settings import as_dict
 from pipeline.synth.captions import alt_text, sentences
 from pipeline.synth.render import render
 from pipeline.synth.scene import Obj, make_scene
 
+if TYPE_CHECKING:
+    from pipeline.stages.synth import Settings
+
 MARKER = "SAMPLE_WORLD.json"
-DEFAULTS: dict[str, Any] = {
-    "vg_images": 300,
-    "laion_samples": 400,
-    "laion_shard_size": 200,
-    "laion_fail_rate": 0.03,
-    "flickr_images": 300,
-    "flickr_split": [0.8, 0.1, 0.1],
-    "image_size": [192, 144],
-    "objects_per_image": [2, 4],
-    "quirks": True,
-}
 REL_ALIASES = {
     "next to": ["beside", "by"],
     "in": ["inside", "within"],
@@ -69,9 +62,9 @@ def _write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _scene(rng: random.Random, cfg: dict):
-    lo, hi = cfg["objects_per_image"]
-    w, h = cfg["image_size"]
+def _scene(rng: random.Random, settings: Settings):
+    lo, hi = settings.objects_per_image
+    w, h = settings.image_size
     return make_scene(rng, w, h, rng.randint(lo, hi))
 
 
@@ -132,17 +125,18 @@ def _vg_obj(o: Obj, oid: int, name: str, rng: random.Random, quirks: bool, list_
     return d
 
 
-def write_vg(out: Path, seed: int, cfg: dict) -> dict:
+def write_vg(out: Path, settings: Settings) -> dict:
+    seed = settings.seed
     rng = random.Random(f"{seed}-vg")
     nrng = np.random.default_rng([seed, 1])
-    quirks = bool(cfg["quirks"])
-    n = int(cfg["vg_images"])
-    width, height = cfg["image_size"]
+    quirks = settings.quirks
+    n = settings.vg_images
+    width, height = settings.image_size
     image_data, objects, relationships = [], [], []
     next_oid, next_rid, n_rel, n_missing = 1_000_000, 4_000_000, 0, 0
     for i in range(n):
         image_id = i + 1
-        objs, rels = _scene(rng, cfg)
+        objs, rels = _scene(rng, settings)
         folder = "VG_100K_2" if image_id > 0.8 * n else "VG_100K"
         missing = quirks and rng.random() < 0.02
         if not missing:
@@ -230,11 +224,12 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_laion(out: Path, seed: int, cfg: dict) -> dict:
+def write_laion(out: Path, settings: Settings) -> dict:
+    seed = settings.seed
     rng = random.Random(f"{seed}-laion")
     nrng = np.random.default_rng([seed, 2])
-    width, height = cfg["image_size"]
-    n, per_shard = int(cfg["laion_samples"]), int(cfg["laion_shard_size"])
+    width, height = settings.image_size
+    n, per_shard = settings.laion_samples, settings.laion_shard_size
     laion = out / "laion"
     laion.mkdir(parents=True, exist_ok=True)
     ok_total = 0
@@ -246,9 +241,9 @@ def write_laion(out: Path, seed: int, cfg: dict) -> dict:
         ):
             for idx in range(min(per_shard, n - shard * per_shard)):
                 key = f"{shard:05d}{idx:04d}"
-                objs, rels = _scene(rng, cfg)
+                objs, rels = _scene(rng, settings)
                 caption = alt_text(rng, objs, rels)
-                failed = rng.random() < float(cfg["laion_fail_rate"])
+                failed = rng.random() < settings.laion_fail_rate
                 row = {
                     "url": f"https://example.org/img/{key}.jpg",
                     "caption": caption,
@@ -292,18 +287,19 @@ def write_laion(out: Path, seed: int, cfg: dict) -> dict:
 # --------------------------------------------------------------------------- Flickr30k
 
 
-def write_flickr30k(out: Path, seed: int, cfg: dict) -> dict:
+def write_flickr30k(out: Path, settings: Settings) -> dict:
+    seed = settings.seed
     rng = random.Random(f"{seed}-flickr30k")
     nrng = np.random.default_rng([seed, 3])
-    width, height = cfg["image_size"]
-    n = int(cfg["flickr_images"])
-    f_train, f_val, _ = cfg["flickr_split"]
+    width, height = settings.image_size
+    n = settings.flickr30k_images
+    f_train, f_val, _ = settings.flickr30k_split
     root = out / "flickr30k"
     csv_lines = ["image_name| comment_number| comment"]
     karpathy, sentid = [], 0
     for i in range(n):
         name = f"{1000000 + 7919 * i}.jpg"
-        objs, rels = _scene(rng, cfg)
+        objs, rels = _scene(rng, settings)
         _write_bytes(
             root / "flickr30k_images" / name, _jpeg(render(objs, width, height, "photo", nrng))
         )
@@ -311,7 +307,8 @@ def write_flickr30k(out: Path, seed: int, cfg: dict) -> dict:
         split = "train" if i < f_train * n else ("val" if i < (f_train + f_val) * n else "test")
         entry = {"filename": name, "imgid": i, "split": split, "sentids": [], "sentences": []}
         for k, s in enumerate(sents):
-            sep = "| " if not (cfg["quirks"] and i == 7 and k == 4) else " "  # the real file's flaw
+            flaw = settings.quirks and i == 7 and k == 4  # the real file's missing separator
+            sep = " " if flaw else "| "
             csv_lines.append(f"{name}| {k}{sep}{s}")
             tokens = re.findall(r"[a-z0-9]+", s.lower())  # Karpathy tokens: no punctuation
             entry["sentences"].append({"tokens": tokens, "raw": s, "imgid": i, "sentid": sentid})
@@ -325,23 +322,18 @@ def write_flickr30k(out: Path, seed: int, cfg: dict) -> dict:
     return {"images": n, "captions": sentid}
 
 
-def generate(out: Path, seed: int = 0, params: dict | None = None) -> str:
-    """Write the three datasets under `out`; return a one-line summary."""
-    cfg = {**DEFAULTS, **{k: v for k, v in (params or {}).items() if k in DEFAULTS}}
+def generate(out: Path, settings: Settings) -> dict[str, Any]:
+    """Write the three datasets and `SAMPLE_WORLD.json` under `out`; return what it holds."""
     out = Path(out)
     _prepare_out(out)
-    t0 = time.perf_counter()
+    sizes = as_dict(settings)
+    del sizes["seed"]
     info = {
-        "seed": seed,
-        "params": cfg,
-        "vg": write_vg(out, seed, cfg),
-        "laion": write_laion(out, seed, cfg),
-        "flickr30k": write_flickr30k(out, seed, cfg),
+        "seed": settings.seed,
+        "params": sizes,
+        "vg": write_vg(out, settings),
+        "laion": write_laion(out, settings),
+        "flickr30k": write_flickr30k(out, settings),
     }
     write_json(out / MARKER, info)
-    return (
-        f"synth: {info['vg']['images']} VG images ({info['vg']['relationships']} relationships), "
-        f"{info['laion']['downloaded']}/{info['laion']['samples']} LAION pairs, "
-        f"{info['flickr30k']['images']} Flickr30k images ({info['flickr30k']['captions']} captions) "
-        f"in {time.perf_counter() - t0:.1f}s -> {out}"
-    )
+    return info

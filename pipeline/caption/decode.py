@@ -17,11 +17,16 @@ and the tail beyond `n_cand` neighbours carries negligible mass at the small T u
 (T = ce_temperature, i.e. the temperature of the `ce` loss; times target_scale² for L2).
 Finished hypotheses are ranked by total score / length**length_penalty. With beam size 1
 the search reduces to greedy decoding.
+
+`caption_embeddings` turns image embeddings into caption texts (evaluate_caption);
+`caption_images` captions image files end to end (`clipda caption`).
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import faiss
@@ -29,8 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.nn.caption_decoder import CaptionDecoder
+from pipeline.errors import UserError
+from pipeline.nn.caption_decoder import CaptionDecoder, read_model_info
 from pipeline.nn.caption_decoder import load_caption_model as _load
+from pipeline.training import autocast, pick_device
 
 _INDEX_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -42,9 +49,9 @@ class TokenIndex:
         cfg = model.config
         self.metric = model.search_space
         table = model.target_table if self.metric == "l2" else model.unit_table
-        banned = {cfg["bos_token_id"]}
-        if cfg["pad_token_id"] != cfg["eos_token_id"]:
-            banned.add(cfg["pad_token_id"])
+        banned = {cfg.bos_token_id}
+        if cfg.pad_token_id != cfg.eos_token_id:
+            banned.add(cfg.pad_token_id)
         self.ids = np.array([i for i in range(len(table)) if i not in banned], dtype=np.int64)
         vecs = np.ascontiguousarray(table.detach().float().cpu().numpy()[self.ids])
         dim = vecs.shape[1]
@@ -78,13 +85,8 @@ def _device(model: CaptionDecoder) -> torch.device:
     return model.token_table.device
 
 
-def _autocast(model: CaptionDecoder):
-    dev = _device(model)
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-
-
 def _max_steps(model: CaptionDecoder, max_len: int) -> int:
-    return max(1, min(int(max_len), model.config["max_len"] - 1))
+    return max(1, min(int(max_len), model.config.max_len - 1))
 
 
 @torch.no_grad()
@@ -93,10 +95,10 @@ def greedy_search(
 ) -> list[list[int]]:
     """Nearest token at every step until EOS or `max_len` tokens."""
     cfg, index, dev = model.config, token_index(model), _device(model)
-    bos, eos = cfg["bos_token_id"], cfg["eos_token_id"]
+    bos, eos = cfg.bos_token_id, cfg.eos_token_id
     n = len(image_emb)
     out: list[list[int]] = [[] for _ in range(n)]
-    with _autocast(model):
+    with autocast(dev):
         prefix = model.prefix(image_emb.to(dev))
         tokens = torch.full((n, 1), bos, dtype=torch.long, device=dev)
         alive = torch.arange(n, device=dev)
@@ -127,11 +129,11 @@ def beam_search(
 ) -> list[list[int]]:
     """Beam search with softmax-over-neighbours step scores (see module doc)."""
     cfg, index, dev = model.config, token_index(model), _device(model)
-    bos, eos, k = cfg["bos_token_id"], cfg["eos_token_id"], int(beam_size)
+    bos, eos, k = cfg.bos_token_id, cfg.eos_token_id, int(beam_size)
     if temperature is None:
-        temperature = cfg["ce_temperature"]
+        temperature = cfg.ce_temperature
         if model.search_space == "l2":
-            temperature *= float(cfg["target_scale"]) ** 2
+            temperature *= float(cfg.target_scale) ** 2
     n_cand = max(n_cand, 2 * k)
     n = len(image_emb)
     beams: list[list[tuple[list[int], float]]] = [[([], 0.0)] for _ in range(n)]
@@ -141,7 +143,7 @@ def beam_search(
     def norm(score: float, length: int) -> float:
         return score / max(length, 1) ** length_penalty
 
-    with _autocast(model):
+    with autocast(dev):
         prefix = model.prefix(image_emb.to(dev))
         for _ in range(_max_steps(model, max_len)):
             rows = [(b, h) for b in active for h in range(len(beams[b]))]
@@ -208,5 +210,74 @@ def generate(
 
 def load_caption_model(folder: str | Path, device: str | None = None) -> CaptionDecoder:
     """Load a caption model folder on `device` (default: CUDA when available)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return _load(folder, device)
+    return _load(folder, pick_device(device or "auto"))
+
+
+def ids_to_text(tokenizer, ids: Sequence[int]) -> str:
+    """Decode generated ids: drop a leading BOS, cut at the first EOS, skip special tokens."""
+    ids = [int(i) for i in ids]
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
+
+
+def caption_embeddings(
+    model: CaptionDecoder,
+    image_emb: torch.Tensor,
+    tokenizer,
+    beam_size: int,
+    max_len: int,
+    batch_size: int = 256,
+    label: str = "",
+) -> list[str]:
+    """One caption (text) per row of `image_emb`, decoded `batch_size` rows at a time."""
+    from tqdm import tqdm
+
+    texts: list[str] = []
+    starts = range(0, len(image_emb), batch_size)
+    for start in tqdm(starts, desc=f"caption {label}".strip(), disable=not sys.stderr.isatty()):
+        out = generate(model, image_emb[start : start + batch_size], beam_size, max_len)
+        texts.extend(ids_to_text(tokenizer, ids) for ids in out)
+    return texts
+
+
+def caption_images(
+    images: Sequence[str | Path],
+    model: str | Path,
+    clip: str | None = None,
+    beam: int = 3,
+    max_len: int = 30,
+) -> Iterator[tuple[str | Path, str]]:
+    """(path, caption) for each image file: CLIP `clip` embeds it (decoded as `embed`
+    decodes images), the decoder in folder `model` captions it.
+
+    `clip` None: the CLIP recorded in the model's config.json. A CLIP whose embedding size
+    differs from the model's is a `UserError`; one with another revision than the model
+    was trained on, a warning on stderr. Every image is embedded before the first caption
+    is yielded, so an unreadable image fails before any output.
+    """
+    from pipeline.clip.backbone import embed_image, load_backbone
+
+    if beam < 1:
+        raise UserError(f"beam must be >= 1, got {beam}")
+    if max_len < 1:
+        raise UserError(f"max_len must be >= 1, got {max_len}")
+    decoder = load_caption_model(model)
+    trained_on = read_model_info(model).get("clip") or {}
+    if clip is None:
+        clip = trained_on.get("model")
+        if not clip:
+            raise UserError(f"{model}/config.json names no CLIP: pass one with --clip")
+    bb = load_backbone(clip)
+    want = decoder.config.image_dim
+    if bb.dim != want:
+        raise UserError(f"{clip} gives {bb.dim}-d embeddings, {model} expects {want}")
+    if trained_on.get("revision") not in (None, bb.revision):
+        was = f"{trained_on.get('model')} ({trained_on.get('revision')})"
+        print(f"warning: {model} was trained on {was}, not {bb.revision}", file=sys.stderr)
+    emb = torch.cat([embed_image(bb, path) for path in images])
+    texts = caption_embeddings(decoder, emb, bb.tokenizer, beam, max_len)
+    yield from zip(images, texts)

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.clip.backbone import embed_image
 from pipeline.errors import UserError
+from pipeline.vqa.zeroshot import TEMPLATES, template_for
 
 RELATION_RE = re.compile(
     r"^\s*what\s+is\s+the\s+relation(?:ship)?\s+between\s+(?:the\s+|a\s+|an\s+)?(.+?)"
@@ -85,29 +87,6 @@ class AskResult:
     clip: str = ""
 
 
-def embed_image(backbone, image: str | Path, box=None) -> torch.Tensor:
-    """(1, d) CLIP embedding of the image or its box crop, decoded as embed decodes."""
-    from pipeline.clip.backbone import normalize_pixels
-    from pipeline.imagedecode import BAD_BOX, decode_image, read_bytes
-
-    data = read_bytes(str(image))
-    if data is None:
-        raise UserError(f"image not found: {image}")
-    decoded = decode_image(
-        data,
-        backbone.image_size,
-        backbone.resize_size,
-        boxes=(box,) if box else (),
-        whole=box is None,
-    )
-    if decoded.skip:
-        raise UserError(f"cannot use image {image}: {decoded.skip}")
-    if decoded.bad_boxes:
-        raise UserError(f"--box {box} lies outside the image {image} ({BAD_BOX})")
-    pixels = normalize_pixels(torch.from_numpy(decoded.pixels), backbone.mean, backbone.std)
-    return backbone.encode_images(pixels)
-
-
 def ask(
     image: str | Path,
     question: str,
@@ -115,16 +94,19 @@ def ask(
     clip: str | None = None,
     box: tuple[int, int, int, int] | None = None,
     top: int = 5,
-    templates: dict[str, str] | None = None,
+    templates: dict[str, str] = TEMPLATES,
 ) -> AskResult:
-    """Top answers (with cosine scores) of the trained head and of zero-shot CLIP."""
+    """Top answers (with cosine scores) of the trained head and of zero-shot CLIP.
+
+    `templates`: the zero-shot prompts per question type, as `evaluate_vqa`'s settings
+    hold them (checked, with a `default`).
+    """
     from pipeline.clip.backbone import load_backbone
-    from pipeline.evaluate_vqa import check_templates, topk_rows
     from pipeline.nn.vqa_head import load_head
+    from pipeline.vqa.scores import topk_rows
 
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
-    templates = check_templates(templates)
     head, answer_emb, cfg = load_head(model_dir)
     candidates = cfg.get("qtype_candidates") or {}
     parsed = parse_question(question, list(candidates))
@@ -151,7 +133,7 @@ def ask(
         [(answers[cand[i]], float(v)) for i, v in zip(order[0], vals[0])],
         clip=backbone.model_id,
     )
-    template = templates.get(parsed.qtype, templates["default"])
+    template = template_for(templates, parsed.qtype)
     fill = {"subject": parsed.subject or "", "object": parsed.object or "", "question": parsed.text}
     prompts = [template.format(answer=answers[c], **fill) for c in cand]
     prompt_emb = backbone.encode_texts(prompts)

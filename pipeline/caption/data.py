@@ -1,8 +1,8 @@
-"""Caption training data from the embed stage's cached Arrow files (no image decoding).
+"""Caption data from the embed stage's cached Arrow files (no image decoding).
 
 `data/emb/laion` and `data/emb/flickr30k` hold one row per caption: `image_emb`
 (fixed_size_list<float16>[d]), `token_ids` (list<int32>, BOS ... EOS), `split`, ids.
-The shards are memory-mapped (`pipeline.embfile`); only the rows of the requested splits
+The shards are memory-mapped (`pipeline.embedding.files`); only the rows of the requested splits
 are copied into tensors. Token ids are right-padded into a (n, L) tensor with their
 lengths; captions longer than `max_len` are cut to `max_len` tokens ending in EOS.
 """
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file
 
-from pipeline.embfile import read_dataset, vectors
+from pipeline.embedding.files import read_dataset, vectors
 from pipeline.errors import UserError
 from pipeline.readers import read_json
 
@@ -140,3 +140,69 @@ def load_images(
     emb = vectors(table.column("image_emb"))
     keep = np.fromiter(first.values(), dtype=np.int64, count=len(first))
     return list(first), torch.from_numpy(np.ascontiguousarray(emb[keep]))
+
+
+@dataclass
+class TrainingData:
+    """What `train_caption` reads: LAION and Flickr30k captions, the two domains' images,
+    the shared token table and the CLIP they all come from (all on the training device)."""
+
+    laion: CaptionSet  # LAION train captions (pretrain, adapt)
+    flickr30k_train: CaptionSet  # Flickr30k train captions (finetune)
+    flickr30k_val: CaptionSet  # Flickr30k val captions (validation loss)
+    source_images: torch.Tensor  # (n, d) one embedding per LAION image
+    target_images: torch.Tensor  # (m, d) one per Flickr30k image of the target splits
+    token_table: torch.Tensor  # (vocab, width) float32, on the CPU
+    special_ids: dict[str, int]  # bos_token_id, eos_token_id, pad_token_id
+    clip: dict[str, Any]  # model, revision, dim and token_embedding of the manifests
+
+    @property
+    def image_dim(self) -> int:
+        return int(self.laion.image_emb.shape[1])
+
+
+def same_clip(laion: dict[str, Any], flickr30k: dict[str, Any]) -> dict[str, Any]:
+    """The CLIP both manifests name; a `UserError` if they name different ones."""
+    keys = ("model", "revision", "dim")
+    a, b = ({k: m.get(k) for k in keys} for m in (laion, flickr30k))
+    if a != b:
+        raise UserError(
+            f"LAION and Flickr30k embeddings come from different CLIP models: {a} vs {b}"
+        )
+    return {**a, "token_embedding": laion.get("token_embedding", {})}
+
+
+def load_training_data(
+    laion: str | Path,
+    flickr30k: str | Path,
+    max_len: int,
+    target_splits: tuple[str, ...] | list[str],
+    device: torch.device,
+) -> TrainingData:
+    """LAION train and Flickr30k train/val captions cut to `max_len` tokens, the images of
+    both domains (Flickr30k: those of `target_splits`), moved to `device`."""
+    clip = same_clip(read_manifest(laion), read_manifest(flickr30k))
+    tok = clip["token_embedding"]
+    table = load_token_table(laion)
+    if not torch.equal(table, load_token_table(flickr30k)):
+        raise UserError("LAION and Flickr30k folders hold different token-embedding tables")
+    special = {k: int(tok[k]) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {"max_len": max_len, "pad_id": special["pad_token_id"], "eos_id": special["eos_token_id"]}
+    source = load_captions(laion, ("train",), **ids)
+    f_train = load_captions(flickr30k, ("train",), **ids)
+    f_val = load_captions(flickr30k, ("val",), **ids)
+    if len(source) == 0 or len(f_train) == 0:
+        raise UserError(
+            f"no training captions (LAION {len(source)}, Flickr30k train {len(f_train)})"
+        )
+    src_images = source.images().to(device)
+    _, tgt_images = load_images(flickr30k, tuple(target_splits))
+    if len(tgt_images) == 0:
+        raise UserError(f"no Flickr30k images in target_splits {list(target_splits)}")
+    for cs in (source, f_train, f_val):  # small enough to live on the device (145k x 512 fp16)
+        cs.image_emb, cs.ids, cs.lengths = (
+            x.to(device) for x in (cs.image_emb, cs.ids, cs.lengths)
+        )
+    return TrainingData(
+        source, f_train, f_val, src_images, tgt_images.to(device), table, special, clip
+    )

@@ -1,9 +1,11 @@
-"""prepare_vqa: Visual Genome JSON -> relation / object QA parquet, streaming at full scale.
+"""Visual Genome JSON -> relation / object QA rows: the library of the `prepare_vqa` stage.
 
-Reads `image_data.json`, `relationships.json` and `objects.json` one image entry at a
-time (see `pipeline.formats.vg`) and writes `{train,val,test}.parquet` in row groups, so
-peak memory does not grow with the input (it holds one row group per split, the
-per-image metadata and the answer counts).
+The stage (`pipeline.stages.prepare_vqa`) reads `image_data.json`, `relationships.json`
+and `objects.json` one image entry at a time (see `pipeline.formats.vg`) and writes
+`{train,val,test}.parquet` in row groups, so peak memory does not grow with the input (it
+holds one row group per split, the per-image metadata and the answer counts). `SCHEMA`,
+`split_of` and `build_vocab` also define the data/qa layout that `prepare-qa-table`
+(`pipeline.formats.qa_table`) writes.
 
 - Relation questions: "What is the relationship between {subject} and {object}?" ->
   predicate, one per relationship. Skipped and counted by reason: malformed entry, image
@@ -16,12 +18,13 @@ per-image metadata and the answer counts).
 - `image_path` is relative to the VG folder (`VG_100K/1.jpg`), null when the file is
   missing; the report records the folder (`image_path_base`).
 - Names and predicates: lower-case, strip, collapse whitespace, then the alias files.
-- Split per image by a hash of (seed, image_id): deterministic, an image never straddles
-  splits.
-- Answer vocabulary: answers of the *train* rows, most frequent first (ties by text), at
-  least `min_count`, at most `top_k`. Rows outside it are kept with `in_vocab = false`.
+- Split per image by a hash of (seed, image_id) with the shared `split` fractions:
+  deterministic, an image never straddles splits.
+- Answer vocabulary (the shared `answers` settings): answers of the *train* rows, most
+  frequent first (ties by text), at least `min_count`, at most `top_k`. Rows outside it
+  are kept with `in_vocab = false`.
   As the vocabulary needs global counts, rows are first staged without `in_vocab`, then
-  each split is rewritten row group by row group with it.
+  each split is rewritten row group by row group with it (`StagedSplits`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,8 +46,11 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
 from pipeline.formats import vg
-from pipeline.params import typed
 from pipeline.report import Report
+from pipeline.settings import Answers, Split
+
+if TYPE_CHECKING:
+    from pipeline.stages.prepare_vqa import Settings
 
 SPLITS = ("train", "val", "test")
 BOX = pa.list_(pa.int32(), 4)
@@ -70,39 +76,6 @@ SCHEMA = pa.schema(
 STAGED = pa.schema([f for f in SCHEMA if f.name not in ("in_vocab", "split")])
 RELATION_QUESTION = "What is the relationship between {} and {}?"
 OBJECT_QUESTION = "What is this?"
-
-DEFAULTS: dict[str, Any] = {
-    "val_fraction": 0.1,
-    "test_fraction": 0.1,
-    "top_k": 1000,
-    "min_count": 1,
-    "dedupe_triples": True,
-    "max_objects_per_image": 5,
-    "row_group_size": 65536,
-}
-
-
-def check_params(params: dict) -> dict[str, Any]:
-    """Defaults + `params`, validated (`UserError` on a bad value)."""
-    p = {**DEFAULTS, "seed": 0, **{k: v for k, v in params.items() if v is not None}}
-    p["max_objects_per_image"] = params.get("max_objects_per_image", 5)
-    p = typed(p, {**DEFAULTS, "seed": 0}, "prepare_vqa")
-    val, test = p["val_fraction"], p["test_fraction"]
-    for key, v in (("val_fraction", val), ("test_fraction", test)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
-            raise UserError(f"prepare_vqa.{key} must be a number in [0, 1], got {v!r}")
-    if val + test > 1:
-        raise UserError(f"prepare_vqa: val_fraction + test_fraction = {val + test} > 1")
-    for key in ("top_k", "min_count", "row_group_size"):
-        v = p[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UserError(f"prepare_vqa.{key} must be an integer >= 1, got {v!r}")
-    cap = p["max_objects_per_image"]
-    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
-        raise UserError(f"prepare_vqa.max_objects_per_image must be null or >= 0, got {cap!r}")
-    if not isinstance(p["dedupe_triples"], bool):
-        raise UserError("prepare_vqa.dedupe_triples must be true or false")
-    return p
 
 
 def split_of(image_id: int, seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -181,21 +154,23 @@ class QABuilder:
     """Turns VG image entries into QA rows, buffered per split and handed to `emit`.
 
     `emit(split, batch)` receives record batches (schema `STAGED`, at most
-    `row_group_size` rows) as buffers fill and on `flush()`. Counts go to `relations`
-    (a Report over relationships), `objects` (a Report over objects), `answer_counts`,
-    `rows` and `images`.
+    `settings.row_group_size` rows) as buffers fill and on `flush()`. Counts go to
+    `relations` (a Report over relationships), `objects` (a Report over objects),
+    `answer_counts`, `rows` and `images_with_rows`.
     """
 
     def __init__(
         self,
-        params: dict[str, Any],
+        settings: Settings,
+        split: Split,
         images: dict[int, tuple[int | None, int | None]],
         files: vg.ImageFiles,
         rel_norm: vg.Normalizer,
         obj_norm: vg.Normalizer,
         emit: Callable[[str, pa.RecordBatch], None],
     ):
-        self.p = check_params(params)
+        self.settings = settings
+        self.split = split
         self.images = images
         self.files = files
         self.rel_norm = rel_norm
@@ -216,8 +191,8 @@ class QABuilder:
         if image_id is None or image_id not in self.images:
             return None
         w, h = self.images[image_id]
-        p = self.p
-        split = split_of(image_id, p["seed"], p["val_fraction"], p["test_fraction"])
+        sp = self.split
+        split = split_of(image_id, self.settings.seed, sp.val_fraction, sp.test_fraction)
         return split, self.files.path(image_id), w, h
 
     def _items(self, entry: Any, key: str, report: Report) -> tuple[int, list, tuple] | None:
@@ -254,7 +229,7 @@ class QABuilder:
         self.images_with_rows[split].add(image_id)
         if path is None:
             self.rows_without_image_file += n
-        if len(cols) >= self.p["row_group_size"]:
+        if len(cols) >= self.settings.row_group_size:
             self._flush(split)
 
     def _flush(self, split: str) -> None:
@@ -277,7 +252,7 @@ class QABuilder:
         cols = self.buffers[split]
         rnorm, onorm, name_of, box_of = self.rel_norm, self.obj_norm, vg.entity_name, vg.box_of
         union_box = vg.union_box
-        seen: set[tuple[str, str, str]] | None = set() if self.p["dedupe_triples"] else None
+        seen: set[tuple[str, str, str]] | None = set() if self.settings.dedupe_triples else None
         counts = self.answer_counts[split]
         n = 0
         # hot loop (millions of rows): plain dict lookups, no helper calls in the common case
@@ -363,7 +338,7 @@ class QABuilder:
                 seen_ids.add(oid)
             kept.append((-box[2] * box[3], j, name, box))
         kept.sort()
-        cap = self.p["max_objects_per_image"]
+        cap = self.settings.max_objects_per_image
         if cap is not None and len(kept) > cap:
             rep.skip("over_image_cap", f"{image_id}/o{kept[cap][1]}", n=len(kept) - cap)
             kept = kept[:cap]
@@ -420,8 +395,51 @@ def finalize_split(staged: Path, final: Path, split: str, vocab: pa.Array) -> in
     return n_in
 
 
+class StagedSplits:
+    """The three splits, staged then finalised: `write(split, batch)` appends rows (schema
+    `STAGED`, uncompressed) to `out_dir/.<split>.parquet.staged`; `finalize(vocab)` rewrites
+    each into `out_dir/<split>.parquet` with `in_vocab` and `split`. Leaving the `with`
+    block removes the staged files, whatever happened."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.staged = {s: out_dir / f".{s}.parquet.staged" for s in SPLITS}
+        self.writers: dict[str, pq.ParquetWriter] = {}
+
+    def __enter__(self) -> Self:
+        try:
+            for s in SPLITS:
+                self.writers[s] = pq.ParquetWriter(
+                    self.staged[s], STAGED, compression="none", use_compliant_nested_type=False
+                )
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def write(self, split: str, batch: pa.RecordBatch) -> None:
+        self.writers[split].write_batch(batch)
+
+    def finalize(self, vocab: list[tuple[str, int]]) -> dict[str, int]:
+        """Write the final splits; rows in the vocabulary per split."""
+        for w in self.writers.values():
+            w.close()
+        vocab_arr = pa.array([a for a, _ in vocab], pa.string())
+        return {
+            s: finalize_split(self.staged[s], self.out_dir / f"{s}.parquet", s, vocab_arr)
+            for s in SPLITS
+        }
+
+    def __exit__(self, *exc: object) -> None:
+        for w in self.writers.values():
+            if w.is_open:
+                w.close()
+        for path in self.staged.values():
+            path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
     """Pause the cyclic GC: parsed entries hold no reference cycles, so refcounting frees
     them; otherwise the collector rescans the live heap as millions of dicts come and go."""
     was_enabled = gc.isenabled()
@@ -433,83 +451,48 @@ def _gc_paused():
             gc.enable()
 
 
-def _progress(it, total: int, desc: str):
+def progress(it, total: int, desc: str):
+    """`it` with a tqdm bar (per image entry) when stderr is a terminal."""
     return tqdm(
         it, total=total, desc=desc, unit="img", mininterval=1.0, disable=not sys.stderr.isatty()
     )
 
 
-def run(vg_dir: Path, out_dir: Path, params: dict) -> Report:
-    """Build `out_dir/{train,val,test}.parquet`, `answers.json`, `report.json` from `vg_dir`."""
-    p = check_params(params)
-    vg_dir, out_dir = Path(vg_dir), Path(out_dir)
+def check_vg_folder(vg_dir: Path, objects: bool) -> None:
+    """`UserError` unless `vg_dir` holds the JSON files needed (objects.json if `objects`)."""
     if not vg_dir.is_dir():
         raise UserError(f"Visual Genome folder not found: {vg_dir}")
-    want_objects = p["max_objects_per_image"] != 0
-    needed = [vg.IMAGE_DATA, vg.RELATIONSHIPS] + ([vg.OBJECTS] if want_objects else [])
+    needed = [vg.IMAGE_DATA, vg.RELATIONSHIPS] + ([vg.OBJECTS] if objects else [])
     for name in needed:
         if not (vg_dir / name).is_file():
             raise UserError(f"{vg_dir}: {name} not found (is this a Visual Genome folder?)")
 
-    rel_aliases = vg.load_aliases(vg_dir / vg.RELATIONSHIP_ALIAS)
-    obj_aliases = vg.load_aliases(vg_dir / vg.OBJECT_ALIAS)
+
+def read_images(
+    vg_dir: Path,
+) -> tuple[dict[int, tuple[int | None, int | None]], vg.ImageFiles, Report]:
+    """image_id -> (width, height), the image files found, and a report noting bad
+    image_data.json entries and images without a file (`image_file_missing`)."""
     meta = Report("prepare_vqa.images")
     images = read_image_data(vg_dir / vg.IMAGE_DATA, meta)
     files = vg.ImageFiles(vg_dir)
-    missing = [i for i in images if i not in files]
-    for image_id in missing:
-        meta.note("image_file_missing", image_id)
+    for image_id in images:
+        if image_id not in files:
+            meta.note("image_file_missing", image_id)
+    return images, files, meta
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged = {s: out_dir / f".{s}.parquet.staged" for s in SPLITS}
-    writers: dict[str, pq.ParquetWriter] = {}
-    try:
-        for s in SPLITS:
-            writers[s] = pq.ParquetWriter(
-                staged[s], STAGED, compression="none", use_compliant_nested_type=False
-            )
-        builder = QABuilder(
-            p,
-            images,
-            files,
-            vg.Normalizer(rel_aliases),
-            vg.Normalizer(obj_aliases),
-            lambda s, b: writers[s].write_batch(b),
-        )
-        with _gc_paused():
-            for entry in _progress(vg.iter_array(vg_dir / vg.RELATIONSHIPS), len(images), "rels"):
-                builder.add_relationships(entry)
-            if want_objects:
-                for entry in _progress(vg.iter_array(vg_dir / vg.OBJECTS), len(images), "objs"):
-                    builder.add_objects(entry)
-            builder.flush()
-        for w in writers.values():
-            w.close()
 
-        vocab = build_vocab(builder.answer_counts["train"], p["top_k"], p["min_count"])
-        vocab_arr = pa.array([a for a, _ in vocab], pa.string())
-        in_vocab = {
-            s: finalize_split(staged[s], out_dir / f"{s}.parquet", s, vocab_arr) for s in SPLITS
-        }
-    finally:
-        for w in writers.values():
-            if w.is_open:
-                w.close()
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-
+def write_answers(path: Path, vocab: list[tuple[str, int]], answers: Answers) -> None:
+    """`answers.json`: the vocabulary in class-id order, and how it was chosen."""
     write_json(
-        out_dir / "answers.json",
+        path,
         {
             "answers": [{"answer": a, "count": c} for a, c in vocab],
-            "top_k": p["top_k"],
-            "min_count": p["min_count"],
+            "top_k": answers.top_k,
+            "min_count": answers.min_count,
             "counted_on": "train",
         },
     )
-    report = _report(builder, meta, p, vg_dir, files, len(images), len(missing), vocab, in_vocab)
-    report.save(out_dir / "report.json")
-    return report
 
 
 def summary(report: Report) -> str:
@@ -523,18 +506,16 @@ def summary(report: Report) -> str:
     )
 
 
-def _report(
+def build_report(
     b: QABuilder,
     meta: Report,
-    p: dict,
     vg_dir: Path,
-    files: vg.ImageFiles,
-    n_images: int,
-    n_missing: int,
     vocab: list,
     in_vocab: dict[str, int],
+    settings: dict[str, Any],
 ) -> Report:
-    """Top-level counts are relationships; objects, images and splits go in extras."""
+    """The stage report: top-level counts are relationships; objects, images, splits, the
+    vocabulary and the `settings` (flat, sorted by key) go in extras."""
     rep = b.relations
     objects = b.objects.to_dict()
     objects.pop("stage")
@@ -557,10 +538,10 @@ def _report(
         "object questions are counted under 'objects'",
         "objects": objects,
         "images": {
-            "in_image_data": n_images,
-            "files_found": len(files),
-            "files_per_folder": files.per_folder,
-            "missing_file": n_missing,
+            "in_image_data": len(b.images),
+            "files_found": len(b.files),
+            "files_per_folder": b.files.per_folder,
+            "missing_file": meta.noted["image_file_missing"],
             "rows_without_image_file": b.rows_without_image_file,
             **images,
         },
@@ -572,6 +553,6 @@ def _report(
         },
         "image_path_base": str(vg_dir),
         "json_backend": vg.json_backend(),
-        "params": {k: p[k] for k in sorted(p)},
+        "params": {k: settings[k] for k in sorted(settings)},
     }
     return rep

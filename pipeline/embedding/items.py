@@ -1,8 +1,8 @@
 """What the embed stage works on: images (with their captions or crop boxes) in a fixed order.
 
-A format reader (`pipeline.formats.*`, the VG reader in `pipeline.embed`) turns a dataset
-folder into a `Listing`; `pipeline.embed` cuts it into shards and embeds them. Everything
-in an item is plain data, so items pickle cheaply into DataLoader workers.
+A format reader (`pipeline.formats.*`) turns a dataset folder into a `Listing`;
+`pipeline.embedding` cuts it into shards and embeds them. Everything in an item is plain
+data, so items pickle cheaply into DataLoader workers.
 """
 
 from __future__ import annotations

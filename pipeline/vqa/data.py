@@ -10,21 +10,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.embfile import read_dataset, read_table, vectors
+from pipeline.embedding.files import read_dataset, read_table, vectors
 from pipeline.errors import UserError
 from pipeline.readers import read_json, read_parquet, read_parquet_schema
 from pipeline.report import Report
 
 META_COLUMNS = ["qid", "image_id", "qtype", "question", "answer", "subject", "object"]
 BOX_COLUMNS = ["subj_box", "union_box"]
-IMAGE_SOURCES = ("auto", "whole", "crop")
+ImageSource = Literal["auto", "whole", "crop"]  # see `image_rows`
+IMAGE_SOURCES: tuple[str, ...] = get_args(ImageSource)
 
 
 class ChunkedMatrix:
@@ -187,7 +188,7 @@ def crop_ids(table: pa.Table) -> pa.Array:
     return pa.array(out, pa.string())
 
 
-def image_rows(table: pa.Table, store: EmbeddingStore, source: str = "auto") -> np.ndarray:
+def image_rows(table: pa.Table, store: EmbeddingStore, source: ImageSource = "auto") -> np.ndarray:
     """Row of `store.image` for each QA row: the whole image, or its box crop.
 
     `auto` takes the crop when embed wrote one (embed.vg_crops) and the whole image
@@ -246,7 +247,7 @@ def load_split(
     vocab: AnswerVocab,
     report: Report | None = None,
     in_vocab_only: bool = False,
-    image_source: str = "auto",
+    image_source: ImageSource = "auto",
 ) -> VQASplit:
     """Rows of `{split}.parquet` that have an image and a question embedding.
 

@@ -1,0 +1,1 @@
+"""Captioning library: caption data, the decoder trainer, decoding, evaluation."""

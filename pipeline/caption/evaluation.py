@@ -1,0 +1,181 @@
+"""Caption evaluation: the images of a split with all their references, the
+nearest-neighbour baseline, scoring and the predictions files.
+
+The `embed` output for Flickr30k holds one row per caption (`image_id`, `split`,
+`image_emb`, `caption`). One prediction is made per image, from the image embedding of
+the image's first row; its references are all captions of that image. The baseline
+answers with the first caption (first row in the embedding files) of the training image
+whose CLIP image embedding is closest by cosine (faiss `IndexFlatIP` on L2-normalised
+vectors).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.atomic import write_text
+from pipeline.embedding.files import vectors
+from pipeline.errors import UserError
+from pipeline.metrics import cider_d, corpus_bleu_1to4, tokenize
+from pipeline.report import Report
+
+BASELINE = "nn"  # the baseline's name among the systems (metrics keys)
+BASELINE_FILE = "caption_nn_baseline.jsonl"  # ... and its predictions file
+# The source paper reports one "BLEU" without its n-gram order; bleu1..bleu4 are recorded
+# so a reader can compare with whichever order it was.
+PAPER_BLEU = {"paper_bleu_noada": 0.2805, "paper_bleu_ada": 0.4116}
+PAPER_NOTE = "the source paper reports one BLEU of unstated n-gram order (see paper_bleu_*)"
+
+
+@dataclass
+class ImageSet:
+    """One entry per image of a split: its id, embedding (first row) and captions."""
+
+    image_ids: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    emb: np.ndarray | None = None  # (n, d) float32
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def load_image_captions(table: pa.Table, split: str) -> ImageSet:
+    """Group the rows of `split` by image_id (file order); embedding of each image's first row."""
+    for col in ("image_id", "split", "image_emb", "caption"):
+        if col not in table.column_names:
+            raise UserError(f"embedding files lack column '{col}' (need Flickr30k captions)")
+    out = ImageSet()
+    index: dict[str, int] = {}
+    ids = table.column("image_id").to_pylist()
+    splits = table.column("split").to_pylist()
+    captions = table.column("caption").to_pylist()
+    for row, (image_id, row_split, caption) in enumerate(zip(ids, splits, captions)):
+        if row_split != split:
+            continue
+        k = index.get(image_id)
+        if k is None:
+            k = index[image_id] = len(out.image_ids)
+            out.image_ids.append(image_id)
+            out.rows.append(row)
+            out.captions.append([])
+        out.captions[k].append(caption or "")
+    emb = vectors(table.column("image_emb"))
+    out.emb = np.ascontiguousarray(emb[np.asarray(out.rows, dtype=np.int64)], dtype=np.float32)
+    return out
+
+
+def drop_empty_references(images: ImageSet, report: Report) -> ImageSet:
+    """References with no word after tokenisation are dropped; images left without any too
+    (both counted in `report`)."""
+    keep = ImageSet()
+    keep_rows = []
+    for k, (image_id, caps) in enumerate(zip(images.image_ids, images.captions)):
+        good = [c for c in caps if tokenize(c)]
+        if len(good) < len(caps):
+            report.note("empty_reference", image_id, n=len(caps) - len(good))
+        if not good:
+            report.skip("no_reference_with_words", image_id)
+            continue
+        keep.image_ids.append(image_id)
+        keep.rows.append(images.rows[k])
+        keep.captions.append(good)
+        keep_rows.append(k)
+    keep.emb = images.emb[np.asarray(keep_rows, dtype=np.int64)]
+    return keep
+
+
+def nearest_neighbour_captions(train: ImageSet, test: ImageSet) -> tuple[list[str], list[str]]:
+    """First caption and id of the most similar (cosine) training image for each test image."""
+    import faiss
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.array(x, dtype=np.float32, copy=True)
+        faiss.normalize_L2(x)
+        return x
+
+    index = faiss.IndexFlatIP(train.emb.shape[1])
+    index.add(unit(train.emb))
+    _, nbr = index.search(unit(test.emb), 1)
+    nbr = nbr[:, 0]
+    return [train.captions[j][0] for j in nbr], [train.image_ids[j] for j in nbr]
+
+
+def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """BLEU-1..4, CIDEr-D and a few shape statistics of one system's captions."""
+    hyps = [tokenize(p) for p in predictions]
+    refs = [[tokenize(r) for r in rs] for rs in references]
+    out = corpus_bleu_1to4(refs, hyps)
+    out["cider"] = cider_d(refs, hyps)[0]
+    out = {k: round(float(v), 6) for k, v in out.items()}
+    out["mean_len"] = round(float(np.mean([len(h) for h in hyps])), 3)
+    out["n_distinct"] = len({" ".join(h) for h in hyps})
+    out["n_pred_under4"] = sum(len(h) < 4 for h in hyps)
+    return out
+
+
+def write_predictions(
+    path: Path, test: ImageSet, predictions: Sequence[str], neighbours: Sequence[str] | None = None
+) -> None:
+    """One JSON line per image: image_id, prediction, references (+ the baseline's neighbour)."""
+    lines = []
+    for k, (image_id, pred, refs) in enumerate(zip(test.image_ids, predictions, test.captions)):
+        rec: dict[str, Any] = {"image_id": image_id, "prediction": pred, "references": refs}
+        if neighbours is not None:
+            rec["neighbour_id"] = neighbours[k]
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def system_names(models: Sequence[Path]) -> dict[str, Path]:
+    """Each caption model folder under its folder name; a clash is a `UserError`."""
+    systems: dict[str, Path] = {}
+    for folder in map(Path, models):
+        name = folder.name
+        if name in (BASELINE, "nn_baseline"):  # the baseline's key and file name
+            raise UserError(f"model folder name '{name}' is reserved for the baseline: {folder}")
+        if name in systems:
+            raise UserError(f"two caption models named '{name}': {systems[name]} and {folder}")
+        systems[name] = folder
+    if not systems:
+        raise UserError("no caption model given (--model FOLDER, once per variant)")
+    return systems
+
+
+def load_tokenizer(clip: str):
+    """The tokenizer of CLIP checkpoint `clip` (a folder or a hub id)."""
+    from transformers import AutoTokenizer
+
+    local = Path(clip).expanduser()
+    if not local.is_dir() and (clip.startswith((".", "/", "~")) or clip.count("/") > 1):
+        raise UserError(f"CLIP folder not found: {clip}")
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if local.is_dir() else clip)
+    except OSError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot load the tokenizer of '{clip}': {msg}") from None
+
+
+def check_clip(clip: str, manifest: dict[str, Any], emb: Path) -> None:
+    """`clip` must be the CLIP the embeddings in `emb` were made with: for a folder, the
+    same weights as the manifest's `sha256:` revision; for a hub id, the manifest's name.
+    (A folder against a hub-made manifest, or a manifest without either, is not checked.)"""
+    from pipeline.clip.backbone import weights_sha256
+
+    want, named = str(manifest.get("revision") or ""), manifest.get("model")
+    if Path(clip).expanduser().is_dir():
+        have = weights_sha256(Path(clip).expanduser())
+        if want.startswith("sha256:") and have != want:
+            raise UserError(
+                f"CLIP {clip} ({have}) is not the one the embeddings in {emb} were made "
+                f"with ({named}, {want})"
+            )
+    elif named and clip != named:
+        raise UserError(f"CLIP {clip} is not the one the embeddings in {emb} name ({named})")

@@ -1,0 +1,139 @@
+"""evaluate_caption: caption the Flickr30k test images with each trained decoder and a
+nearest-neighbour baseline; score them with BLEU-1..4 and CIDEr-D.
+
+Each `--model` folder is one system, named by its folder name (`noada`, `ada`); the
+baseline is `nn` (see `pipeline.caption.evaluation`). Outputs: `metrics` (headline only:
+{system: {bleu4, cider}}), `detail` (every score, the settings, how it was computed),
+`<predictions>/caption_<system>.jsonl` (image_id, prediction, references) and
+`<predictions>/caption_report.json` (rows read, written, skipped by reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from pipeline.atomic import write_json
+from pipeline.caption.data import read_manifest
+from pipeline.caption.decode import caption_embeddings, load_caption_model
+from pipeline.caption.evaluation import (
+    BASELINE,
+    BASELINE_FILE,
+    PAPER_BLEU,
+    PAPER_NOTE,
+    check_clip,
+    drop_empty_references,
+    load_image_captions,
+    load_tokenizer,
+    nearest_neighbour_captions,
+    score,
+    system_names,
+    write_predictions,
+)
+from pipeline.embedding.files import read_dataset
+from pipeline.errors import UserError
+from pipeline.metrics import (
+    BLEU_DETAIL,
+    BLEU_SETTINGS,
+    CIDER_DETAIL,
+    CIDER_SETTINGS,
+    TOKENIZATION,
+    TOKENIZATION_DETAIL,
+)
+from pipeline.report import Report
+from pipeline.settings import check, load
+
+HEADLINE = ("bleu4", "cider")  # the scores in the metrics file; the rest go to detail
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the captions are made and which rows are scored."""
+
+    SECTION: ClassVar[str] = "evaluate_caption"
+    beam_size: int = 3  # beam search width (1: greedy)
+    max_len: int = 30  # tokens after BOS; decode also caps at the model's max_len - 1
+    batch_size: int = 64  # images per decoding batch
+    split: str = "test"  # split whose images are captioned and scored
+    baseline_split: str = "train"  # split the nearest-neighbour baseline searches
+
+    def __post_init__(self) -> None:
+        for key in ("beam_size", "max_len", "batch_size"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+
+
+SETTINGS = (Settings,)
+
+
+def main(
+    emb: Path,
+    clip: str,
+    models: list[Path],
+    metrics: Path,
+    detail: Path,
+    predictions: Path,
+    params: Path | dict[str, Any],
+) -> str:
+    """Caption `split` of `emb` with every model and the baseline; write scores + predictions."""
+    s = load(Settings, params)
+    systems = system_names(models)
+    emb, predictions = Path(emb), Path(predictions)
+    if not emb.is_dir():
+        raise UserError(f"embeddings folder not found: {emb}")
+    check_clip(clip, read_manifest(emb), emb)
+    for name, folder in systems.items():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"caption model '{name}' not found: {folder}/config.json "
+                            "(run `clipda train-caption` first)")  # fmt: skip
+
+    report = Report("evaluate_caption")
+    table = read_dataset(emb)
+    test = load_image_captions(table, s.split)
+    report.read = sum(len(c) for c in test.captions)
+    if not len(test):
+        raise UserError(f"no '{s.split}' rows in {emb}")
+    test = drop_empty_references(test, report)
+    if not len(test):
+        raise UserError(f"no '{s.split}' image in {emb} has a reference with words")
+    train = load_image_captions(table, s.baseline_split)
+    if not len(train):
+        raise UserError(f"no '{s.baseline_split}' rows in {emb} for the nearest-neighbour baseline")
+    tokenizer = load_tokenizer(clip)
+
+    scores: dict[str, dict[str, Any]] = {}
+    image_emb = torch.from_numpy(test.emb)
+    for name, folder in systems.items():
+        model = load_caption_model(folder)
+        preds = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
+                                   s.batch_size, name)  # fmt: skip
+        scores[name] = score(preds, test.captions)
+        write_predictions(predictions / f"caption_{name}.jsonl", test, preds)
+    preds, neighbours = nearest_neighbour_captions(train, test)
+    scores[BASELINE] = score(preds, test.captions)
+    write_predictions(predictions / BASELINE_FILE, test, preds, neighbours)
+
+    write_json(metrics, {name: {k: v[k] for k in HEADLINE} for name, v in scores.items()})
+    settings = {
+        "split": s.split, "n_images": len(test),
+        "n_references": sum(len(c) for c in test.captions), "tokenization": TOKENIZATION,
+        **BLEU_SETTINGS, **CIDER_SETTINGS, "beam_size": s.beam_size, "max_len": s.max_len,
+        "baseline": f"nn-{s.baseline_split}-first-caption", "baseline_n_images": len(train),
+        **PAPER_BLEU,
+    }  # fmt: skip
+    method = {
+        "tokenization": TOKENIZATION_DETAIL, **BLEU_DETAIL, **CIDER_DETAIL,
+        "image_emb": "image embedding of the first row of each image_id",
+        "references": "all captions of the image with at least one word after tokenisation",
+        "baseline": f"first caption (first row in the files) of the nearest "
+        f"'{s.baseline_split}' image by cosine of CLIP image embeddings "
+        "(faiss IndexFlatIP on L2-normalised vectors)",
+        "clip_model": clip, "paper_note": PAPER_NOTE,
+    }  # fmt: skip
+    write_json(detail, {**scores, "settings": settings, "method": method})
+    report.written = len(test)
+    report.save(predictions / "caption_report.json")
+    parts = [f"{k}: bleu4={v['bleu4']:.4f} cider={v['cider']:.4f}" for k, v in scores.items()]
+    return f"{report.summary()}; " + "; ".join(parts)

@@ -1,0 +1,151 @@
+"""train_caption@{noada,ada}: the embedding-space caption decoder, three phases.
+
+`pretrain` on LAION captions, `adapt` (LAION captions + the domain discriminator behind
+the GRL on LAION vs Flickr30k images), `finetune` on Flickr30k train captions (the domain
+loss continues); `noada` runs the same steps with λ = 0. See `pipeline.caption.training`
+for the schedule and the torchrun behaviour, `pipeline.nn.caption_decoder` for the model.
+
+Outputs: the model folder (model.safetensors + config.json: the `DecoderConfig`, the
+CLIP the embeddings came from and a training summary) and the per-epoch `plots` TSV.
+Under torchrun only rank 0 writes, and each rank's summary names its rank and a digest of
+its weights (the decoder's and the discriminator's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tqdm import tqdm
+
+from pipeline import distributed
+from pipeline.caption.data import load_training_data
+from pipeline.caption.training import (
+    PLOT_COLUMNS,
+    Adversary,
+    Trainer,
+    grl_strength,
+    run_record,
+    steps_per_epoch,
+)
+from pipeline.nn.caption_decoder import (
+    CaptionDecoder,
+    DecoderConfig,
+    DecoderSettings,
+    save_caption_model,
+)
+from pipeline.settings import as_dict, check, check_device, load
+from pipeline.training import cpu_threads, seed_everything, write_plot
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The decoder, its three training phases and the domain adversary."""
+
+    SECTION: ClassVar[str] = "train_caption"
+    seed: int = 0  # top-level `seed`: initialisation, caption order (seed), domain draws (seed+1)
+    model: DecoderSettings = dataclasses.field(default_factory=DecoderSettings)  # the decoder
+    batch_size: int = 32  # captions per step (per rank under torchrun)
+    lr: float = 1e-3  # AdamW learning rate of pretrain and adapt
+    finetune_lr: float = 5e-4  # ... of finetune
+    weight_decay: float = 0.01  # AdamW weight decay of the decoder
+    warmup_steps: int = 50  # linear learning-rate warm-up (steps of the whole run)
+    grad_clip: float = 1.0  # max gradient norm of the decoder (0: no clipping)
+    pretrain_epochs: int = 5  # epochs on LAION captions
+    adapt_epochs: int = 3  # epochs on LAION captions with the domain loss
+    finetune_epochs: int = 20  # epochs on Flickr30k train captions with the domain loss
+    adv_weight: float = 1.0  # peak λ of the GRL (ada; noada uses λ = 0)
+    grl_gamma: float = 10.0  # steepness of λ's warm start (Ganin & Lempitsky: 10)
+    disc_hidden: int = 128  # hidden width of the domain discriminator
+    disc_dropout: float = 0.0  # dropout in the discriminator
+    disc_lr: float = 1e-3  # AdamW learning rate of the discriminator
+    domain_batch: int = 32  # images of each domain per step (per rank)
+    target_splits: tuple[str, ...] = ("train",)  # Flickr30k splits of the target-domain images
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # CPU threads, fixed so CPU runs are bit-reproducible (0: torch default)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "domain_batch", "disc_hidden"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("lr", "finetune_lr", "disc_lr"):
+            check(getattr(self, key) > 0, key, "must be > 0")
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "adv_weight", "grl_gamma",
+                    "pretrain_epochs", "adapt_epochs", "finetune_epochs", "threads"):  # fmt: skip
+            check(getattr(self, key) >= 0, key, "must be >= 0")
+        epochs = self.pretrain_epochs + self.adapt_epochs + self.finetune_epochs
+        check(epochs >= 1, "finetune_epochs", "the three phases need at least one epoch")
+        check(0 <= self.disc_dropout < 1, "disc_dropout", "must be in [0, 1)")
+        check(len(self.target_splits) >= 1, "target_splits", "must name a split")
+        check_device(self.device)
+
+
+SETTINGS = (Settings,)
+
+
+def main(
+    variant: str,
+    laion: Path,
+    flickr30k: Path,
+    out: Path,
+    plots: Path,
+    params: Path | dict[str, Any],
+) -> str:
+    """Train `variant` (noada | ada) on the two embedding folders; write `out/` and `plots`."""
+    s = load(Settings, params)
+    strength = grl_strength(variant)
+    with (
+        distributed.session(s.device) as device,
+        cpu_threads(s.threads if device.type == "cpu" else 0),  # CUDA runs: torch's default
+    ):
+        seed_everything(s.seed)
+        data = load_training_data(laion, flickr30k, s.model.max_len, s.target_splits, device)
+        config = DecoderConfig.for_data(
+            s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
+        )
+        trainer = Trainer(CaptionDecoder(config, data.token_table), s, device)
+        distributed.broadcast_params(trainer.model, trainer.disc)  # same start on every rank
+        g_data = torch.Generator().manual_seed(s.seed)
+        plan = [
+            ("pretrain", data.laion, s.pretrain_epochs, s.lr),
+            ("adapt", data.laion, s.adapt_epochs, s.lr),
+            ("finetune", data.flickr30k_train, s.finetune_epochs, s.finetune_lr),
+        ]
+        steps = {name: e * steps_per_epoch(len(d), s.batch_size) for name, d, e, _ in plan}
+        adversary = Adversary(
+            data.source_images, data.target_images, s.domain_batch,
+            torch.Generator().manual_seed(s.seed + 1), strength, s.grl_gamma, s.adv_weight,
+            total_steps=steps["adapt"] + steps["finetune"],
+        )  # fmt: skip
+        bar = tqdm(total=sum(steps.values()), desc=f"train_caption[{variant}]",
+                   disable=None if distributed.is_main() else True)  # fmt: skip
+        rows = []
+        for phase, captions, n_epochs, lr in plan:
+            for _ in range(n_epochs):
+                domains = adversary if phase != "pretrain" else None
+                stats = trainer.epoch(captions, lr, g_data, domains, bar)
+                val_loss = trainer.eval_loss(data.flickr30k_val)
+                row = {"epoch": len(rows) + 1, "phase": phase, **stats, "val_loss": val_loss}
+                rows.append({c: row[c] for c in PLOT_COLUMNS})
+                bar.set_postfix(phase=phase, loss=f"{stats['caption_loss']:.4f}",
+                                val=f"{val_loss:.4f}")  # fmt: skip
+        bar.close()
+
+        last = rows[-1]
+        training = {"variant": variant, "device": str(device),
+                    **run_record(trainer, rows, data), "settings": as_dict(s)}  # fmt: skip
+        trainer.model.cpu()
+        if distributed.is_main():  # no timings inside: the folder is reproducible
+            save_caption_model(trainer.model, out, {"clip": data.clip, "training": training})
+            write_plot(plots, rows)
+
+    summary = (
+        f"train_caption[{variant}]: {trainer.step_no} steps, {len(rows)} epochs on {device}, "
+        f"caption loss {last['caption_loss']:.4f}, val loss {last['val_loss']:.4f}, "
+        f"disc acc {last['disc_acc']:.3f}"
+    )
+    if distributed.is_distributed():
+        digest = "".join(distributed.weights_digest(m) for m in (trainer.model, trainer.disc))
+        summary += f"; rank {distributed.rank()}/{distributed.world_size()}, weights {digest}"
+    return summary

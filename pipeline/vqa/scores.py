@@ -1,0 +1,149 @@
+"""Ranking answers, accuracy, and the predictions file of `evaluate_vqa`.
+
+Every method ranks the same candidates: the vocabulary answers seen for the question type
+in train. A ranking is TOP_K class ids per row (-2 pads a shorter one). Rows whose answer
+is outside the vocabulary (label -1) stay in: always wrong for top-k, left out of the
+mean per-class accuracy (a class no method can output).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.atomic import atomic_path
+from pipeline.vqa.data import VQASplit
+
+TOP_K = 5
+PAD = -2  # class id of an empty ranking slot
+
+
+def topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of each row's k best scores (stable: ties by index)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def pad_ranks(ids: list[list[int]], k: int = TOP_K) -> np.ndarray:
+    """Rankings of uneven length as one (n, k) array padded with PAD."""
+    return np.array([(r + [PAD] * k)[:k] for r in ids], dtype=np.int64)
+
+
+@torch.no_grad()
+def model_rank(
+    head: torch.nn.Module,
+    answer_emb: np.ndarray,
+    data: VQASplit,
+    rows: np.ndarray,
+    cand: np.ndarray,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k candidate ids and cosines of the head's predictions for `rows` of `data`."""
+    cand_emb = torch.from_numpy(answer_emb[cand])
+    ids, vals = [], []
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
+        image, question, _ = data.batch(idx)
+        pred = F.normalize(head(image, question).float(), dim=-1)
+        order, top = topk_rows((pred @ cand_emb.T).numpy(), TOP_K)
+        ids.append(cand[order])
+        vals.append(top)
+    return np.concatenate(ids), np.concatenate(vals)
+
+
+def sample_rows(n: int, max_samples: int, seed: int) -> np.ndarray:
+    """All of range(n), or a seeded sorted random subset of `max_samples` (0: all)."""
+    if max_samples and n > max_samples:
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(n, max_samples, replace=False))
+    return np.arange(n)
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """top1, top5 over all rows; mean per-class top-1 over in-vocabulary classes."""
+    if len(labels) == 0:
+        return {"top1": None, "top5": None, "mean_class_acc": None}
+    hit1 = pred[:, 0] == labels
+    hit5 = (pred[:, :TOP_K] == labels[:, None]).any(axis=1)
+    classes = np.unique(labels[labels >= 0])
+    per_class = [hit1[labels == c].mean() for c in classes]
+    return {
+        "top1": round(float(hit1.mean()), 6),
+        "top5": round(float(hit5.mean()), 6),
+        "mean_class_acc": round(float(np.mean(per_class)), 6) if per_class else None,
+    }
+
+
+def accuracy_by_qtype(
+    pred: dict[str, np.ndarray], labels: np.ndarray, qtypes: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Per question type (sorted) and `overall`: n, n_out_of_vocab, `<method>_<metric>`."""
+    groups = {q: np.flatnonzero(qtypes == q) for q in sorted(set(qtypes.tolist()))}
+    groups["overall"] = np.arange(len(labels))
+    out: dict[str, dict[str, Any]] = {}
+    for name, pos in groups.items():
+        entry: dict[str, Any] = {"n": len(pos), "n_out_of_vocab": int((labels[pos] < 0).sum())}
+        for method, ids in pred.items():
+            for k, v in accuracy(ids[pos], labels[pos]).items():
+                entry[f"{method}_{k}"] = v
+        out[name] = entry
+    return out
+
+
+def write_predictions(
+    path: str | Path,
+    data: VQASplit,
+    rows: np.ndarray,
+    answers: list[str],
+    pred: dict[str, np.ndarray],
+    score: dict[str, np.ndarray],
+) -> None:
+    """One JSON line per evaluated question: the truth and each method's top answers."""
+    cols = {
+        c: data.column(c)
+        for c in ("qid", "image_id", "qtype", "question", "subject", "object", "answer")
+    }
+
+    def names(ids: np.ndarray) -> list[str]:
+        return [answers[i] for i in ids.tolist() if i >= 0]
+
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        for i, r in enumerate(rows.tolist()):
+            rec: dict[str, Any] = {c: cols[c][r] for c in cols}
+            for m, ids in pred.items():
+                rec[m] = names(ids[i])
+                if m in score:
+                    rec[f"{m}_scores"] = [
+                        round(float(s), 4) for s in score[m][i] if not np.isnan(s)
+                    ]
+            fh.write(json.dumps(rec) + "\n")
+
+
+# How the numbers above are computed, as the detail file records it.
+METHOD = {
+    "candidates": "vocabulary answers seen for the question type in train",
+    "ranking": "cosine similarity (matrix product) over the candidates",
+    "out_of_vocab": "counted wrong in top1/top5, left out of mean_class_acc",
+    "prior_key": "relation: (subject, object); other types: question text",
+}
+# Headline name -> method name of the detail keys; per question type the first two only,
+# so that `dvc metrics show` stays within 200 columns.
+HEADLINE = {"head": "model", "zeroshot": "zeroshot", "prior": "prior", "majority": "majority"}
+PER_QTYPE = ("head", "zeroshot")
+
+
+def headline(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Top-1 of each method overall, and of the head and zero-shot CLIP per question type."""
+
+    def top1(group: str, names) -> dict[str, float | None]:
+        entry = table[group]
+        return {k: entry[f"{HEADLINE[k]}_top1"] for k in names if f"{HEADLINE[k]}_top1" in entry}
+
+    out = {"overall": top1("overall", HEADLINE)}
+    out.update({q: top1(q, PER_QTYPE) for q in table if q != "overall"})
+    return out
