@@ -213,3 +213,26 @@ def test_unwritable_out_is_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["synth", "--out", str(target), "--params", str(params)])
     assert res.exit_code == 2
     assert res.output.startswith("error: cannot write to --out") and res.output.count("\n") == 1
+
+
+def test_flickr30k_scene_truth_matches_images_and_geometry(world):
+    scenes = json.loads((world / "flickr30k/scenes.json").read_text())["images"]
+    karpathy = json.loads((world / "flickr30k/dataset_flickr30k.json").read_text())["images"]
+    assert [s["filename"] for s in scenes] == [k["filename"] for k in karpathy]
+    n_rel = 0
+    for scene in scenes:
+        boxes = {o["id"]: o["box"] for o in scene["objects"]}
+        assert all(o["category"] and o["colour"] for o in scene["objects"])
+        for r in scene["relations"]:
+            assert predicate(boxes[r["subject"]], boxes[r["object"]]) == r["predicate"]
+            n_rel += 1
+    assert n_rel > 0
+
+
+def test_flickr30k_clipart_style_is_a_control_without_domain_shift(world, tmp_path):
+    generate(tmp_path / "clipart", Settings(**SMALL, seed=3, flickr30k_style="clipart"))
+    same = ("flickr30k/dataset_flickr30k.json", "flickr30k/scenes.json", "vg/objects.json")
+    for name in same:  # same scenes and captions ...
+        assert (world / name).read_bytes() == (tmp_path / "clipart" / name).read_bytes()
+    img = "flickr30k/flickr30k_images/1000000.jpg"  # ... drawn in the other style
+    assert (world / img).read_bytes() != (tmp_path / "clipart" / img).read_bytes()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pipeline.settings import check, load
 from pipeline.synth.world import generate
@@ -28,6 +28,9 @@ class Settings:
     flickr30k_split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # Karpathy train/val/test
     image_size: tuple[int, int] = (192, 144)  # width, height of every image, in pixels
     objects_per_image: tuple[int, int] = (2, 4)  # fewest, most objects placed in a scene
+    flickr30k_style: Literal["photo", "clipart"] = (
+        "photo"  # clipart: drawn as LAION (a control without domain shift)
+    )
     quirks: bool = True  # plant the real releases' flaws (see pipeline.synth.world)
     seed: int = 0  # top-level `seed`: the world is a pure function of it
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from pipeline.stages.synth import Settings
 
 MARKER = "SAMPLE_WORLD.json"
+SCENES_FILE = "scenes.json"  # flickr30k/: the truth of every scene, read by evaluation only
 REL_ALIASES = {
     "next to": ["beside", "by"],
     "in": ["inside", "within"],
@@ -296,13 +297,15 @@ def write_flickr30k(out: Path, settings: Settings) -> dict:
     f_train, f_val, _ = settings.flickr30k_split
     root = out / "flickr30k"
     csv_lines = ["image_name| comment_number| comment"]
-    karpathy, sentid = [], 0
+    karpathy, scenes, sentid = [], [], 0
     for i in range(n):
         name = f"{1000000 + 7919 * i}.jpg"
         objs, rels = _scene(rng, settings)
         _write_bytes(
-            root / "flickr30k_images" / name, _jpeg(render(objs, width, height, "photo", nrng))
+            root / "flickr30k_images" / name,
+            _jpeg(render(objs, width, height, settings.flickr30k_style, nrng)),
         )
+        scenes.append(scene_truth(name, objs, rels))
         sents = sentences(rng, objs, rels, 5)
         split = "train" if i < f_train * n else ("val" if i < (f_train + f_val) * n else "test")
         entry = {"filename": name, "imgid": i, "split": split, "sentids": [], "sentences": []}
@@ -319,7 +322,26 @@ def write_flickr30k(out: Path, settings: Settings) -> dict:
     write_text(
         root / "dataset_flickr30k.json", json.dumps({"images": karpathy, "dataset": "flickr30k"})
     )
-    return {"images": n, "captions": sentid}
+    write_text(root / SCENES_FILE, json.dumps({"images": scenes}))
+    return {"images": n, "captions": sentid, "style": settings.flickr30k_style}
+
+
+def scene_truth(filename: str, objs: list[Obj], rels: list[tuple[int, str, int]]) -> dict:
+    """What a scene holds, for grounding scores only (no stage trains on it)."""
+    return {
+        "filename": filename,
+        "objects": [
+            {
+                "id": o.object_id,
+                "category": o.category,
+                "colour": o.colour,
+                "size": o.size,
+                "box": list(o.box),
+            }
+            for o in objs
+        ],
+        "relations": [{"subject": a, "predicate": p, "object": b} for a, p, b in rels],  # ids
+    }
 
 
 def generate(out: Path, settings: Settings) -> dict[str, Any]:
