@@ -74,6 +74,9 @@ def clip_bootstrap(
     metrics: Annotated[Path, _opt("headline metrics JSON (DVC metric)")],
     detail: Annotated[Path, _opt("detail metrics JSON")],
     plots: Annotated[Path, _opt("per-epoch TSV curve")],
+    probes: Annotated[
+        Path | None, typer.Option(help="probe set (labels.json + images) scored into metrics")
+    ] = None,
     params: Params = PARAMS,
 ):
     """Train a small CLIP contrastively (or fine-tune / pass through a pretrained one)."""
@@ -89,8 +92,21 @@ def clip_bootstrap(
             detail=detail,
             plots=plots,
             params=params,
+            probes=probes,
         )
     )
+
+
+@app.command("clip-standin")
+@one_line_errors
+def clip_standin(
+    out: Annotated[Path, _opt("output folder of the stand-in CLIP checkpoint")],
+    params: Params = PARAMS,
+):
+    """Train the sample world's stand-in CLIP once, long, on its own web-like pairs."""
+    from pipeline.stages import clip_standin as stage
+
+    typer.echo(stage.main(out=out, params=params))
 
 
 @app.command("prepare-vqa")
@@ -167,9 +183,13 @@ def evaluate_caption(
     metrics: Annotated[Path, _opt("headline metrics JSON (DVC metric)")],
     detail: Annotated[Path, _opt("detail metrics JSON")],
     predictions: Annotated[Path, _opt("folder for caption_<variant>.jsonl")],
+    scenes: Annotated[
+        Path | None, _opt("scene truth (sample world's scenes.json) for grounding; if absent: none")
+    ] = None,
     params: Params = PARAMS,
 ):
-    """Caption the test images (each variant + a nearest-neighbour baseline); BLEU, CIDEr-D."""
+    """Caption the test images (each variant + a nearest-neighbour baseline); BLEU, CIDEr-D,
+    grounding where the scene truth exists."""
     from pipeline.stages import evaluate_caption as stage
 
     typer.echo(
@@ -181,6 +201,7 @@ def evaluate_caption(
             detail=detail,
             predictions=predictions,
             params=params,
+            scenes=scenes,
         )
     )
 

@@ -1,8 +1,10 @@
 """Safe image decoding for DataLoader workers: bytes -> uint8 RGB crops, or a skip reason.
 
-Nothing here raises on bad data: `decode_image` returns the crops (as CLIPImageProcessor
-would prepare them, minus the float normalisation, which runs on the model's device) or the
-reason the image was skipped, plus the notes for what was altered on the way (converted
+Nothing here raises on bad data: `decode_image` returns the model inputs minus the float
+normalisation, which runs on the model's device: the whole image as CLIPImageProcessor
+prepares it (shortest side resized, center crop), and each box crop padded to a square
+with the CLIP's mean colour, then resized (`letterbox_resize`: a center crop of a wide
+union box would cut off its two objects). Or it returns the reason the image was skipped, plus the notes for what was altered on the way (converted
 colour modes, applied EXIF orientation). Reasons and notes are the keys `report.json`
 counts.
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.clip.backbone import resize_crop, to_rgb
+from pipeline.clip.backbone import CLIP_MEAN_PIXEL, letterbox_resize, resize_crop, to_rgb
 
 # skip reasons
 MISSING_FILE = "missing_file"
@@ -139,11 +141,14 @@ def decode_image(
     boxes: tuple = (),
     whole: bool = True,
     draft: bool = True,
+    fill: tuple[int, int, int] = CLIP_MEAN_PIXEL,
 ) -> Decoded:
     """Bytes (None: file missing) -> the whole image and/or box crops, never raising.
 
-    Rows of `pixels`: the whole image first (when `whole`), then one per usable box, in
-    order; `bad_boxes` lists the boxes that lie outside the image.
+    Rows of `pixels`: the whole image first (when `whole`, resized and center-cropped),
+    then one per usable box, in order, letterboxed with `fill` (the CLIP's mean colour,
+    `pipeline.clip.backbone.mean_pixel(backbone.mean)`; default: OpenAI CLIP's); `bad_boxes`
+    lists the boxes that lie outside the image.
     """
     if data is None:
         return Decoded(None, MISSING_FILE)
@@ -159,7 +164,7 @@ def decode_image(
         if region is None:
             bad.append(i)
             continue
-        out.append(resize_crop(region, size, resize))
+        out.append(letterbox_resize(region, size, fill))
     pixels = np.stack(out) if out else np.zeros((0, 3, size, size), dtype=np.uint8)
     return Decoded(pixels, None, notes, bad)
 

@@ -165,3 +165,26 @@ def test_uint8_crop_then_normalize_equals_preprocess():
     assert crop.shape == (3, 32, 32) and crop.dtype == np.uint8
     x = normalize_pixels(torch.from_numpy(crop)[None])[0]
     torch.testing.assert_close(x, preprocess_image(img, 32), atol=1e-6, rtol=0)
+
+
+def test_letterbox_pads_to_a_centred_square_with_the_mean_colour():
+    from pipeline.clip.backbone import CLIP_MEAN_PIXEL, letterbox, letterbox_resize, mean_pixel
+
+    assert CLIP_MEAN_PIXEL == mean_pixel() == (123, 117, 104)
+    assert mean_pixel((0.5, 0.0, 1.0)) == (128, 0, 255)
+    img = Image.new("RGB", (30, 10), (255, 0, 0))
+    sq = letterbox(img)
+    assert sq.size == (30, 30)
+    arr = np.asarray(sq)
+    assert (arr[10:20] == (255, 0, 0)).all()  # centred: 10 rows of fill above and below
+    assert (arr[:10] == CLIP_MEAN_PIXEL).all() and (arr[20:] == CLIP_MEAN_PIXEL).all()
+    assert letterbox(Image.new("L", (5, 5), 7)).mode == "RGB"  # squares only converted
+    px = letterbox_resize(Image.new("RGB", (8, 20), (0, 0, 255)), 16, fill=(1, 2, 3))
+    assert px.shape == (3, 16, 16) and px.dtype == np.uint8
+    assert tuple(px[:, 8, 0]) == (1, 2, 3) and tuple(px[:, 8, 8]) == (0, 0, 255)
+    # a square crop: letterbox_resize is the plain resize (as the standard preprocessing)
+    rs = np.random.RandomState(5)
+    square = Image.fromarray(rs.randint(0, 256, (20, 20, 3), dtype=np.uint8))
+    from pipeline.clip.backbone import resize_crop
+
+    assert np.array_equal(letterbox_resize(square, 32), resize_crop(square, 32))

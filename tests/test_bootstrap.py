@@ -107,7 +107,8 @@ def scratch(shard, flickr30k, tmp_path_factory):
     return _run(shard, flickr30k, tmp_path_factory.mktemp("scratch"))
 
 
-def _run(shard, flickr30k, tmp_path, name="out", pretrained="scratch", split=None, **settings):
+def _run(shard, flickr30k, tmp_path, name="out", pretrained="scratch", split=None, probes=None,
+         **settings):  # fmt: skip
     """`main` with the TINY settings (+ `settings`); (report, metrics, detail, out folder)."""
     out = tmp_path / name
     out.mkdir(parents=True)
@@ -118,7 +119,7 @@ def _run(shard, flickr30k, tmp_path, name="out", pretrained="scratch", split=Non
     summary = main(
         laion=shard, flickr30k=flickr30k, pretrained=pretrained, out=out / "clip",
         metrics=out / "clip.json", detail=out / "detail.json", plots=out / "clip.tsv",
-        params=out / "params.yaml",
+        params=out / "params.yaml", probes=probes,
     )  # fmt: skip
     assert summary.startswith("clip_bootstrap: read")
     report = json.loads((out / "clip" / "report.json").read_text())
@@ -173,7 +174,7 @@ def test_scratch_bootstrap_outputs_and_metrics(scratch):
 
 def test_headline_metrics_are_the_detail_numbers(scratch):
     _, headline, m, _ = scratch
-    recalls = {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"}
+    recalls = {"i2t_r1", "t2i_r1"}  # r@5 in the detail only (the 200-column limit)
     assert set(headline) == {"after", "before", "chance_r1"}
     for when in ("after", "before"):
         assert set(headline[when]) == recalls
@@ -296,3 +297,71 @@ def test_bootstrap_and_embed_share_the_flickr30k_split(shard, tmp_path):
     bb = load_backbone(out / "clip")
     assert len(bb.tokenize(["zebra"])[0]) == 3  # train captions: learned as one token
     assert len(bb.tokenize(["quokka"])[0]) > 3  # test captions: never seen
+
+
+@pytest.fixture(scope="module")
+def probe_set(tmp_path_factory):
+    from pipeline.synth.webdata import write_probes
+
+    out = tmp_path_factory.mktemp("probes") / "probes"
+    write_probes(out, 44, 0, (96, 72), (2, 3))
+    return out
+
+
+def test_probes_of_the_written_clip_go_to_the_metrics(shard, flickr30k, probe_set, tmp_path):
+    tiny = make_tiny_clip(tmp_path / "tiny")
+    _, metrics, detail, _ = _run(shard, flickr30k, tmp_path, pretrained=str(tiny),
+                                 probes=probe_set)  # fmt: skip
+    assert set(detail["probes"]) == {"clipart_single", "clipart_crop", "photo_single",
+                                     "photo_crop"}  # fmt: skip
+    for group in detail["probes"].values():
+        assert group["category"]["n_test"] == 22 and group["colour"]["chance"] == round(1 / 11, 4)
+        for label in group.values():
+            assert 0.0 <= label["zeroshot"] <= 1.0 and 0.0 <= label["linear"] <= 1.0
+    crop = detail["probes"]["photo_crop"]
+    assert metrics["zs_cat"]["crop"] == crop["category"]["zeroshot"]
+    assert metrics["zs_col"]["crop"] == crop["colour"]["zeroshot"]
+    assert metrics["lp_cat"]["crop"] == crop["category"]["linear"]
+    assert detail["probe_templates"]["category"][0] == "a photo of a {}."
+
+
+def test_no_probe_set_no_probe_keys(scratch):
+    _, metrics, detail, _ = scratch
+    assert "zs_cat" not in metrics and detail["probes"] is None
+
+
+def test_linear_probe_separates_separable_classes():
+    from pipeline.clip.probes import linear_probe
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(5, 16, generator=gen), dim=1)
+    y = torch.arange(5).repeat(8)
+    x = torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(40, 16, generator=gen), dim=1)
+    assert linear_probe(x[:20], y[:20], x[20:], y[20:], 5) == 1.0
+    shuffled = y[torch.randperm(40, generator=gen)]  # labels unrelated to the features
+    assert linear_probe(x[:20], shuffled[:20], x[20:], shuffled[20:], 5) < 0.6
+
+
+def test_zero_shot_reads_the_prompt_classes(probe_set):
+    """A CLIP whose image and prompt embeddings agree by construction scores 1.0."""
+    from pipeline.clip import probes as P
+
+    rows = json.loads((probe_set / "labels.json").read_text())["items"]
+    names = {"category": sorted({r["category"] for r in rows})}
+
+    class Fake:  # image i's embedding is its category's prompt embedding
+        model = torch.nn.Linear(1, 1)
+
+    saved = P.embed_pixels, P.class_embeddings
+    try:
+        eye = torch.eye(40)
+        from pipeline.synth.scene import CATEGORIES, COLOURS
+
+        P.embed_pixels = lambda bb, px: eye[[CATEGORIES.index(r["category"]) for r in rows]]
+        P.class_embeddings = lambda bb, classes, t: eye[: len(classes)]
+        out = P.run_probes(Fake(), rows, torch.zeros(len(rows), 3, 8, 8, dtype=torch.uint8))
+    finally:
+        P.embed_pixels, P.class_embeddings = saved
+    assert all(g["category"]["zeroshot"] == 1.0 for g in out.values())
+    assert all(g["category"]["linear"] == 1.0 for g in out.values())
+    assert len(COLOURS) == 11 and names

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.caption.data import load_captions, load_images, load_token_table
+from pipeline.caption.data import labelled_images, load_captions, load_images, load_token_table
 from pipeline.caption.training import PLOT_COLUMNS, Trainer
 from pipeline.embedding.files import read_table, vector_array, write_table
 from pipeline.errors import UserError
@@ -226,18 +226,21 @@ def test_save_load_round_trip_is_exact(tmp_path):
         load_caption_model(tmp_path / "m")
 
 
+TINY = {
+    "model": {"width": 16, "layers": 1, "heads": 2, "prefix_len": 2, "max_len": 10},
+    "batch_size": 8,
+    "domain_batch": 4,
+    "pretrain_epochs": 1,
+    "adapt_epochs": 1,
+    "finetune_epochs": 2,
+    "warmup_steps": 2,
+    "disc_hidden": 8,
+}
+
+
 def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
     laion, flickr = emb_dirs
-    section = {
-        "model": {"width": 16, "layers": 1, "heads": 2, "prefix_len": 2, "max_len": 10},
-        "batch_size": 8,
-        "domain_batch": 4,
-        "pretrain_epochs": 2,
-        "adapt_epochs": 1,
-        "finetune_epochs": 2,
-        "warmup_steps": 2,
-        "disc_hidden": 8,
-    }
+    section = {**TINY, "pretrain_epochs": 2}
     params = {"seed": 3, "train_caption": section}
     line = main("ada", laion, flickr, tmp_path / "m1", tmp_path / "p1.tsv", params)
     main("ada", laion, flickr, tmp_path / "m2", tmp_path / "p2.tsv", params)
@@ -256,7 +259,10 @@ def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
         ["4", "finetune"],
         ["5", "finetune"],
     ]
-    assert lines[1][3] == "nan" and lines[3][3] != "nan"  # no domain loss while pretraining
+    col = {c: k for k, c in enumerate(PLOT_COLUMNS)}
+    assert lines[1][col["disc_loss"]] == "nan" != lines[3][col["disc_loss"]]  # none in pretrain
+    # the LAION caption loss continues in finetune (source_weight 1 by default)
+    assert [r[col["source_loss"]] == "nan" for r in lines[1:]] == [True] * 3 + [False] * 2
     info = json.loads((tmp_path / "m1" / "config.json").read_text())
     s1 = info["training"]
     s3 = json.loads((tmp_path / "m3" / "config.json").read_text())["training"]
@@ -264,9 +270,10 @@ def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
     assert s1["steps"] == 2 * 3 + 1 * 3 + 2 * 3 == s3["steps"]
     assert s1["n_flickr30k_train_captions"] == 18 and s1["n_flickr30k_val_captions"] == 9
     noada = [ln.split("\t") for ln in (tmp_path / "p3.tsv").read_text().split("\n")[1:-1]]
-    assert all(r[7] == "0" for r in noada) and float(lines[-1][7]) > 0
+    assert all(r[col["lambda"]] == "0" for r in noada) and float(lines[-1][col["lambda"]]) > 0
     # same data, same order: the pretrain phase (no adversary yet) is identical
     assert [r[2] for r in noada[:2]] == [r[2] for r in lines[1:3]]
+    assert s1["n_flickr30k_labelled_images"] == s1["n_flickr30k_train_images"] == 6
     assert info["clip"]["model"] == "tiny" and info["model"]["vocab_size"] == VOCAB
     assert s1["variant"] == "ada" and s1["settings"]["model"]["width"] == 16
     # the config rebuilds the model: DecoderConfig = the settings + what the data fixes
@@ -278,6 +285,104 @@ def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
     assert model.config.target_scale == WIDTH**0.5
     with pytest.raises(UserError, match="variant"):
         main("both", laion, flickr, tmp_path / "x", tmp_path / "x.tsv", params)
+
+
+def _run(emb_dirs, out: Path, variant: str = "ada", **settings) -> tuple[dict, list[dict]]:
+    """Train on the tiny folders; the run record and the plot rows (dicts)."""
+    laion, flickr = emb_dirs
+    params = {"seed": 5, "train_caption": {**TINY, **settings}}
+    main(variant, laion, flickr, out, out.with_suffix(".tsv"), params)
+    head, *rows = [ln.split("\t") for ln in out.with_suffix(".tsv").read_text().split("\n")[:-1]]
+    record = json.loads((out / "config.json").read_text())["training"]
+    return record, [dict(zip(head, r)) for r in rows]
+
+
+def test_source_weight_and_labelled_fraction_change_the_data_not_the_schedule(emb_dirs, tmp_path):
+    base, base_rows = _run(emb_dirs, tmp_path / "base")
+    w0, w0_rows = _run(emb_dirs, tmp_path / "w0", source_weight=0)
+    half, half_rows = _run(emb_dirs, tmp_path / "half", labelled_fraction=0.5)
+    half_noada, _ = _run(emb_dirs, tmp_path / "half_noada", "noada", labelled_fraction=0.5)
+    none, none_rows = _run(emb_dirs, tmp_path / "none", labelled_fraction=0)
+    # the same steps whatever the weight and the fraction: 3 LAION steps per pretrain and
+    # adapt epoch, 18 Flickr30k train captions / 8 = 3 steps per finetune epoch
+    assert base["steps"] == w0["steps"] == half["steps"] == none["steps"] == 3 + 3 + 2 * 3
+    finetune = [r["phase"] == "finetune" for r in base_rows]
+    assert finetune == [False, False, True, True]
+    # weight 0: no LAION captions in finetune (the schedule before issue 10)
+    assert all(r["source_loss"] == "nan" for r in w0_rows)
+    assert [r["source_loss"] != "nan" for r in base_rows] == finetune
+    # before finetune the weight changes nothing
+    assert base_rows[:2] == w0_rows[:2] and base_rows[:2] == half_rows[:2]
+    assert w0_rows[2]["caption_loss"] != base_rows[2]["caption_loss"]
+    # half of the 6 train images keep their 3 captions each, the same for both variants;
+    # all 6 stay target-domain images
+    for rec in (half, half_noada):
+        assert (rec["n_flickr30k_labelled_images"], rec["n_flickr30k_labelled_captions"]) == (3, 9)
+        assert (rec["n_flickr30k_train_images"], rec["n_target_images"]) == (6, 6)
+    # fraction 0: unsupervised adaptation, LAION captions only in finetune
+    assert none["n_flickr30k_labelled_captions"] == 0
+    assert [r["caption_loss"] == "nan" for r in none_rows] == finetune
+    assert all(r["source_loss"] != "nan" for r in none_rows[2:])
+    with pytest.raises(UserError, match="train_caption.source_weight: must be > 0 when"):
+        _run(emb_dirs, tmp_path / "nothing", labelled_fraction=0, source_weight=0)
+    with pytest.raises(UserError, match="train_caption.labelled_fraction: must be in"):
+        _run(emb_dirs, tmp_path / "over", labelled_fraction=1.5)
+
+
+def test_labelled_images_keep_whole_images_seeded_and_nested(tmp_path):
+    table = torch.randn(VOCAB, WIDTH)
+    write_emb_folder(tmp_path, random_rows(20, 3, ["train"], seed=6), table, seed=6)
+    cs = load_captions(tmp_path, ("train",), pad_id=PAD, eos_id=EOS)
+    assert labelled_images(cs, 1.0, 0) is cs and len(labelled_images(cs, 0.0, 0)) == 0
+    assert len(labelled_images(cs, 0.01, 0).image_ids) == 1  # at least one image if > 0
+    small, big = labelled_images(cs, 0.2, 0), labelled_images(cs, 0.5, 0)
+    assert (len(small.image_ids), len(big.image_ids)) == (4, 10)
+    assert set(small.image_ids) <= set(big.image_ids)  # a smaller fraction's images are kept
+    assert labelled_images(cs, 0.2, 0).image_ids == small.image_ids  # seeded
+    assert labelled_images(cs, 0.2, 1).image_ids != small.image_ids
+    # every caption of a kept image, rows in file order, image index rebuilt
+    keep = [r for r in cs.row_ids if r.split("#")[0] in set(small.image_ids)]
+    assert small.row_ids == keep and len(keep) == 3 * 4
+    pos = {r: k for k, r in enumerate(cs.row_ids)}
+    rows = torch.tensor([pos[r] for r in keep])
+    assert torch.equal(small.ids, cs.ids[rows]) and torch.equal(small.image_emb, cs.image_emb[rows])
+    assert [small.image_ids[i] for i in small.image_index] == [r.split("#")[0] for r in keep]
+    assert small.captions == [cs.captions[r] for r in rows.tolist()]
+
+
+def test_a_step_with_a_source_batch_is_the_weighted_sum_of_two_losses():
+    """One forward of both batches (padded to one width) = two separate forwards."""
+    torch.manual_seed(0)
+    model = CaptionDecoder(tiny_config(), torch.randn(VOCAB, WIDTH))
+    ref = CaptionDecoder(tiny_config(), model.token_table)
+    ref.load_state_dict(model.state_dict())
+    settings = Settings(lr=1e-9, warmup_steps=0, grad_clip=0, weight_decay=0, source_weight=0.3)
+    trainer = Trainer(model, settings, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(n: int, width: int, short: int):
+        ids = torch.randint(4, VOCAB, (n, width), generator=gen)
+        lengths = torch.full((n,), width)
+        lengths[0] = short
+        ids[:, 0] = BOS
+        ids[torch.arange(n), lengths - 1] = EOS
+        ids[0, short:] = PAD
+        return torch.randn(n, DIM, generator=gen), ids, lengths
+
+    target, source = batch(3, 6, 4), batch(5, 9, 3)  # different widths
+    out = trainer.step(*target, None, 0.0, source)
+    losses = []
+    for emb, ids, lengths in (target, source):
+        inputs, targets, mask = split_batch(ids, lengths)
+        losses.append(ref.caption_loss(ref(emb, inputs), targets, mask))
+    (losses[0] + 0.3 * losses[1]).backward()
+    assert out["caption_loss"].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    assert out["source_loss"].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+    # a source batch alone (no labelled target captions): its weighted loss only
+    only = trainer.step(None, None, None, None, 0.0, source)
+    assert set(only) == {"source_loss"}
 
 
 def test_cli_train_caption(emb_dirs, tmp_path):

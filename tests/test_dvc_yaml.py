@@ -3,7 +3,7 @@
 - each stage's `params:` list is exactly the sections its settings classes read;
 - every key of params.yaml is read: by a stage's settings, or (`data:`) interpolated into
   dvc.yaml; and every settings field is used somewhere in the code;
-- params.yaml loads into every settings class without an error;
+- params.yaml loads into every settings class without an error, and gives its defaults;
 - each stage's deps cover every pipeline module the stage imports (statically, including
   imports inside functions), so that changing code re-runs the stages it feeds.
 """
@@ -55,6 +55,13 @@ def test_params_list_is_what_the_stage_reads(stage):
 def test_params_yaml_loads_into_the_stage_settings(stage):
     for cls in settings_classes(stage):
         load(cls, PARAMS)  # an unknown key or a bad value raises
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_the_one_default_is_params_yaml(stage):
+    """Every settings default is the default run's value: params.yaml only restates it."""
+    for cls in settings_classes(stage):
+        assert load(cls, PARAMS) == cls()
 
 
 def test_every_params_key_is_read():

@@ -22,7 +22,12 @@ from test_formats_caption import make_laion
 from tiny_clip import make_tiny_clip
 from typer.testing import CliRunner
 
-from pipeline.clip.backbone import load_backbone, preprocess_image
+from pipeline.clip.backbone import (
+    letterbox_resize,
+    load_backbone,
+    normalize_pixels,
+    preprocess_image,
+)
 from pipeline.embedding.dataset import embed_dataset
 from pipeline.embedding.encoders import PixelNormalizer
 from pipeline.embedding.files import read_dataset, read_table, vectors
@@ -395,6 +400,54 @@ def test_decoding_conversions():
     assert decode_image(None, 32).skip == "missing_file"
 
 
+def _two_objects(fmt="PNG") -> tuple[bytes, tuple[int, int, int, int]]:
+    """A grey 200 x 100 image with a red square at the far left and a blue one at the far
+    right, and their union box (x, y, w, h) = (10, 40, 180, 30), 6:1 wide."""
+    arr = np.full((100, 200, 3), 200, dtype=np.uint8)
+    arr[40:70, 10:40] = (255, 0, 0)
+    arr[40:70, 160:190] = (0, 0, 255)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue(), (10, 40, 180, 30)
+
+
+def _colour_pixels(pixels: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
+    """(3, S, S) uint8 -> (S, S) mask of pixels within 40 of `rgb` in every channel."""
+    diff = np.abs(pixels.astype(np.int16) - np.array(rgb, dtype=np.int16).reshape(3, 1, 1))
+    return (diff <= 40).all(axis=0)
+
+
+def test_wide_union_box_is_letterboxed_and_keeps_both_objects():
+    data, union = _two_objects()
+    d = decode_image(data, 32, boxes=(union,), whole=False)
+    assert d.pixels.shape == (1, 3, 32, 32) and d.skip is None
+    px = d.pixels[0]
+    red, blue = _colour_pixels(px, (255, 0, 0)), _colour_pixels(px, (0, 0, 255))
+    # both objects survive, each about 30/180 of the width (~5 px of 32) and in its own half
+    assert red.sum() >= 15 and blue.sum() >= 15
+    assert np.flatnonzero(red.any(axis=0)).max() < 16 <= np.flatnonzero(blue.any(axis=0)).min()
+    # the rows above and below the 6:1 strip are the CLIP's mean colour (123, 117, 104) ...
+    assert (px[:, :8] == np.array([123, 117, 104], np.uint8).reshape(3, 1, 1)).all()
+    assert (px[:, -8:] == np.array([123, 117, 104], np.uint8).reshape(3, 1, 1)).all()
+    # ... which normalises to about 0 in every channel
+    assert normalize_pixels(torch.from_numpy(px[:, :8])).abs().max() < 0.01
+    # the old preprocessing (shortest side, center crop) would have cut both objects off
+    img, _ = open_rgb(data)
+    old = resize_crop(img.crop((10, 40, 190, 70)), 32)
+    assert not _colour_pixels(old, (255, 0, 0)).any()
+    assert not _colour_pixels(old, (0, 0, 255)).any()
+    # the whole image keeps the CLIP's standard preprocessing
+    whole = decode_image(data, 32).pixels[0]
+    assert np.array_equal(whole, resize_crop(img, 32))
+    # a tall box (above / below) is padded left and right
+    tall = decode_image(data, 32, boxes=((160, 0, 30, 100),), whole=False).pixels[0]
+    assert (tall[:, :, :10] == np.array([123, 117, 104], np.uint8).reshape(3, 1, 1)).all()
+    assert _colour_pixels(tall, (0, 0, 255)).sum() >= 15
+    # another CLIP's mean colour is the fill it is given
+    grey = decode_image(data, 32, boxes=(union,), whole=False, fill=(0, 0, 0)).pixels[0]
+    assert (grey[:, :8] == 0).all()
+
+
 def test_laion_webdataset_through_the_stage(tmp_path, bb):
     root = make_laion(tmp_path / "laion")
     rep = run("laion", root, tmp_path / "out", bb)
@@ -556,6 +609,11 @@ def test_vg_images_crops_and_texts(tmp_path, bb):
     crop = Image.open(vg / "VG_100K" / "1.jpg").convert("RGB").crop((5, 5, 15, 15))
     expect = bb.encode_images(preprocess_image(crop, 32, bb.mean, bb.std)[None]).numpy()[0]
     assert np.allclose(vectors(table.column("image_emb"))[1].astype(np.float32), expect, atol=2e-3)
+    # a 20 x 30 union box is letterboxed to a square, not center-cropped
+    crop = Image.open(vg / "VG_100K_2" / "2.jpg").convert("RGB").crop((0, 0, 20, 30))
+    pixels = torch.from_numpy(letterbox_resize(crop, 32))[None]
+    expect = bb.encode_images(normalize_pixels(pixels, bb.mean, bb.std)).numpy()[0]
+    assert np.allclose(vectors(table.column("image_emb"))[3].astype(np.float32), expect, atol=2e-3)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["texts_rows"] == 4 and manifest["rows"] == 4
 

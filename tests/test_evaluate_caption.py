@@ -295,3 +295,77 @@ def test_end_to_end_with_saved_decoders(tmp_path, clip_folder):
     saved = json.loads((tmp_path / "eval0" / "caption_report.json").read_text())
     assert (saved["read"], saved["written"]) == (4 * N_TEST, N_TEST)
     assert saved["skipped_total"] == 0
+    # no scene truth given: no grounding, and the detail file says why
+    assert detail["grounding"] == {"scored": False, "why": "no scene truth given (--scenes)"}
+    assert "ground_p" not in detail["nn"]
+
+
+def _write_scenes(path: Path, n: int) -> None:
+    """Scenes of test images 0..n-1: the object its references name (colour, shape) and
+    a green star left of it."""
+    images = []
+    for i in range(n):
+        c, s = COLOURS[i % 6], SHAPES[(i + 1) % 4]
+        objects = [
+            {"id": 0, "category": s, "colour": c, "size": "large", "box": [50, 10, 20, 20]},
+            {"id": 1, "category": "star", "colour": "green", "size": "small", "box": [10, 10, 9, 9]},
+        ]  # fmt: skip
+        rels = [{"subject": 1, "predicate": "left of", "object": 0}]
+        images.append({"filename": f"te{i}.jpg", "objects": objects, "relations": rels})
+    path.write_text(json.dumps({"images": images}))
+
+
+def test_grounding_where_the_scene_truth_exists(tmp_path, clip_folder):
+    from pipeline.metrics.grounding import grounding, load_scenes, vocabulary
+
+    make_embeddings(tmp_path / "emb", clip_folder)
+    for seed, variant in enumerate(("noada", "ada")):
+        _save_tiny_decoder(tmp_path / "models" / variant, clip_folder, seed)
+    params = str(_write_params(tmp_path / "params.yaml"))
+    scenes = tmp_path / "scenes.json"
+    _write_scenes(scenes, N_TEST - 1)  # the last test image has no scene
+    res = invoke(tmp_path, clip_folder, "--params", params, "--scenes", str(scenes), out="g")
+    assert res.exit_code == 0, res.output
+    assert "nn: bleu4=" in res.output and "ground_p=" in res.output
+    headline = json.loads((tmp_path / "mg.json").read_text())
+    detail = json.loads((tmp_path / "dg.json").read_text())
+    for system in ("noada", "ada", "nn"):
+        assert list(headline[system]) == ["bleu4", "cider", "ground_p", "ground_r"]
+        assert headline[system]["ground_p"] == detail[system]["ground_p"]
+        assert set(detail[system]["grounding"]) >= {"colours", "shapes", "objects", "relations"}
+    # the baseline's grounding: its predictions against the scenes of images 0..4
+    truth = load_scenes(scenes)
+    ids = [f"te{i}" for i in range(N_TEST - 1)]
+    base = [r["prediction"] for r in _jsonl(tmp_path / "evalg" / "caption_nn_baseline.jsonl")]
+    want = grounding(base[: N_TEST - 1], [truth[i] for i in ids], vocabulary(truth))
+    for key in ("ground_p", "ground_r"):
+        assert detail["nn"][key] == want[key]
+    g = detail["grounding"]
+    assert (g["scored"], g["n_images"], g["n_images_without_scene"]) == (True, 5, 1)
+    # the references name the colour and shape of their image's object: precision 1;
+    # they name no relation the parser reads ("next to a man")
+    refs = g["references"]
+    assert refs["n_captions"] == 4 * 5
+    assert refs["colours"]["p"] == refs["shapes"]["p"] == refs["objects"]["p"] == 1.0
+    assert refs["relations"]["named"] == 0
+    assert g["shuffled_references"]["objects"]["p"] < 1.0
+    saved = json.loads((tmp_path / "evalg" / "caption_report.json").read_text())
+    assert saved["noted"] == {"no_scene_for_grounding": 1}
+    # BLEU and CIDEr do not change with grounding
+    plain = invoke(tmp_path, clip_folder, "--params", params, out="p")
+    assert plain.exit_code == 0, plain.output
+    plain_detail = json.loads((tmp_path / "dp.json").read_text())
+    for system in ("noada", "ada", "nn"):
+        for key in ("bleu1", "bleu4", "cider", "n_distinct"):
+            assert plain_detail[system][key] == detail[system][key]
+    # a scenes file that does not exist (real Flickr30k): no grounding, not an error
+    res = invoke(tmp_path, clip_folder, "--params", params, "--scenes",
+                 str(tmp_path / "nope.json"), out="n")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert list(json.loads((tmp_path / "mn.json").read_text())["nn"]) == ["bleu4", "cider"]
+    why = json.loads((tmp_path / "dn.json").read_text())["grounding"]
+    assert why["scored"] is False and "nope.json does not exist" in why["why"]
+    # a malformed one is a one-line error
+    scenes.write_text('{"images": [{"filename": "te0.jpg"}]}')
+    one_line(invoke(tmp_path, clip_folder, "--params", params, "--scenes", str(scenes)),
+             "images[0] is malformed")  # fmt: skip

@@ -74,6 +74,8 @@ def repro(tmp_path_factory) -> Path:
         ROOT / "pipeline", work / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copy(ROOT / ".dvcignore", work / ".dvcignore")
+    # the frozen stand-in CLIP comes with a clone (committed to git), as in a user's run
+    shutil.copytree(ROOT / "models" / "clip_standin", work / "models" / "clip_standin")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (work / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
     env = {
@@ -84,6 +86,7 @@ def repro(tmp_path_factory) -> Path:
     }
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "init", "--no-scm", "-q"], work, env)
+    _run([*dvc, "commit", "-f", "-q", "clip_standin"], work, env)  # its dvc.lock entry
     _run([*dvc, "repro"], work, env)
     status = _run([*dvc, "status"], work, env)
     assert "up to date" in status.stdout, status.stdout

@@ -28,6 +28,7 @@ SMALL = {
     "laion_shard_size": 20,
     "flickr30k_images": 20,
     "laion_fail_rate": 0.1,
+    "probe_images": 44,
 }
 
 
@@ -236,3 +237,57 @@ def test_flickr30k_clipart_style_is_a_control_without_domain_shift(world, tmp_pa
         assert (world / name).read_bytes() == (tmp_path / "clipart" / name).read_bytes()
     img = "flickr30k/flickr30k_images/1000000.jpg"  # ... drawn in the other style
     assert (world / img).read_bytes() != (tmp_path / "clipart" / img).read_bytes()
+
+
+def test_probe_set_is_balanced_and_decodes_as_embed_does(world):
+    from pipeline.synth.scene import CATEGORIES, COLOURS
+
+    rows = json.loads((world / "probes" / "labels.json").read_text())["items"]
+    assert len(rows) == 4 * 44
+    groups = Counter((r["style"], r["kind"], r["split"]) for r in rows)
+    assert set(groups) == {(s, k, sp) for s in ("clipart", "photo") for k in ("single", "crop")
+                           for sp in ("train", "test")}  # fmt: skip
+    for style in ("clipart", "photo"):
+        for kind in ("single", "crop"):
+            cats = Counter(r["category"] for r in rows if (r["style"], r["kind"]) == (style, kind))
+            assert cats == Counter({c: 2 for c in CATEGORIES})  # balanced
+    assert {r["colour"] for r in rows} <= set(COLOURS)
+    for r in rows:
+        with Image.open(world / "probes" / r["file"]) as img:
+            w, h = img.size
+        if r["kind"] == "crop":  # a VG-style object box inside its scene
+            x, y, bw, bh = r["box"]
+            assert 0 <= x and 0 <= y and x + bw <= w and y + bh <= h and min(bw, bh) >= 8
+        else:
+            assert r["box"] is None and w == h
+
+
+def test_objects_are_large_enough_to_be_seen():
+    """Every object is >= 16% of the canvas height: letterboxed to the CLIP's 64 px input,
+    an object crop fills it (4 patches of 16), and a large one is >= 30%."""
+    import random as _random
+
+    from pipeline.synth.scene import SIZES, make_scene, single_object
+
+    rng = _random.Random(3)
+    for _ in range(200):
+        objs, rels = make_scene(rng, 192, 144, rng.randint(2, 4))
+        for o in objs:
+            assert o.box[3] >= int(144 * SIZES["small"][0])
+            if o.size == "large":
+                assert o.box[3] >= int(144 * SIZES["large"][0])
+        for a, p, b in rels:
+            assert predicate(objs[a].box, objs[b].box) == p
+    for cat in ("rectangle", "circle"):
+        o = single_object(rng, 144, 144, cat, "red", (0.5, 0.95))
+        x, y, w, h = o.box
+        assert 0 < x and 0 < y and x + w < 144 and y + h < 144 and h >= 72
+
+
+def test_vocabulary_covers_questions_and_captions():
+    from pipeline.synth.captions import vocabulary_text
+
+    words = set(" ".join(vocabulary_text()).lower().split())
+    for w in ("what", "is", "the", "relationship", "between", "this", "beside", "parallelogram",
+              "cyan", "left", "of", "there", "shapes", "photo"):  # fmt: skip
+        assert w in words, w

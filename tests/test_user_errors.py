@@ -139,6 +139,7 @@ def test_read_json(tmp_path):
 DUMMY = "does-not-exist"
 STAGE_ARGS = {
     "synth": ["--out", DUMMY],
+    "clip_standin": ["--out", DUMMY],
     "clip_bootstrap": ["--laion", DUMMY, "--flickr30k", DUMMY, "--pretrained", "scratch",
                        "--out", DUMMY, "--metrics", DUMMY, "--detail", DUMMY, "--plots", DUMMY],
     "prepare_vqa": ["--vg", DUMMY, "--out", DUMMY],

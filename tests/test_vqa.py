@@ -25,10 +25,12 @@ from pipeline.errors import UserError
 from pipeline.formats import qa_table
 from pipeline.formats.vg_qa import SCHEMA, split_of
 from pipeline.nn.vqa_head import (
+    HeadOutput,
     VQAHead,
     VQAHeadConfig,
-    ce_loss,
+    answer_scores,
     cosine_loss,
+    head_config,
     load_head,
     save_head,
     vqa_loss,
@@ -149,7 +151,7 @@ def fake_text_encoder(answers: list[str], a_emb: np.ndarray):
     return encode
 
 
-FAST = {"lr": 1e-2, "epochs": 4, "hidden": [64], "lr_gamma": 0.8}
+FAST = {"lr": 1e-2, "epochs": 4, "hidden": [64], "lr_step_size": 1, "lr_gamma": 0.8}
 
 
 def write_params(path: Path, seed: int = 0, **sections) -> Path:
@@ -176,8 +178,10 @@ def evaluate(qa: Path, emb: Path, model: Path, out: Path, clip="fake-clip", cach
     return summary, headline, detail
 
 
-def head(fusion="concat", hidden=(512,), dropout=0.1, dim=DIM, out_dim=None) -> VQAHead:
-    return VQAHead(VQAHeadConfig(dim, out_dim or dim, fusion, list(hidden), dropout))
+def head(fusion="concat", hidden=(512,), dropout=0.1, dim=DIM, out_dim=None, loss="cosine",
+         n_answers=0, input_norm="none") -> VQAHead:  # fmt: skip
+    cfg = head_config(dim, out_dim or dim, fusion, hidden, dropout, loss, n_answers, input_norm)
+    return VQAHead(cfg)
 
 
 # ------------------------------------------------------------------ head and losses
@@ -192,25 +196,53 @@ def test_cosine_loss_zero_for_identical_and_known_values():
     assert cosine_loss(e[:1], e[1:]).item() == pytest.approx(1.0, abs=1e-7)
 
 
-def test_ce_loss_is_scaled_cosine_softmax():
+def test_losses_of_the_two_outputs():
     answers = torch.eye(3)
-    pred = torch.tensor([[2.0, 0.0, 0.0]])  # cos = (1, 0, 0)
-    want = -torch.log_softmax(torch.tensor([10.0, 0.0, 0.0]), 0)[0]
-    assert ce_loss(pred, answers, torch.tensor([0]), 10.0).item() == pytest.approx(want.item())
-    both = vqa_loss("both", pred, answers, torch.tensor([0]), 10.0)
-    assert both.item() == pytest.approx(want.item() + 0.0, abs=1e-6)
-    with pytest.raises(UserError):
-        vqa_loss("mse", pred, answers, torch.tensor([0]))
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    emb = torch.tensor([[0.0, 3.0, 0.0]])  # cos to answer 0: 0
+    label = torch.tensor([0])
+    ce = -torch.log_softmax(logits[0], 0)[0].item()
+    assert vqa_loss("ce", HeadOutput(None, logits), answers, label).item() == pytest.approx(ce)
+    assert vqa_loss("cosine", HeadOutput(emb, None), answers, label).item() == pytest.approx(1.0)
+    both = vqa_loss("both", HeadOutput(emb, logits), answers, label)
+    assert both.item() == pytest.approx(ce + 1.0, abs=1e-6)
+    with pytest.raises(UserError, match="loss must be"):
+        vqa_loss("mse", HeadOutput(emb, logits), answers, label)
+    with pytest.raises(UserError, match="classifier"):
+        vqa_loss("both", HeadOutput(emb, None), answers, label)
+    # ranking: the classifier's logits when there is one, else cosines to the answers
+    assert torch.equal(answer_scores(HeadOutput(emb, logits), answers), logits)
+    cos = answer_scores(HeadOutput(emb, None), answers)
+    assert torch.allclose(cos, torch.tensor([[0.0, 1.0, 0.0]]))
 
 
 @pytest.mark.parametrize("fusion,width", [("concat", 2 * DIM), ("product", DIM), ("both", 3 * DIM)])
 def test_fusion_widths(fusion, width):
-    head = VQAHead(VQAHeadConfig(dim=DIM, out_dim=8, fusion=fusion, hidden=[5], dropout=0.5))
-    assert head.mlp[0].in_features == width
-    assert [type(m).__name__ for m in head.mlp] == ["Linear", "ReLU", "Dropout", "Linear"]
-    assert head(torch.randn(3, DIM), torch.randn(3, DIM)).shape == (3, 8)
+    net = head(fusion=fusion, hidden=[5], dropout=0.5, out_dim=8, loss="both", n_answers=6)
+    assert net.trunk[0].in_features == width
+    assert [type(m).__name__ for m in net.trunk] == ["Linear", "ReLU", "Dropout"]
+    emb, logits = net(torch.randn(3, DIM), torch.randn(3, DIM))
+    assert emb.shape == (3, 8) and logits.shape == (3, 6)
     with pytest.raises(UserError):
         VQAHeadConfig(dim=DIM, out_dim=8, fusion="sum", hidden=[5], dropout=0.0)
+
+
+def test_a_loss_builds_only_the_outputs_it_trains():
+    # DDP rejects parameters no loss reaches: cosine has no classifier, ce no embedding layer
+    assert head(loss="cosine", n_answers=6).classifier is None
+    ce = head(loss="ce", n_answers=6)
+    assert ce.to_answer is None and ce.classifier.out_features == 6
+    both = head(loss="both", n_answers=6, input_norm="layernorm")
+    assert both.to_answer is not None and both.classifier is not None
+    # unit-norm CLIP inputs have components ~ 1/sqrt(d); LayerNorm gives them unit scale
+    x = torch.nn.functional.normalize(torch.randn(64, DIM), dim=-1)
+    fused = both.norm(torch.cat([x, x.flip(0)], dim=-1))
+    assert fused.std().item() == pytest.approx(1.0, abs=0.05)
+    assert isinstance(head().norm, torch.nn.Identity)
+    with pytest.raises(UserError, match="input_norm"):
+        head(input_norm="batch")
+    with pytest.raises(UserError, match="loss must be"):
+        head(loss="mse")
 
 
 @pytest.mark.parametrize("loss", ["cosine", "ce", "both"])
@@ -220,11 +252,11 @@ def test_loss_decreases_over_a_few_steps(loss):
     labels = torch.arange(6).repeat(4)
     image = answers[labels] + 0.1 * torch.randn(len(labels), DIM)
     question = torch.randn(len(labels), DIM)
-    model = head(hidden=[32], dropout=0.0)
+    model = head(hidden=[32], dropout=0.0, loss=loss, n_answers=6, input_norm="layernorm")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(20):
-        value = vqa_loss(loss, model(image, question), answers, labels, 10.0)
+        value = vqa_loss(loss, model(image, question), answers, labels)
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -232,18 +264,28 @@ def test_loss_decreases_over_a_few_steps(loss):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_save_load_round_trip(tmp_path):
-    model = head(fusion="both", hidden=[12, 7], out_dim=5).eval()
+@pytest.mark.parametrize("loss", ["cosine", "both"])
+def test_save_load_round_trip(tmp_path, loss):
+    model = head(fusion="both", hidden=[12, 7], out_dim=5, loss=loss, n_answers=4,
+                 input_norm="layernorm").eval()  # fmt: skip
     emb = torch.randn(4, 5)
     save_head(model, tmp_path, emb, {"answers": list("abcd")})
     again, emb2, cfg = load_head(tmp_path)
     x, q = torch.randn(2, DIM), torch.randn(2, DIM)
-    assert torch.equal(model(x, q), again(x, q))
+    for a, b in zip(model(x, q), again(x, q)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(model.scores(x, q, emb), again.scores(x, q, emb2))
     assert torch.equal(emb, emb2)
     assert cfg["answers"] == list("abcd") and cfg["head"]["hidden"] == [12, 7]
+    assert cfg["head"]["n_answers"] == (4 if loss == "both" else 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     with pytest.raises(UserError):
         load_head(tmp_path / "nope")
+    # weights that do not fit the config (another head's, an older layout): one line
+    save_head(head(hidden=[3]), tmp_path / "other", emb, {})
+    (tmp_path / "other/config.json").write_text((tmp_path / "config.json").read_text())
+    with pytest.raises(UserError, match="re-run train_vqa"):
+        load_head(tmp_path / "other")
 
 
 # ------------------------------------------------------------------ training
@@ -258,7 +300,7 @@ def test_train_learns_and_is_deterministic(tmp_path):
     tsv = (tmp_path / "p1.tsv").read_text()
     assert tsv == (tmp_path / "p2.tsv").read_text()
     lines = [line.split("\t") for line in tsv.splitlines()]
-    assert lines[0] == ["epoch", "train_loss", "val_loss", "val_top1", "lr"]
+    assert lines[0] == ["epoch", "train_loss", "val_loss", "val_top1", "lr", "best_epoch"]
     assert [int(r[0]) for r in lines[1:]] == [1, 2, 3, 4, 5, 6]
     train_loss = [float(r[1]) for r in lines[1:]]
     val_loss = [float(r[2]) for r in lines[1:]]
@@ -272,6 +314,68 @@ def test_train_learns_and_is_deterministic(tmp_path):
     cfg = json.loads((tmp_path / "m1/config.json").read_text())
     assert cfg["answers"] == answers and cfg["clip"] == "fake-clip"
     assert cfg["qtype_candidates"] == {"object": [4, 5, 6, 7, 8], "relation": [0, 1, 2, 3]}
+
+
+def read_plot(path: Path) -> list[dict[str, float]]:
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    return [dict(zip(lines[0], map(float, r))) for r in lines[1:]]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(tmp_path):
+    qa, emb, _, _ = make_world(tmp_path, n_images=60)
+    # lr 0.05 without decay overfits: val loss falls for a few epochs, then rises
+    steep = {"lr": 5e-2, "lr_gamma": 1.0, "hidden": [64], "dropout": 0.0, "epochs": 10}
+    summary = train(qa, emb, tmp_path / "a", tmp_path / "a.tsv", **steep,
+                    early_stop="val_loss", patience=0)  # fmt: skip
+    rows = read_plot(tmp_path / "a.tsv")
+    assert len(rows) == 10  # patience 0: every epoch runs
+    val_loss = [r["val_loss"] for r in rows]
+    best = int(np.argmin(val_loss)) + 1
+    assert best < 10 and val_loss[-1] > val_loss[best - 1]  # the best is not the last
+    # the plot's best-so-far column, config.json and report.json name the kept epoch
+    assert [int(r["best_epoch"]) for r in rows][-1] == best
+    cfg = json.loads((tmp_path / "a/config.json").read_text())
+    assert (cfg["train"]["best_epoch"], cfg["train"]["epochs_run"]) == (best, 10)
+    report = json.loads((tmp_path / "a/report.json").read_text())
+    assert report["best_epoch"] == best and report["best_val_loss"] == pytest.approx(min(val_loss))
+    assert f"kept epoch {best} of 10 (val_loss)" in summary
+    # the saved weights are those of epoch `best`: the same run stopped there by hand ...
+    train(qa, emb, tmp_path / "b", tmp_path / "b.tsv", **{**steep, "epochs": best},
+          early_stop="none")  # fmt: skip
+    kept, at_best = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert kept.keys() == at_best.keys()
+    assert all(torch.equal(kept[k], at_best[k]) for k in kept)
+    # ... and not those of the last epoch
+    train(qa, emb, tmp_path / "c", tmp_path / "c.tsv", **steep, early_stop="none")
+    last = weights(tmp_path / "c")
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)
+    assert json.loads((tmp_path / "c/config.json").read_text())["train"]["best_epoch"] == 10
+    # patience: stop `patience` epochs after the best, same weights
+    train(qa, emb, tmp_path / "d", tmp_path / "d.tsv", **steep, early_stop="val_loss", patience=2)
+    assert len(read_plot(tmp_path / "d.tsv")) == best + 2
+    assert all(torch.equal(kept[k], v) for k, v in weights(tmp_path / "d").items())
+    # val_top1 (the default criterion): the first epoch with the highest val top-1
+    train(qa, emb, tmp_path / "e", tmp_path / "e.tsv", **steep, patience=0)
+    top1 = [r["val_top1"] for r in read_plot(tmp_path / "e.tsv")]
+    cfg = json.loads((tmp_path / "e/config.json").read_text())
+    assert cfg["train"]["best_epoch"] == int(np.argmax(top1)) + 1
+    # no validation rows: nothing to watch, the last epoch is kept and the report says so
+    empty = pa.Table.from_pylist([], schema=SCHEMA)
+    pq.write_table(empty, qa / "val.parquet")
+    train(qa, emb, tmp_path / "f", tmp_path / "f.tsv", **{**steep, "epochs": 3})
+    report = json.loads((tmp_path / "f/report.json").read_text())
+    assert report["noted"] == {"no_validation_rows_early_stop_off": 1}
+    assert (report["best_epoch"], report["early_stop"], report["best_val_top1"]) == (
+        3,
+        "none",
+        None,
+    )
 
 
 def test_train_errors_are_user_errors(tmp_path):
@@ -364,6 +468,7 @@ def test_evaluate_metrics_exact_for_baselines(tmp_path):
     assert overall["prior_top1"] == 0.2
     assert "zeroshot_top1" not in rel and "model_top1" in rel
     assert m["settings"]["split"] == "test" and m["settings"]["n_samples"] == 5
+    assert m["settings"]["model_loss"] == "both" and m["settings"]["model_best_epoch"] == 1
     # the headline: top-1 of every method overall, of the head (and zero-shot) per type
     assert headline["overall"] == {
         "head": overall["model_top1"], "prior": 0.2, "majority": overall["majority_top1"]
@@ -695,9 +800,19 @@ def test_ask_end_to_end_with_tiny_clip(clip_world):
     prompt = f"a photo of cat {res.zeroshot[0][0]} dog"
     want = float(bb.encode_texts([prompt]).numpy()[0] @ mine)
     assert res.zeroshot[0][1] == pytest.approx(want, abs=1e-5)
+    # `ask --box` crops as embed does: a wide box is letterboxed with the CLIP's mean colour
+    from pipeline.clip.backbone import letterbox_resize, mean_pixel, normalize_pixels
+
+    wide = embed_image(bb, root / "imgs/3.jpg", box=(0, 10, 40, 12)).numpy()[0]
+    crop = Image.open(root / "imgs/3.jpg").convert("RGB").crop((0, 10, 40, 22))
+    pixels = torch.from_numpy(letterbox_resize(crop, bb.image_size, mean_pixel(bb.mean)))
+    want = bb.encode_images(normalize_pixels(pixels[None], bb.mean, bb.std)).numpy()[0]
+    assert np.allclose(wide, want, atol=1e-5)
     obj = ask(root / "imgs/3.jpg", "What is this?", root / "model", box=(0, 0, 20, 20), top=3)
     assert obj.question.qtype == "object" and obj.template == "a photo of a {answer}"
     assert {a for a, _ in obj.model} == {"cat", "dog", "sofa"}
+    # the head's scores: P(answer | image, question) among the 3 candidates
+    assert sum(p for _, p in obj.model) == pytest.approx(1.0, abs=1e-5)
 
     runner = CliRunner()
     res = runner.invoke(

@@ -43,6 +43,25 @@ class CaptionSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset_images(self, keep: torch.Tensor) -> CaptionSet:
+        """The rows of the images `keep` (indices into `image_ids`), in file order."""
+        chosen = torch.zeros(len(self.image_ids), dtype=torch.bool)
+        chosen[keep] = True
+        rows = chosen[self.image_index].nonzero().squeeze(1)
+        new_index = torch.cumsum(chosen.long(), 0) - 1  # old image index -> new
+        pick = rows.tolist()
+        return CaptionSet(
+            image_emb=self.image_emb[rows.to(self.image_emb.device)],
+            ids=self.ids[rows.to(self.ids.device)],
+            lengths=self.lengths[rows.to(self.lengths.device)],
+            image_index=new_index[self.image_index[rows]],
+            image_ids=[i for i, c in zip(self.image_ids, chosen.tolist()) if c],
+            row_ids=[self.row_ids[r] for r in pick],
+            captions=[self.captions[r] for r in pick],
+            truncated=self.truncated,
+            skipped=dict(self.skipped),
+        )
+
     def images(self) -> torch.Tensor:
         """(n_images, d): one embedding per unique image."""
         first = torch.zeros(len(self.image_ids), dtype=torch.long)
@@ -142,13 +161,27 @@ def load_images(
     return list(first), torch.from_numpy(np.ascontiguousarray(emb[keep]))
 
 
+def labelled_images(captions: CaptionSet, fraction: float, seed: int) -> CaptionSet:
+    """The captions of a seeded random `fraction` of the images (all captions of an image
+    are kept or dropped together): round(fraction x images), at least one if fraction > 0.
+    The images are the first of one seeded permutation, so a smaller fraction's images
+    are among a larger one's."""
+    n = len(captions.image_ids)
+    k = min(n, max(1, round(fraction * n))) if fraction > 0 else 0
+    if k == n:
+        return captions
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return captions.subset_images(perm[:k])
+
+
 @dataclass
 class TrainingData:
     """What `train_caption` reads: LAION and Flickr30k captions, the two domains' images,
     the shared token table and the CLIP they all come from (all on the training device)."""
 
-    laion: CaptionSet  # LAION train captions (pretrain, adapt)
-    flickr30k_train: CaptionSet  # Flickr30k train captions (finetune)
+    laion: CaptionSet  # LAION train captions (pretrain, adapt, finetune)
+    flickr30k_train: CaptionSet  # all Flickr30k train captions (they fix the finetune epoch)
+    flickr30k_labelled: CaptionSet  # those of the labelled train images (finetune)
     flickr30k_val: CaptionSet  # Flickr30k val captions (validation loss)
     source_images: torch.Tensor  # (n, d) one embedding per LAION image
     target_images: torch.Tensor  # (m, d) one per Flickr30k image of the target splits
@@ -178,9 +211,13 @@ def load_training_data(
     max_len: int,
     target_splits: tuple[str, ...] | list[str],
     device: torch.device,
+    labelled_fraction: float = 1.0,
+    labelled_seed: int = 0,
 ) -> TrainingData:
-    """LAION train and Flickr30k train/val captions cut to `max_len` tokens, the images of
-    both domains (Flickr30k: those of `target_splits`), moved to `device`."""
+    """LAION train and Flickr30k train/val captions cut to `max_len` tokens, the captions
+    of a `labelled_fraction` of the Flickr30k train images (`labelled_images`, seeded by
+    `labelled_seed`), the images of both domains (Flickr30k: those of `target_splits`),
+    moved to `device`."""
     clip = same_clip(read_manifest(laion), read_manifest(flickr30k))
     tok = clip["token_embedding"]
     table = load_token_table(laion)
@@ -195,14 +232,17 @@ def load_training_data(
         raise UserError(
             f"no training captions (LAION {len(source)}, Flickr30k train {len(f_train)})"
         )
+    f_labelled = labelled_images(f_train, labelled_fraction, labelled_seed)
     src_images = source.images().to(device)
     _, tgt_images = load_images(flickr30k, tuple(target_splits))
     if len(tgt_images) == 0:
         raise UserError(f"no Flickr30k images in target_splits {list(target_splits)}")
-    for cs in (source, f_train, f_val):  # small enough to live on the device (145k x 512 fp16)
+    for cs in {id(c): c for c in (source, f_train, f_labelled, f_val)}.values():
+        # small enough to live on the device (145k x 512 fp16)
         cs.image_emb, cs.ids, cs.lengths = (
             x.to(device) for x in (cs.image_emb, cs.ids, cs.lengths)
         )
     return TrainingData(
-        source, f_train, f_val, src_images, tgt_images.to(device), table, special, clip
-    )
+        source, f_train, f_labelled, f_val, src_images, tgt_images.to(device), table, special,
+        clip,
+    )  # fmt: skip

@@ -6,7 +6,8 @@ The `embed` output for Flickr30k holds one row per caption (`image_id`, `split`,
 the image's first row; its references are all captions of that image. The baseline
 answers with the first caption (first row in the embedding files) of the training image
 whose CLIP image embedding is closest by cosine (faiss `IndexFlatIP` on L2-normalised
-vectors).
+vectors). `SceneTruth` holds the scenes of the scored images for the grounding scores
+(`pipeline.metrics.grounding`), or why there are none.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import pyarrow as pa
 from pipeline.atomic import write_text
 from pipeline.embedding.files import vectors
 from pipeline.errors import UserError
-from pipeline.metrics import cider_d, corpus_bleu_1to4, tokenize
+from pipeline.metrics import cider_d, corpus_bleu_1to4, grounding, load_scenes, tokenize, vocabulary
+from pipeline.metrics.grounding import Scene, Vocabulary
 from pipeline.report import Report
 
 BASELINE = "nn"  # the baseline's name among the systems (metrics keys)
@@ -119,6 +121,70 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
     out["n_distinct"] = len({" ".join(h) for h in hyps})
     out["n_pred_under4"] = sum(len(h) < 4 for h in hyps)
     return out
+
+
+@dataclass
+class SceneTruth:
+    """The scenes of the scored images, or why there are none (grounding is then absent)."""
+
+    scenes: list[Scene | None]  # one per image of the scored set (None: no scene)
+    references: list[list[str]]
+    vocab: Vocabulary | None = None
+    source: str | None = None
+    absent: str | None = None  # why grounding is not scored
+
+    @classmethod
+    def load(cls, path: Path | None, images: ImageSet, report: Report) -> SceneTruth:
+        """Scenes of `images` from `path` (scenes.json); none if no path or no such file."""
+        refs = images.captions
+        if path is None:
+            return cls([], refs, absent="no scene truth given (--scenes)")
+        path = Path(path)
+        if not path.is_file():
+            return cls([], refs, source=str(path), absent=f"{path} does not exist (only "
+                       "the sample world has scene truth; real Flickr30k has none)")  # fmt: skip
+        by_id = load_scenes(path)
+        scenes = [by_id.get(i) for i in images.image_ids]
+        for image_id, scene in zip(images.image_ids, scenes):
+            if scene is None:
+                report.note("no_scene_for_grounding", image_id)
+        if not any(scenes):
+            return cls([], refs, source=str(path),
+                       absent=f"no scored image has a scene in {path}")  # fmt: skip
+        return cls(scenes, refs, vocabulary(by_id), str(path))
+
+    def _score(self, captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, Any]:
+        assert self.vocab is not None
+        return grounding(captions, scenes, self.vocab)
+
+    def _pairs(self, captions: Sequence[str]) -> tuple[list[str], list[Scene]]:
+        keep = [k for k, sc in enumerate(self.scenes) if sc is not None]
+        return [captions[k] for k in keep], [self.scenes[k] for k in keep]
+
+    def score(self, predictions: Sequence[str]) -> dict[str, Any]:
+        """`ground_p`, `ground_r` and the breakdown (`grounding`) of one system; {} if absent."""
+        if self.absent:
+            return {}
+        g = self._score(*self._pairs(predictions))
+        return {"ground_p": g.pop("ground_p"), "ground_r": g.pop("ground_r"), "grounding": g}
+
+    def summary(self) -> dict[str, Any]:
+        """For the detail file: the source, the image count, the references' own scores
+        (upper bound) and those of the next image's references (chance); or why absent."""
+        if self.absent:
+            return {"scored": False, "why": self.absent}
+        keep = [k for k, sc in enumerate(self.scenes) if sc is not None]
+        refs = [(r, self.scenes[k]) for k in keep for r in self.references[k]]
+        nxt = [(r, self.scenes[k]) for j, k in enumerate(keep)
+               for r in self.references[keep[(j + 1) % len(keep)]]]  # fmt: skip
+        return {
+            "scored": True,
+            "scenes": self.source,
+            "n_images": len(keep),
+            "n_images_without_scene": len(self.scenes) - len(keep),
+            "references": self._score([r for r, _ in refs], [sc for _, sc in refs]),
+            "shuffled_references": self._score([r for r, _ in nxt], [sc for _, sc in nxt]),
+        }
 
 
 def write_predictions(

@@ -6,15 +6,23 @@ The stage (`pipeline.stages.train_caption`) runs three phases (source paper 3.1)
 2. `adapt`: caption loss on LAION continues; a domain discriminator on the adapter's
    features (the image prefix) behind a gradient-reversal layer separates LAION images
    (source) from Flickr30k images (target).
-3. `finetune`: caption loss on Flickr30k train captions; the domain loss keeps using
-   LAION + Flickr30k images.
+3. `finetune`: caption loss on the labelled Flickr30k train captions
+   (`labelled_fraction` of the train images keep their captions) plus `source_weight`
+   times the LAION caption loss (DANN trains the source task throughout; 0: Flickr30k
+   captions only, the schedule before issue 10); the domain loss keeps using LAION +
+   Flickr30k images. An epoch of fine-tuning is as many steps as one pass over *all*
+   Flickr30k train captions, whatever the labelled fraction: the labelled captions and
+   the LAION captions are each drawn in reshuffled passes to fill it, so every fraction
+   gets the same steps and the same λ schedule (fraction 1, weight 0: exactly the old
+   epochs). With no labelled image (`labelled_fraction: 0`) fine-tuning is unsupervised
+   adaptation: LAION captions only, Flickr30k train images only as unlabelled targets.
 
 The λ of the GRL follows Ganin & Lempitsky's warm start over phases 2-3 (`grl_gamma`,
 peak `adv_weight`). Variant `noada` runs the very same steps, batches and discriminator
 with λ = 0: the discriminator still trains (so its accuracy shows how separable the
 domains stay) but the features get no gradient from it. Each step's domain batches come
-from their own seeded generator, caption batches from another, so both variants see the
-same data in the same order.
+from their own seeded generator, caption batches from another, the fine-tuning LAION
+batches from a third, so both variants see the same data in the same order.
 
 Under `torchrun` (pipeline.distributed): every rank draws the same caption order and the
 same domain draws and takes its strided slice of both (`batch_size` and `domain_batch` are
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.caption.data import CaptionSet, TrainingData
@@ -49,12 +58,13 @@ VARIANTS = {"noada": 0.0, "ada": 1.0}  # multiplier of the GRL coefficient
 PLOT_COLUMNS = (
     "epoch",
     "phase",
-    "caption_loss",
+    "caption_loss",  # the phase's captions: LAION (pretrain, adapt), labelled Flickr30k (finetune)
     "disc_loss",
     "adv_loss",
     "disc_acc",
     "val_loss",
     "lambda",
+    "source_loss",  # the LAION caption loss added in finetune (its weight: source_weight)
 )
 
 
@@ -65,9 +75,16 @@ def grl_strength(variant: str) -> float:
     return VARIANTS[variant]
 
 
-def batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; under torchrun this rank's slice of the shared order."""
-    perm = torch.randperm(n, generator=gen)
+def batches(
+    n: int, batch_size: int, gen: torch.Generator, rows: int | None = None
+) -> list[torch.Tensor]:
+    """Shuffled index batches over `rows` draws (default `n`: one pass) from `n` items,
+    reshuffled after each pass; under torchrun this rank's slice of the shared order."""
+    rows = n if rows is None else rows
+    if n == 0 or rows == 0:
+        return []
+    perm = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(rows / n))])
+    perm, n = perm[:rows], rows
     if distributed.is_distributed():
         perm = torch.from_numpy(distributed.shard(perm.numpy()))
         n = len(perm)
@@ -135,25 +152,44 @@ class Trainer:
 
     def step(
         self,
-        image_emb: torch.Tensor,
-        ids: torch.Tensor,
-        lengths: torch.Tensor,
+        image_emb: torch.Tensor | None,
+        ids: torch.Tensor | None,
+        lengths: torch.Tensor | None,
         domain: tuple[torch.Tensor, torch.Tensor] | None,
         coeff: float,
+        source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One optimiser step on a caption batch (+ a domain batch pair if given).
+        """One optimiser step on a caption batch (None: none) + `source_weight` times the
+        caption loss of a `source` batch (image_emb, ids, lengths) if given + the domain
+        loss of a domain batch pair if given. Both caption batches go through one forward.
 
-        Returns detached scalar tensors (no device sync per step)."""
+        Returns detached scalar tensors (no device sync per step): `caption_loss`,
+        `source_loss`, and the domain statistics, each where it was computed."""
         dev = self.device
         self.model.train()
         self.disc.train()
-        ids = ids[:, : int(lengths.max())]  # drop all-padding columns
+        parts = []  # (stat name, weight, image_emb, ids, lengths)
+        if image_emb is not None:
+            parts.append(("caption_loss", 1.0, image_emb, ids, lengths))
+        if source is not None:
+            parts.append(("source_loss", float(self.settings.source_weight), *source))
+        width = max(int(p[4].max()) for p in parts)  # drop all-padding columns
+        pad = self.model.config.pad_token_id
+        ids = torch.cat([F.pad(p[3][:, :width], (0, width - min(width, p[3].shape[1])),
+                               value=pad) for p in parts])  # fmt: skip
+        lengths = torch.cat([p[4] for p in parts])
         inputs, targets, mask = split_batch(ids.to(dev), lengths.to(dev))
         out: dict[str, torch.Tensor] = {}
+        loss = torch.zeros((), device=dev)
         with autocast(dev):
-            pred = self.model(image_emb.to(dev).float(), inputs)
-            loss = self.model.caption_loss(pred, targets, mask)
-            out["caption_loss"] = loss.detach()
+            pred = self.model(torch.cat([p[2] for p in parts]).to(dev).float(), inputs)
+            start = 0
+            for name, weight, emb, *_ in parts:
+                rows = slice(start, start + len(emb))
+                part = self.model.caption_loss(pred[rows], targets[rows], mask[rows])
+                out[name] = part.detach()
+                loss = part if (len(parts), weight) == (1, 1.0) else loss + weight * part
+                start += len(emb)
             if domain is not None:
                 src, tgt = (x.to(dev).float() for x in domain)
                 feats = self.model.prefix(torch.cat([src, tgt]))
@@ -183,21 +219,39 @@ class Trainer:
         gen: torch.Generator,
         adversary: Adversary | None,
         progress: Iterable | None = None,
+        *,
+        rows: int | None = None,
+        source: tuple[CaptionSet, torch.Generator] | None = None,
     ) -> dict[str, float]:
-        """One pass over `data` (+ a domain batch per step from `adversary` if given).
+        """`rows` caption draws from `data` (default: one pass over it; more: it is passed
+        over again, reshuffled) in steps of `batch_size`, with a domain batch per step from
+        `adversary` and a batch of `source` captions (drawn alike from its own generator)
+        if given. An empty `data` leaves the source batches alone.
 
         Returns the epoch means of the step statistics (over ranks under torchrun; nan
-        for the domain ones without an adversary) and `lambda`, the last step's λ.
+        for those not computed) and `lambda`, the last step's λ.
         `progress` (a tqdm bar) is advanced by one per step.
         """
+        bs = self.settings.batch_size
+        rows = len(data) if rows is None else rows
+        main = batches(len(data), bs, gen, rows)
+        extra = batches(len(source[0]), bs, source[1], rows) if source is not None else []
         sums: dict[str, list[torch.Tensor]] = {}
         coeff = 0.0
-        for idx in batches(len(data), self.settings.batch_size, gen):
+        for k in range(max(len(main), len(extra))):
             self.set_lr(lr)
             domain = None
             if adversary is not None:
                 domain, coeff = adversary.draw()
-            stats = self.step(data.image_emb[idx], data.ids[idx], data.lengths[idx], domain, coeff)
+            batch: tuple = (None, None, None)
+            if main:
+                idx = main[k]
+                batch = (data.image_emb[idx], data.ids[idx], data.lengths[idx])
+            src = None
+            if extra:
+                cs, idx = source[0], extra[k]
+                src = (cs.image_emb[idx], cs.ids[idx], cs.lengths[idx])
+            stats = self.step(*batch, domain, coeff, src)
             for key, val in stats.items():
                 sums.setdefault(key, []).append(val)
             if progress is not None:
@@ -209,7 +263,7 @@ class Trainer:
             reduced = distributed.all_reduce_sum([mean[k] for k in keys])
             mean = {k: v / world for k, v in zip(keys, reduced, strict=True)}
         nan = float("nan")
-        names = ("caption_loss", "disc_loss", "adv_loss", "disc_acc")
+        names = ("caption_loss", "source_loss", "disc_loss", "adv_loss", "disc_acc")
         return {**{k: mean.get(k, nan) for k in names}, "lambda": coeff}
 
     @torch.no_grad()
@@ -246,11 +300,15 @@ def run_record(trainer: Trainer, rows: list[dict[str, Any]], data: TrainingData)
         "epochs": len(rows),
         "steps": trainer.step_no,
         "final_caption_loss": last["caption_loss"],
+        "final_source_loss": last["source_loss"],
         "final_val_loss": last["val_loss"],
         "final_disc_acc": last["disc_acc"],
         "best_val_loss": min(r["val_loss"] for r in rows),
         "n_laion_captions": len(data.laion),
         "n_flickr30k_train_captions": len(data.flickr30k_train),
+        "n_flickr30k_train_images": len(data.flickr30k_train.image_ids),
+        "n_flickr30k_labelled_captions": len(data.flickr30k_labelled),
+        "n_flickr30k_labelled_images": len(data.flickr30k_labelled.image_ids),
         "n_flickr30k_val_captions": len(data.flickr30k_val),
         "n_source_images": len(data.source_images),
         "n_target_images": len(data.target_images),

@@ -70,6 +70,43 @@ def resize_crop(img: Image.Image, size: int, resize: int | None = None) -> np.nd
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def mean_pixel(mean: Sequence[float] = OPENAI_CLIP_MEAN) -> tuple[int, int, int]:
+    """The CLIP's mean colour as 8-bit RGB (rounded): the letterbox fill, which normalises
+    to about 0 in every channel."""
+    r, g, b = (min(255, max(0, round(float(m) * 255))) for m in mean)
+    return r, g, b
+
+
+CLIP_MEAN_PIXEL = mean_pixel(OPENAI_CLIP_MEAN)  # (123, 117, 104)
+
+
+def letterbox(img: Image.Image, fill: tuple[int, int, int] = CLIP_MEAN_PIXEL) -> Image.Image:
+    """RGB `img` padded to a square of its longest side, centred, the rest `fill`.
+
+    LLaVA's `expand2square` (fill: the CLIP's mean colour): unlike a center crop it keeps
+    every pixel, so both objects of a wide union box survive.
+    """
+    img = to_rgb(img)
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), tuple(fill))
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def letterbox_resize(
+    img: Image.Image, size: int, fill: tuple[int, int, int] = CLIP_MEAN_PIXEL
+) -> np.ndarray:
+    """A box crop as the model sees it: `letterbox`, then bicubic resize to `size` x `size`
+    (straight to the input size, no center crop): uint8 (3, size, size)."""
+    img = letterbox(img, fill)
+    if img.size != (size, size):
+        img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
 def normalize_pixels(
     x: torch.Tensor,
     mean: Sequence[float] = OPENAI_CLIP_MEAN,
@@ -324,7 +361,8 @@ def load_backbone(name_or_path: str | Path, device: str | None = "auto") -> Back
 
 
 def embed_image(backbone, image: str | Path, box=None) -> torch.Tensor:
-    """(1, d) CLIP embedding of the image or its box crop, decoded as embed decodes."""
+    """(1, d) CLIP embedding of the image or of its box crop (letterboxed with the CLIP's
+    mean colour, `letterbox_resize`), decoded as embed decodes."""
     from pipeline.imagedecode import BAD_BOX, decode_image, read_bytes
 
     data = read_bytes(str(image))
@@ -336,6 +374,7 @@ def embed_image(backbone, image: str | Path, box=None) -> torch.Tensor:
         backbone.resize_size,
         boxes=(box,) if box else (),
         whole=box is None,
+        fill=mean_pixel(backbone.mean),
     )
     if decoded.skip:
         raise UserError(f"cannot use image {image}: {decoded.skip}")

@@ -44,7 +44,7 @@ class ClipModelConfig:
     layers: int = 2  # transformer layers of each tower
     heads: int = 4  # attention heads (must divide width)
     image_size: int = 64  # input pixels per side
-    patch_size: int = 8  # ViT patch side (must divide image_size)
+    patch_size: int = 16  # ViT patch side (must divide image_size); 16 tokens at 64 px
     projection_dim: int = 128  # shared image/text embedding size
 
     def __post_init__(self) -> None:

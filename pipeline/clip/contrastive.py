@@ -108,23 +108,10 @@ def train(
         for b in range(steps_per_epoch):
             idx = perm[b * batch : (b + 1) * batch]
             ids = [tokens[i][int(pick[i]) % len(tokens[i])] for i in idx.tolist()]
-            input_ids, mask = pad_ids(ids, bb.pad_token_id)
-            pixels = data.pixels[idx]
-            if augment_shift:
-                pixels = random_shift(pixels, augment_shift, gen)
-            pixels = normalize_pixels(pixels.to(bb.device), bb.mean, bb.std)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup_steps, lr)
-            with bb.autocast():
-                loss = clip_loss(model, input_ids.to(bb.device), mask.to(bb.device), pixels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            losses.append(float(loss.detach()))
+            step_lr = lr_at(step, total, warmup_steps, lr)
+            losses.append(
+                train_step(bb, opt, ids, data.pixels[idx], step_lr, grad_clip, augment_shift, gen)
+            )
             step += 1
             bar.update(1)
         rows.append(epoch_row(bb, epoch, float(np.mean(losses)), held, held_ids))
@@ -132,6 +119,31 @@ def train(
     bar.close()
     model.eval()
     return rows
+
+
+def train_step(
+    bb: Backbone, opt: torch.optim.Optimizer, ids: list[list[int]], pixels: torch.Tensor,
+    lr: float, grad_clip: float, augment_shift: int, gen: torch.Generator,
+) -> float:  # fmt: skip
+    """One optimiser step of the symmetric contrastive loss on token `ids` and uint8
+    `pixels` (shifted by up to `augment_shift` pixels with `gen`) at learning rate `lr`;
+    the temperature stays clamped. Returns the batch loss."""
+    input_ids, mask = pad_ids(ids, bb.pad_token_id)
+    if augment_shift:
+        pixels = random_shift(pixels, augment_shift, gen)
+    pixels = normalize_pixels(pixels.to(bb.device), bb.mean, bb.std)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with bb.autocast():
+        loss = clip_loss(bb.model, input_ids.to(bb.device), mask.to(bb.device), pixels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(bb.model.parameters(), grad_clip)
+    opt.step()
+    with torch.no_grad():
+        bb.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return float(loss.detach())
 
 
 def epoch_row(

@@ -21,8 +21,12 @@ from pipeline.report import Report
 class ImageDataset(torch.utils.data.Dataset):
     """Item index -> (index, Decoded); runs in DataLoader workers."""
 
-    def __init__(self, items: list[ImageItem], size: int, resize: int | None, draft: bool):
+    def __init__(
+        self, items: list[ImageItem], size: int, resize: int | None, draft: bool,
+        fill: tuple[int, int, int],
+    ):  # fmt: skip
         self.items, self.size, self.resize, self.draft = items, size, resize, draft
+        self.fill = fill  # letterbox colour of box crops: the CLIP's mean pixel
         self._tar = None
 
     def __len__(self) -> int:
@@ -43,7 +47,9 @@ class ImageDataset(torch.utils.data.Dataset):
             data = self._bytes(item)
         except (OSError, tarfile.TarError, EOFError):  # skipped and reported, not a crash
             return i, Decoded(None, "unreadable_file")
-        return i, decode_image(data, self.size, self.resize, item.boxes, item.whole, self.draft)
+        return i, decode_image(
+            data, self.size, self.resize, item.boxes, item.whole, self.draft, fill=self.fill
+        )
 
 
 def collate(samples: list[tuple[int, Decoded]], size: int) -> tuple[torch.Tensor, list]:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 from pyarrow import ipc
 
+from pipeline.clip.backbone import mean_pixel
 from pipeline.embedding.encoders import (
     ImageDataset,
     PixelNormalizer,
@@ -42,7 +43,8 @@ from pipeline.report import Report
 if TYPE_CHECKING:
     from pipeline.stages.embed import Settings
 
-FORMAT_VERSION = 1  # part of every fingerprint: a change recomputes every shard
+# Part of every fingerprint: a change recomputes every shard. 2: box crops letterboxed.
+FORMAT_VERSION = 2
 TOKEN_TABLE = "token_embedding.safetensors"
 TEXTS_FILE = "texts.arrow"
 MANIFEST, REPORT = "manifest.json", "report.json"
@@ -285,7 +287,11 @@ class ShardEmbedder:
         if batches:
             workers = settings.num_workers
             dataset = ImageDataset(
-                self.items, backbone.image_size, backbone.resize_size, settings.draft
+                self.items,
+                backbone.image_size,
+                backbone.resize_size,
+                settings.draft,
+                mean_pixel(backbone.mean),
             )
             loader = torch.utils.data.DataLoader(
                 dataset,

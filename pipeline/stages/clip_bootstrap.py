@@ -2,18 +2,23 @@
 
 Three modes, chosen by `--pretrained` and `finetune`:
 
-- **scratch** (`--pretrained scratch`, the offline default): train a lower-case BPE
+- **passthrough** (`--pretrained <hub id or folder>`, `finetune: false`; the default, with
+  `data.clip: models/clip_standin`, the sample world's stand-in CLIP trained once by the
+  frozen `clip_standin` stage, used as a downloaded checkpoint is): the checkpoint is
+  copied (local folder) or saved (hub id) unchanged.
+- **scratch** (`--pretrained scratch`): train a lower-case BPE
   tokenizer on the training captions (LAION + Flickr30k train split), build the small CLIP
   of `model` and train it contrastively (`pipeline.clip.contrastive`) on the LAION pairs.
 - **finetune** (`--pretrained <hub id or folder>`, `finetune: true`): the same loss and
   loop, starting from the named checkpoint and its tokenizer / image settings.
-- **passthrough** (`--pretrained ...`, `finetune: false`): the checkpoint is copied (local
-  folder) or saved (hub id) unchanged.
 
 In every mode `--out` is a standard Hugging Face checkpoint folder that `load_backbone`
 opens like any other, plus `clip_source.json` (where it came from) and `report.json`.
 Image->text / text->image recall@1/@5 on held-out LAION pairs (a seeded split never
-trained on), before and after training, go to `--metrics`; everything else to `--detail`.
+trained on), before and after training, and the probes of the CLIP it writes
+(`pipeline.clip.probes` on `--probes`, the sample world's probe set: zero-shot and
+linear-probe top-1 for object category and colour, single images and object crops, both
+styles) go to `--metrics` (headline keys) and `--detail` (everything).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ SETTINGS = (Settings, Split)
 
 def main(
     laion: Path, flickr30k: Path, pretrained: str, out: Path, metrics: Path, detail: Path,
-    plots: Path, params: Path,
+    plots: Path, params: Path, probes: Path | None = None,
 ) -> str:  # fmt: skip
     """Write the checkpoint folder `out`, the `metrics`/`detail` JSON and the `plots` curve."""
     import torch
@@ -81,6 +86,8 @@ def main(
     from pipeline.atomic import write_json
     from pipeline.clip.checkpoint import staged_folder
     from pipeline.clip.contrastive import epoch_row, mean_train_loss, train
+    from pipeline.clip.probes import HOW as PROBES_HOW
+    from pipeline.clip.probes import TEMPLATES, headline
     from pipeline.clip.retrieval import HOW, evaluate
     from pipeline.training import cpu_threads, seed_everything, write_plot
 
@@ -104,10 +111,13 @@ def main(
         _save(mode, pretrained, bb, tmp, data if rows else None, s.seed)
         report.extra.update({"mode": mode, "threads": torch.get_num_threads()})
         report.save(tmp / "report.json")  # no timings inside the model: its hash stays stable
+        probe_scores, probe_seconds = _probe(bb, probes)
 
     n, n_flickr30k = len(held), data.count("flickr30k")
-    write_json(metrics, {"after": _recalls(after), "before": _recalls(before),
-                         "chance_r1": round(1 / n, 6)})  # fmt: skip
+    head = {"after": _recalls(after), "before": _recalls(before), "chance_r1": round(1 / n, 6)}
+    if probe_scores:
+        head.update(headline(probe_scores))
+    write_json(metrics, head)
     write_json(detail, {
         "mode": mode,
         "model": SCRATCH if mode == "scratch" else pretrained,
@@ -124,6 +134,10 @@ def main(
         "train_loss_final": rows[-1]["train_loss"] if rows else start["train_loss"],
         "final_logit_scale": round(float(bb.model.logit_scale.detach().exp()), 4),
         "how": HOW.format(fraction=s.heldout_fraction, seed=s.seed),
+        "probes": probe_scores,
+        "probes_how": PROBES_HOW if probe_scores else None,
+        "probe_templates": {k: list(v) for k, v in TEMPLATES.items()},
+        "probe_seconds": probe_seconds,
         "tokenizer": TOKENIZER if mode == "scratch" else f"from {pretrained}",
         "vocab_size": int(bb.model.config.text_config.vocab_size),
         "epochs": len(rows),
@@ -132,12 +146,27 @@ def main(
         "split": as_dict(split),
     })  # fmt: skip
     write_plot(plots, [start, *rows])
+    zs = headline(probe_scores)["zs_cat"]["crop"] if probe_scores else None
+    probe_line = f"; zero-shot category on photo crops {zs:.3f}" if zs is not None else ""
     return (
         f"{report.summary()}; {mode}: i2t r@1 {before['i2t_r1']:.3f} -> {after['i2t_r1']:.3f}, "
         f"t2i r@1 {before['t2i_r1']:.3f} -> {after['t2i_r1']:.3f} (chance {1 / n:.3f}, n={n}), "
         f"training {train_seconds:.1f}s ({train_cpu:.1f}s CPU) of "
-        f"{time.perf_counter() - t0:.1f}s"
+        f"{time.perf_counter() - t0:.1f}s{probe_line}"
     )
+
+
+def _probe(bb, probes: Path | None) -> tuple[dict | None, float | None]:
+    """The probe scores of `bb` on the probe set `probes` (None: not measured), seconds."""
+    from pipeline.clip.probes import load_probe_set, run_probes
+
+    if probes is None:
+        return None, None
+    t = time.perf_counter()
+    rows, pixels = load_probe_set(Path(probes), bb)
+    if not rows:
+        return None, None
+    return run_probes(bb, rows, pixels), round(time.perf_counter() - t, 1)
 
 
 def _open(
@@ -199,4 +228,4 @@ def _save(mode: str, pretrained: str, bb, tmp: Path, trained_on: PairSet | None,
 
 def _recalls(scores: dict[str, float]) -> dict[str, float]:
     """The headline recalls of `evaluate`'s scores (the loss goes to the detail file)."""
-    return {k: scores[k] for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5")}
+    return {k: scores[k] for k in ("i2t_r1", "t2i_r1")}

@@ -1,11 +1,17 @@
 """evaluate_caption: caption the Flickr30k test images with each trained decoder and a
-nearest-neighbour baseline; score them with BLEU-1..4 and CIDEr-D.
+nearest-neighbour baseline; score them with BLEU-1..4, CIDEr-D and, where the scene
+truth exists (the sample world's `scenes.json`), grounding.
 
 Each `--model` folder is one system, named by its folder name (`noada`, `ada`); the
 baseline is `nn` (see `pipeline.caption.evaluation`). Outputs: `metrics` (headline only:
-{system: {bleu4, cider}}), `detail` (every score, the settings, how it was computed),
+{system: {bleu4, cider, ground_p, ground_r}}), `detail` (every score, the grounding
+breakdown, the references' own grounding, the settings, how it was computed),
 `<predictions>/caption_<system>.jsonl` (image_id, prediction, references) and
 `<predictions>/caption_report.json` (rows read, written, skipped by reason).
+
+Grounding (`pipeline.metrics.grounding`): `scenes` names the truth file; where it does
+not exist (real Flickr30k) grounding is left out and the detail file says why. Images
+without a scene in the file are left out of grounding only (counted in the report).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pipeline.caption.evaluation import (
     BASELINE_FILE,
     PAPER_BLEU,
     PAPER_NOTE,
+    SceneTruth,
     check_clip,
     drop_empty_references,
     load_image_captions,
@@ -40,13 +47,14 @@ from pipeline.metrics import (
     BLEU_SETTINGS,
     CIDER_DETAIL,
     CIDER_SETTINGS,
+    GROUNDING_DETAIL,
     TOKENIZATION,
     TOKENIZATION_DETAIL,
 )
 from pipeline.report import Report
 from pipeline.settings import check, load
 
-HEADLINE = ("bleu4", "cider")  # the scores in the metrics file; the rest go to detail
+HEADLINE = ("bleu4", "cider", "ground_p", "ground_r")  # in the metrics file (if scored)
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,10 @@ def main(
     detail: Path,
     predictions: Path,
     params: Path | dict[str, Any],
+    scenes: Path | None = None,
 ) -> str:
-    """Caption `split` of `emb` with every model and the baseline; write scores + predictions."""
+    """Caption `split` of `emb` with every model and the baseline; write scores + predictions
+    (+ grounding against `scenes` where that file exists)."""
     s = load(Settings, params)
     systems = system_names(models)
     emb, predictions = Path(emb), Path(predictions)
@@ -102,6 +112,7 @@ def main(
     if not len(train):
         raise UserError(f"no '{s.baseline_split}' rows in {emb} for the nearest-neighbour baseline")
     tokenizer = load_tokenizer(clip)
+    truth = SceneTruth.load(scenes, test, report)
 
     scores: dict[str, dict[str, Any]] = {}
     image_emb = torch.from_numpy(test.emb)
@@ -109,13 +120,14 @@ def main(
         model = load_caption_model(folder)
         preds = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
                                    s.batch_size, name)  # fmt: skip
-        scores[name] = score(preds, test.captions)
+        scores[name] = score(preds, test.captions) | truth.score(preds)
         write_predictions(predictions / f"caption_{name}.jsonl", test, preds)
     preds, neighbours = nearest_neighbour_captions(train, test)
-    scores[BASELINE] = score(preds, test.captions)
+    scores[BASELINE] = score(preds, test.captions) | truth.score(preds)
     write_predictions(predictions / BASELINE_FILE, test, preds, neighbours)
 
-    write_json(metrics, {name: {k: v[k] for k in HEADLINE} for name, v in scores.items()})
+    headline = [k for k in HEADLINE if k in scores[BASELINE]]
+    write_json(metrics, {name: {k: v[k] for k in headline} for name, v in scores.items()})
     settings = {
         "split": s.split, "n_images": len(test),
         "n_references": sum(len(c) for c in test.captions), "tokenization": TOKENIZATION,
@@ -130,10 +142,11 @@ def main(
         "baseline": f"first caption (first row in the files) of the nearest "
         f"'{s.baseline_split}' image by cosine of CLIP image embeddings "
         "(faiss IndexFlatIP on L2-normalised vectors)",
-        "clip_model": clip, "paper_note": PAPER_NOTE,
+        "clip_model": clip, "paper_note": PAPER_NOTE, **GROUNDING_DETAIL,
     }  # fmt: skip
-    write_json(detail, {**scores, "settings": settings, "method": method})
+    write_json(detail, {**scores, "grounding": truth.summary(), "settings": settings,
+                        "method": method})  # fmt: skip
     report.written = len(test)
     report.save(predictions / "caption_report.json")
-    parts = [f"{k}: bleu4={v['bleu4']:.4f} cider={v['cider']:.4f}" for k, v in scores.items()]
+    parts = [f"{k}: " + " ".join(f"{m}={v[m]:.4f}" for m in headline) for k, v in scores.items()]
     return f"{report.summary()}; " + "; ".join(parts)

@@ -4,8 +4,9 @@ On one split (test by default), per question type and overall, for each method: 
 top-5 accuracy and mean per-class accuracy (`pipeline.vqa.scores`). Every method ranks
 the vocabulary answers seen for the question type in train.
 
-- head (`model` in the detail and predictions): the answer embedding nearest (cosine) to
-  the head's prediction;
+- head (`model` in the detail and predictions): the head's classifier, its scores the
+  probability among the candidates (a head trained with the cosine loss alone: the answer
+  embedding nearest to its prediction, its scores cosines);
 - zeroshot: CLIP ranks the answers by image-prompt similarity (`pipeline.vqa.zeroshot`),
   prompts embedded with `--clip`, which must be the CLIP of the embeddings;
 - prior, majority: the text-only frequency baselines (`pipeline.vqa.baselines`).
@@ -143,7 +144,9 @@ def main(
         "image_crops_in_embeddings": store.has_crops, **METHOD,
         "templates": dict(s.templates) if prompts else None,
         "clip": manifest.get("model"), "clip_revision": manifest.get("revision"),
-        "model_loss": head_cfg.get("loss"), "prompts": len(prompts.used) if prompts else 0,
+        "model_loss": head_cfg.get("loss"),
+        "model_best_epoch": head_cfg.get("train", {}).get("best_epoch"),
+        "prompts": len(prompts.used) if prompts else 0,
         "skipped": dict(sorted(report.skipped.items())),
     }  # fmt: skip
     write_json(metrics, headline(table))

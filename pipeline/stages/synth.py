@@ -20,11 +20,11 @@ class Settings:
     """Sizes and realism of the sample world."""
 
     SECTION: ClassVar[str] = "synth"
-    vg_images: int = 600  # Visual Genome images (with quirks, ~2% have no image file)
+    vg_images: int = 3000  # Visual Genome images (with quirks, ~2% have no image file)
     laion_samples: int = 1500  # LAION rows, downloaded or not
     laion_shard_size: int = 500  # rows per img2dataset shard (NNNNN.tar + .parquet)
     laion_fail_rate: float = 0.03  # share of LAION rows that failed to download
-    flickr30k_images: int = 400  # Flickr30k images, five captions each
+    flickr30k_images: int = 2000  # Flickr30k images, five captions each
     flickr30k_split: tuple[float, float, float] = (0.8, 0.1, 0.1)  # Karpathy train/val/test
     image_size: tuple[int, int] = (192, 144)  # width, height of every image, in pixels
     objects_per_image: tuple[int, int] = (2, 4)  # fewest, most objects placed in a scene
@@ -32,10 +32,11 @@ class Settings:
         "photo"  # clipart: drawn as LAION (a control without domain shift)
     )
     quirks: bool = True  # plant the real releases' flaws (see pipeline.synth.world)
+    probe_images: int = 440  # CLIP probe set: images per style x kind (single, crop); 0 = none
     seed: int = 0  # top-level `seed`: the world is a pure function of it
 
     def __post_init__(self) -> None:
-        for key in ("vg_images", "laion_samples", "flickr30k_images"):
+        for key in ("vg_images", "laion_samples", "flickr30k_images", "probe_images"):
             check(getattr(self, key) >= 0, key, "must be >= 0")
         check(self.laion_shard_size >= 1, "laion_shard_size", "must be >= 1")
         check(0 <= self.laion_fail_rate <= 1, "laion_fail_rate", "must be in [0, 1]")
@@ -45,6 +46,8 @@ class Settings:
         check(min(self.image_size) >= 32, "image_size", "must be at least 32 x 32 pixels")
         lo, hi = self.objects_per_image
         check(1 <= lo <= hi, "objects_per_image", "must be [fewest, most] with 1 <= fewest <= most")
+        check(self.probe_images == 0 or self.probe_images >= 44, "probe_images",
+              "must be 0 or >= 44 (two rounds of the 22 categories: train, test)")  # fmt: skip
 
 
 SETTINGS = (Settings,)
@@ -59,6 +62,7 @@ def main(out: Path, params: Path) -> str:
     return (
         f"synth: {vg['images']} VG images ({vg['relationships']} relationships), "
         f"{laion['downloaded']}/{laion['samples']} LAION pairs, "
-        f"{flickr30k['images']} Flickr30k images ({flickr30k['captions']} captions) "
+        f"{flickr30k['images']} Flickr30k images ({flickr30k['captions']} captions), "
+        f"{info['probes']['images']} CLIP probe images "
         f"in {time.perf_counter() - t0:.1f}s -> {out}"
     )

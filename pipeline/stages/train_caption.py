@@ -1,9 +1,11 @@
 """train_caption@{noada,ada}: the embedding-space caption decoder, three phases.
 
 `pretrain` on LAION captions, `adapt` (LAION captions + the domain discriminator behind
-the GRL on LAION vs Flickr30k images), `finetune` on Flickr30k train captions (the domain
-loss continues); `noada` runs the same steps with λ = 0. See `pipeline.caption.training`
-for the schedule and the torchrun behaviour, `pipeline.nn.caption_decoder` for the model.
+the GRL on LAION vs Flickr30k images), `finetune` on the captions of the labelled
+Flickr30k train images (`labelled_fraction`) plus `source_weight` times the LAION caption
+loss (the domain loss continues); `noada` runs the same steps with λ = 0. See
+`pipeline.caption.training` for the schedule and the torchrun behaviour,
+`pipeline.nn.caption_decoder` for the model.
 
 Outputs: the model folder (model.safetensors + config.json: the `DecoderConfig`, the
 CLIP the embeddings came from and a training summary) and the per-epoch `plots` TSV.
@@ -45,7 +47,8 @@ class Settings:
     """The decoder, its three training phases and the domain adversary."""
 
     SECTION: ClassVar[str] = "train_caption"
-    seed: int = 0  # top-level `seed`: initialisation, caption order (seed), domain draws (seed+1)
+    seed: int = 0  # top-level `seed`: init + caption order (seed), domain draws (seed+1),
+    # labelled images (seed+2), LAION batches of finetune (seed+3)
     model: DecoderSettings = dataclasses.field(default_factory=DecoderSettings)  # the decoder
     batch_size: int = 32  # captions per step (per rank under torchrun)
     lr: float = 1e-3  # AdamW learning rate of pretrain and adapt
@@ -55,7 +58,9 @@ class Settings:
     grad_clip: float = 1.0  # max gradient norm of the decoder (0: no clipping)
     pretrain_epochs: int = 5  # epochs on LAION captions
     adapt_epochs: int = 3  # epochs on LAION captions with the domain loss
-    finetune_epochs: int = 20  # epochs on Flickr30k train captions with the domain loss
+    finetune_epochs: int = 4  # epochs (passes over all Flickr30k train captions) of finetune
+    source_weight: float = 1.0  # weight of the LAION caption loss in finetune (0: none)
+    labelled_fraction: float = 1.0  # share of Flickr30k train images keeping captions (0: none)
     adv_weight: float = 1.0  # peak λ of the GRL (ada; noada uses λ = 0)
     grl_gamma: float = 10.0  # steepness of λ's warm start (Ganin & Lempitsky: 10)
     disc_hidden: int = 128  # hidden width of the domain discriminator
@@ -72,8 +77,13 @@ class Settings:
         for key in ("lr", "finetune_lr", "disc_lr"):
             check(getattr(self, key) > 0, key, "must be > 0")
         for key in ("weight_decay", "warmup_steps", "grad_clip", "adv_weight", "grl_gamma",
-                    "pretrain_epochs", "adapt_epochs", "finetune_epochs", "threads"):  # fmt: skip
+                    "pretrain_epochs", "adapt_epochs", "finetune_epochs", "threads",
+                    "source_weight"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
+        check(0 <= self.labelled_fraction <= 1, "labelled_fraction", "must be in [0, 1]")
+        check(self.labelled_fraction > 0 or self.source_weight > 0 or not self.finetune_epochs,
+              "source_weight", "must be > 0 when labelled_fraction is 0 (finetune would "
+              "have no caption to learn)")  # fmt: skip
         epochs = self.pretrain_epochs + self.adapt_epochs + self.finetune_epochs
         check(epochs >= 1, "finetune_epochs", "the three phases need at least one epoch")
         check(0 <= self.disc_dropout < 1, "disc_dropout", "must be in [0, 1)")
@@ -100,19 +110,24 @@ def main(
         cpu_threads(s.threads if device.type == "cpu" else 0),  # CUDA runs: torch's default
     ):
         seed_everything(s.seed)
-        data = load_training_data(laion, flickr30k, s.model.max_len, s.target_splits, device)
+        data = load_training_data(laion, flickr30k, s.model.max_len, s.target_splits, device,
+                                  s.labelled_fraction, s.seed + 2)  # fmt: skip
         config = DecoderConfig.for_data(
             s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
         )
         trainer = Trainer(CaptionDecoder(config, data.token_table), s, device)
         distributed.broadcast_params(trainer.model, trainer.disc)  # same start on every rank
         g_data = torch.Generator().manual_seed(s.seed)
-        plan = [
-            ("pretrain", data.laion, s.pretrain_epochs, s.lr),
-            ("adapt", data.laion, s.adapt_epochs, s.lr),
-            ("finetune", data.flickr30k_train, s.finetune_epochs, s.finetune_lr),
-        ]
-        steps = {name: e * steps_per_epoch(len(d), s.batch_size) for name, d, e, _ in plan}
+        # finetune: the labelled captions, one epoch = as many rows as all train captions
+        # (the same steps whatever the fraction), and the LAION captions beside them
+        source = (data.laion, torch.Generator().manual_seed(s.seed + 3))
+        plan = [  # phase, captions, rows per epoch, LAION captions beside, epochs, lr
+            ("pretrain", data.laion, len(data.laion), None, s.pretrain_epochs, s.lr),
+            ("adapt", data.laion, len(data.laion), None, s.adapt_epochs, s.lr),
+            ("finetune", data.flickr30k_labelled, len(data.flickr30k_train),
+             source if s.source_weight > 0 else None, s.finetune_epochs, s.finetune_lr),
+        ]  # fmt: skip
+        steps = {p[0]: p[4] * steps_per_epoch(p[2], s.batch_size) for p in plan}
         adversary = Adversary(
             data.source_images, data.target_images, s.domain_batch,
             torch.Generator().manual_seed(s.seed + 1), strength, s.grl_gamma, s.adv_weight,
@@ -121,14 +136,16 @@ def main(
         bar = tqdm(total=sum(steps.values()), desc=f"train_caption[{variant}]",
                    disable=None if distributed.is_main() else True)  # fmt: skip
         rows = []
-        for phase, captions, n_epochs, lr in plan:
+        for phase, captions, n_rows, beside, n_epochs, lr in plan:
             for _ in range(n_epochs):
                 domains = adversary if phase != "pretrain" else None
-                stats = trainer.epoch(captions, lr, g_data, domains, bar)
+                stats = trainer.epoch(captions, lr, g_data, domains, bar, rows=n_rows,
+                                      source=beside)  # fmt: skip
                 val_loss = trainer.eval_loss(data.flickr30k_val)
                 row = {"epoch": len(rows) + 1, "phase": phase, **stats, "val_loss": val_loss}
                 rows.append({c: row[c] for c in PLOT_COLUMNS})
                 bar.set_postfix(phase=phase, loss=f"{stats['caption_loss']:.4f}",
+                                source=f"{stats['source_loss']:.4f}",
                                 val=f"{val_loss:.4f}")  # fmt: skip
         bar.close()
 
@@ -142,7 +159,8 @@ def main(
 
     summary = (
         f"train_caption[{variant}]: {trainer.step_no} steps, {len(rows)} epochs on {device}, "
-        f"caption loss {last['caption_loss']:.4f}, val loss {last['val_loss']:.4f}, "
+        f"caption loss {last['caption_loss']:.4f}, LAION loss {last['source_loss']:.4f}, "
+        f"val loss {last['val_loss']:.4f}, "
         f"disc acc {last['disc_acc']:.3f}"
     )
     if distributed.is_distributed():

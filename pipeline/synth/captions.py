@@ -86,3 +86,21 @@ def sentences(
     while len(out) < n:  # tiny scenes can run out of distinct sentences
         out.append(out[len(out) % max(1, len(out))])
     return out
+
+
+def vocabulary_text() -> list[str]:
+    """Every word the sample world's captions, names and questions use, one line per
+    group: a tokenizer trained with these lines covers the whole world's vocabulary."""
+    from pipeline.synth.scene import CATEGORIES, COLOURS, PREDICATES, SIZES
+    from pipeline.synth.world import OBJ_ALIASES, REL_ALIASES
+
+    lines = [" ".join(CATEGORIES), " ".join(COLOURS), " ".join(SIZES), " ".join(PREDICATES)]
+    lines += [" ".join(v) for v in PHRASES.values()] + [" ".join(VERBS), " ".join(ALT_SUFFIXES)]
+    lines += [" ".join(v) for v in REL_ALIASES.values()] + [
+        " ".join(v) for v in OBJ_ALIASES.values()
+    ]
+    lines += [
+        "There are 2 3 4 5 shapes : a an the and , . There is on a dark background .",
+        "a photo of a shape . What is the relationship between this and ?",
+    ]
+    return lines

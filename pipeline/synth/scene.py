@@ -47,7 +47,11 @@ COLOURS = {
     "gray": (128, 128, 128),
     "cyan": (20, 200, 210),
 }
-SIZES = {"small": (0.12, 0.17), "large": (0.26, 0.36)}  # fraction of the canvas height
+# Fraction of the canvas height. At the default 192 x 144 canvas a small object is 23-30
+# px, a large one 43-56 px: a VG object crop (letterboxed to the CLIP's input) shows it at
+# full width, and in a whole image (144 px -> 64 px input) a large one is 19-25 px, 1.2-1.6
+# patches of 16 (the stand-in CLIP's).
+SIZES = {"small": (0.16, 0.21), "large": (0.30, 0.39)}
 PREDICATES = ["on", "above", "below", "left of", "right of", "next to", "in", "near"]
 # containers must be hollow-looking or big enough for something to sit inside
 CONTAINERS = ["square", "circle", "ring", "frame", "rectangle", "hexagon", "octagon"]
@@ -145,6 +149,19 @@ def _clear(box, others, anchor) -> bool:
         if _h_overlap(box, o) > -2 and _v_overlap(box, o) > -2:
             return False
     return True
+
+
+def single_object(
+    rng: random.Random, width: int, height: int, category: str, colour: str, fill: tuple
+) -> Obj:
+    """One object of `category` and `colour` whose height is a `fill` = (lo, hi) share of
+    the canvas height, at a random place inside the canvas (a web image of one thing)."""
+    side = max(8, int(height * rng.uniform(*fill)))
+    w = side if category not in ("rectangle", "ellipse", "parallelogram") else int(side * 1.4)
+    w = min(w, width - 4)
+    x, y = rng.randint(2, max(2, width - w - 2)), rng.randint(2, max(2, height - side - 2))
+    size = "large" if side >= SIZES["large"][0] * height else "small"
+    return Obj(0, category, colour, size, (x, y, w, side))
 
 
 def make_scene(rng: random.Random, width: int, height: int, n_objects: int):

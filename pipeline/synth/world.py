@@ -9,6 +9,9 @@
 - `flickr30k/`: `flickr30k_images/`, `results.csv` (`| `-separated, with one row missing a
   separator as in the real file) and `dataset_flickr30k.json` (Karpathy splits), five
   sentences per image, photo-style images: a real domain shift from the LAION-like source.
+- `probes/`: the CLIP probe set (`pipeline.synth.webdata.write_probes`): single-object
+  images and object crops in both styles with their category and colour, read by
+  `clip_bootstrap` to measure what the CLIP sees.
 
 Everything is a pure function of the settings (`pipeline.stages.synth.Settings`): the
 seed and the sizes.
@@ -37,11 +40,13 @@ from pipeline.settings import as_dict
 from pipeline.synth.captions import alt_text, sentences
 from pipeline.synth.render import render
 from pipeline.synth.scene import Obj, make_scene
+from pipeline.synth.webdata import write_probes
 
 if TYPE_CHECKING:
     from pipeline.stages.synth import Settings
 
 MARKER = "SAMPLE_WORLD.json"
+DATASETS = ("vg", "laion", "flickr30k", "probes")
 SCENES_FILE = "scenes.json"  # flickr30k/: the truth of every scene, read by evaluation only
 REL_ALIASES = {
     "next to": ["beside", "by"],
@@ -72,7 +77,7 @@ def _scene(rng: random.Random, settings: Settings):
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    for name in ("vg", "laion", "flickr30k"):
+    for name in DATASETS:
         if (out / name).exists() and not (out / MARKER).exists():
             raise UserError(
                 f"refusing to overwrite {out / name}: it was not written by clipda synth"
@@ -84,7 +89,7 @@ def _prepare_out(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-    for name in ("vg", "laion", "flickr30k"):
+    for name in DATASETS:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
@@ -356,6 +361,13 @@ def generate(out: Path, settings: Settings) -> dict[str, Any]:
         "vg": write_vg(out, settings),
         "laion": write_laion(out, settings),
         "flickr30k": write_flickr30k(out, settings),
+        "probes": write_probes(
+            out / "probes",
+            settings.probe_images,
+            settings.seed,
+            settings.image_size,
+            settings.objects_per_image,
+        ),
     }
     write_json(out / MARKER, info)
     return info

@@ -1,6 +1,7 @@
 """`clipda ask IMAGE QUESTION`: answer one question with the trained head and zero-shot CLIP.
 
-The image (cropped to `--box` when given) and the question are embedded with the CLIP
+The image (cropped to `--box` when given, padded to a square with the CLIP's mean colour
+as embed pads its box crops) and the question are embedded with the CLIP
 checkpoint the head was trained on (recorded in models/vqa/config.json, or `--clip`),
 decoded and preprocessed exactly as the embed stage does. Relation questions ("What is
 the relationship between X and Y?") also give the zero-shot ranking with the prompt
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.clip.backbone import embed_image
 from pipeline.errors import UserError
@@ -96,14 +96,15 @@ def ask(
     top: int = 5,
     templates: dict[str, str] = TEMPLATES,
 ) -> AskResult:
-    """Top answers (with cosine scores) of the trained head and of zero-shot CLIP.
+    """Top answers of the trained head (with its probability among the candidates, or the
+    cosine for a cosine-loss head) and of zero-shot CLIP (image-prompt cosines).
 
     `templates`: the zero-shot prompts per question type, as `evaluate_vqa`'s settings
     hold them (checked, with a `default`).
     """
     from pipeline.clip.backbone import load_backbone
     from pipeline.nn.vqa_head import load_head
-    from pipeline.vqa.scores import topk_rows
+    from pipeline.vqa.scores import head_scores, topk_rows
 
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
@@ -124,10 +125,8 @@ def ask(
     question_emb = backbone.encode_texts([parsed.text])
     answers: list[str] = cfg["answers"]
     cand = np.asarray(candidates.get(parsed.qtype, range(len(answers))), dtype=np.int64)
-    with torch.no_grad():
-        pred = F.normalize(head(image_emb, question_emb).float(), dim=-1)
-    scores = (pred @ F.normalize(answer_emb[cand], dim=-1).T).numpy()
-    order, vals = topk_rows(scores, top)
+    scores = head_scores(head, image_emb, question_emb, answer_emb, torch.from_numpy(cand))
+    order, vals = topk_rows(scores.numpy(), top)
     result = AskResult(
         parsed,
         [(answers[cand[i]], float(v)) for i, v in zip(order[0], vals[0])],

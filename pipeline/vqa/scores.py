@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.atomic import atomic_path
+from pipeline.nn.vqa_head import VQAHead
 from pipeline.vqa.data import VQASplit
 
 TOP_K = 5
@@ -35,6 +36,21 @@ def pad_ranks(ids: list[list[int]], k: int = TOP_K) -> np.ndarray:
 
 
 @torch.no_grad()
+def head_scores(
+    head: VQAHead,
+    image: torch.Tensor,
+    question: torch.Tensor,
+    answer_emb: torch.Tensor,
+    cand: torch.Tensor,
+) -> torch.Tensor:
+    """(n, len(cand)) scores of the candidate answers `cand` (class ids): a head with a
+    classifier gives P(answer | image, question) among the candidates (softmax of their
+    logits), a cosine head the cosine of its prediction to each answer embedding."""
+    scores = head.scores(image, question, answer_emb)[:, cand]
+    return F.softmax(scores, dim=-1) if head.classifier is not None else scores
+
+
+@torch.no_grad()
 def model_rank(
     head: torch.nn.Module,
     answer_emb: np.ndarray,
@@ -43,14 +59,16 @@ def model_rank(
     cand: np.ndarray,
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k candidate ids and cosines of the head's predictions for `rows` of `data`."""
-    cand_emb = torch.from_numpy(answer_emb[cand])
+    """Top-k candidate ids of the head for `rows` of `data`, with their scores
+    (`head_scores`: the probability among the candidates, or the cosine)."""
+    answers = torch.from_numpy(answer_emb)
+    cand_ids = torch.from_numpy(cand)
     ids, vals = [], []
     for start in range(0, len(rows), batch_size):
         idx = rows[start : start + batch_size]
         image, question, _ = data.batch(idx)
-        pred = F.normalize(head(image, question).float(), dim=-1)
-        order, top = topk_rows((pred @ cand_emb.T).numpy(), TOP_K)
+        scores = head_scores(head, image, question, answers, cand_ids)
+        order, top = topk_rows(scores.numpy(), TOP_K)
         ids.append(cand[order])
         vals.append(top)
     return np.concatenate(ids), np.concatenate(vals)
@@ -127,7 +145,8 @@ def write_predictions(
 # How the numbers above are computed, as the detail file records it.
 METHOD = {
     "candidates": "vocabulary answers seen for the question type in train",
-    "ranking": "cosine similarity (matrix product) over the candidates",
+    "ranking": "head: its classifier's probability among the candidates (a cosine-loss head: "
+    "cosine of its prediction to the answer embeddings); zeroshot: image-prompt cosine",
     "out_of_vocab": "counted wrong in top1/top5, left out of mean_class_acc",
     "prior_key": "relation: (subject, object); other types: question text",
 }

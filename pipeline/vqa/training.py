@@ -1,7 +1,10 @@
 """The VQA head's training pass and validation pass (the `train_vqa` stage runs the epochs).
 
 One epoch: shuffled batches, gradient accumulation over `grad_accum` batches, bf16
-autocast on CUDA when `amp`, the loss of `pipeline.nn.vqa_head.vqa_loss`. Under torchrun
+autocast on CUDA when `amp`, the loss of `pipeline.nn.vqa_head.vqa_loss`. Validation: the
+same loss and the top-1 accuracy among the question type's candidate answers (ranked as
+`evaluate_vqa` ranks them, `pipeline.nn.vqa_head.answer_scores`), the two numbers early
+stopping can watch. Under torchrun
 (pipeline.distributed) every rank draws the same permutation and trains on its strided
 slice of it (`batch_size` is per rank); DDP all-reduces the gradients only on the
 micro-batch that steps the optimizer. Validation rows are split the same way and the loss
@@ -20,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.nn.vqa_head import answer_logits, vqa_loss
+from pipeline.nn.vqa_head import answer_scores, vqa_loss
 from pipeline.training import autocast
 from pipeline.vqa.data import VQASplit
 
@@ -62,11 +65,10 @@ def evaluate_loss(
         idx = rows[start : start + bs]
         image, question, label = data.batch(idx, device)
         with autocast(device, settings.amp):
-            pred = model(image, question)
-        pred = pred.float()
-        loss = vqa_loss(settings.loss, pred, answer_emb, label, settings.ce_scale)
+            out = model(image, question)
+        loss = vqa_loss(settings.loss, out, answer_emb, label)
         total += float(loss) * len(idx)
-        logits = answer_logits(pred, answer_emb, 1.0)
+        logits = answer_scores(out, answer_emb)
         if masks:
             zero = torch.zeros(n_answers, device=device)
             logits = logits + torch.stack([masks.get(q, zero) for q in qtypes[idx]])
@@ -108,8 +110,8 @@ def train_epoch(
         skip_sync = isinstance(model, DDP) and not stepping
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             with autocast(device, settings.amp):
-                pred = model(image, question)
-            loss = vqa_loss(settings.loss, pred.float(), answer_emb, label, settings.ce_scale)
+                out = model(image, question)
+            loss = vqa_loss(settings.loss, out, answer_emb, label)
             (loss / accum).backward()
         if stepping:
             opt.step()

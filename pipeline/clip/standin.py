@@ -1,0 +1,124 @@
+"""Contrastive training of the stand-in CLIP on its own web-like pairs, for many steps.
+
+`training_pairs` draws the pairs (`pipeline.synth.webdata.draw`) and decodes them as
+`embed` decodes images (`decode`).
+
+The loss, optimiser and schedule are `pipeline.clip.contrastive`'s (CLIP's symmetric
+InfoNCE, AdamW, warm-up then cosine decay); what differs is the batches: each batch is
+`colour_groups` groups of images whose labelled object has the same colour, so the
+colour named in a caption does not identify its image and the model must learn shape
+(hard negatives, as in Robinson et al. 2021, "Contrastive Learning with Hard Negative
+Samples", here by construction). Training counts steps, not epochs; every `eval_every`
+steps the validation probes are scored.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipeline.clip.backbone import Backbone
+from pipeline.clip.contrastive import lr_at, make_optimizer, train_step
+from pipeline.synth.webdata import Drawn, draw
+
+
+def decode(d: Drawn, size: int) -> np.ndarray:
+    """(3, size, size) uint8 as `embed` decodes it: box crops letterboxed, whole images
+    resized and center-cropped."""
+    from pipeline.imagedecode import decode_image
+
+    boxes = (d.box,) if d.box is not None else ()
+    dec = decode_image(d.jpeg, size, None, boxes=boxes, whole=d.box is None, draft=False)
+    if dec.skip or len(dec.pixels) != 1:
+        raise RuntimeError(f"a generated image did not decode: {dec.skip or dec.bad_boxes}")
+    return dec.pixels[0]
+
+
+def training_pairs(
+    n: int, seed: int, size: int, kinds: dict[str, float], photo_fraction: float,
+    canvas: tuple[int, int], objects: tuple[int, int], margin: float,
+):  # fmt: skip
+    """`n` web-like pairs decoded at `size`: (uint8 (n, 3, size, size), captions per image,
+    colour of the labelled object per image, kind per image). `kinds` gives each kind's
+    share; a pure function of its arguments."""
+    from tqdm import tqdm
+
+    rng = random.Random(f"{seed}-standin")
+    nrng = np.random.default_rng([seed, 7])
+    names, shares = list(kinds), list(kinds.values())
+    pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
+    captions, colours, kind_of = [], [], []
+    for i in tqdm(range(n), desc="stand-in data", disable=None, unit="img"):
+        kind = rng.choices(names, shares)[0]
+        style = "photo" if rng.random() < photo_fraction else "clipart"
+        d = draw(rng, nrng, kind, style, canvas, objects, margin=margin)
+        pixels[i] = decode(d, size)
+        captions.append(d.captions)
+        colours.append(d.colour)
+        kind_of.append(kind)
+    return pixels, captions, colours, kind_of
+
+
+def colour_batch(
+    by_colour: list[np.ndarray], batch: int, groups: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices of one batch: `groups` colours drawn without replacement, `batch // groups`
+    images of each (the remainder from the last); `groups` 0: uniform over all images."""
+    if groups == 0:
+        every = np.concatenate(by_colour)
+        return rng.choice(every, size=batch, replace=False)
+    usable = [i for i, ids in enumerate(by_colour) if len(ids)]
+    picked = rng.choice(usable, size=min(groups, len(usable)), replace=False)
+    sizes = [batch // len(picked)] * len(picked)
+    sizes[-1] += batch - sum(sizes)
+    parts = [
+        rng.choice(by_colour[c], size=min(k, len(by_colour[c])), replace=False)
+        for c, k in zip(picked, sizes)
+    ]
+    return np.concatenate(parts)
+
+
+def train_steps(
+    bb: Backbone, pixels: torch.Tensor, captions: list[list[str]], colours: list[str], *,
+    steps: int, batch_size: int, colour_groups: int, lr: float, weight_decay: float,
+    warmup_steps: int, grad_clip: float, augment_shift: int, seed: int, eval_every: int,
+    evaluate: Callable[[], dict],
+) -> list[dict]:  # fmt: skip
+    """Train `bb` for `steps` colour-grouped batches; one row per evaluation: step, mean
+    train loss since the last row, seconds so far and `evaluate()`'s numbers."""
+    from tqdm import tqdm
+
+    model = bb.model
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng([seed, 11])
+    tokens = [bb.tokenize(caps) for caps in captions]
+    names = sorted(set(colours))
+    by_colour = [np.array([i for i, c in enumerate(colours) if c == n]) for n in names]
+    opt = make_optimizer(model, lr, weight_decay)
+    rows, losses, t0 = [], [], time.perf_counter()
+    bar = tqdm(total=steps, desc="clip_standin", disable=None, unit="step")
+    model.train()
+    for step in range(steps):
+        idx = colour_batch(by_colour, min(batch_size, len(colours)), colour_groups, rng)
+        ids = [tokens[i][int(rng.integers(len(tokens[i])))] for i in idx.tolist()]
+        px = pixels[torch.from_numpy(idx)]
+        step_lr = lr_at(step, steps, warmup_steps, lr)
+        losses.append(train_step(bb, opt, ids, px, step_lr, grad_clip, augment_shift, gen))
+        bar.update(1)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            row = {"step": step + 1, "train_loss": round(float(np.mean(losses)), 5),
+                   "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            row.update(evaluate())
+            row["logit_scale"] = round(float(model.logit_scale.detach().exp()), 3)
+            rows.append(row)
+            losses = []
+            bar.set_postfix({k: v for k, v in row.items() if k in ("train_loss", "zs_cat_crop")})
+            model.train()
+    bar.close()
+    model.eval()
+    return rows

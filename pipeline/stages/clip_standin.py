@@ -1,0 +1,147 @@
+"""clip_standin: train the sample world's stand-in CLIP once, long (a frozen DVC stage).
+
+A real CLIP is trained once on web data and then downloaded; the stand-in is treated the
+same way. This stage draws its own web-like pairs (`pipeline.synth.webdata`: single
+objects, object crops and whole scenes, clipart and photo style, alt-text and sentences;
+not the sample datasets), trains a BPE tokenizer on them plus the sample world's whole
+vocabulary, and trains the small CLIP of `model` contrastively on colour-grouped batches
+(`pipeline.clip.standin`) for `steps` steps. `--out` is a Hugging Face checkpoint folder
+of a few MB, committed to git, that `data.clip` names by default; beside the weights,
+`standin.json` holds the settings, the training time and the validation probes (a probe
+set drawn from another seed than synth's), and `train_curve.tsv` the curve.
+
+Rebuild: `dvc unfreeze clip_standin && dvc repro clip_standin` (then `dvc freeze`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from pipeline.clip.checkpoint import ClipModelConfig
+from pipeline.settings import as_dict, check, check_device, load
+
+VAL_TAG = "validation"  # the validation probes' seed tag (synth's probe set uses "probes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The stand-in's web data and its long contrastive training."""
+
+    SECTION: ClassVar[str] = "clip_standin"
+    model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)  # architecture
+    images: int = 16000  # web-like training images drawn (each with 4 captions)
+    single_share: float = 0.5  # share of single-object images
+    crop_share: float = 0.35  # share of object crops cut from scenes (letterboxed)
+    photo_share: float = 0.5  # share drawn photo-style (the rest clipart)
+    canvas: tuple[int, int] = (192, 144)  # width, height of the scenes crops are cut from
+    objects_per_image: tuple[int, int] = (2, 4)  # fewest, most objects in those scenes
+    crop_margin: float = 0.15  # crop boxes widened by up to this share per side
+    steps: int = 9000  # optimiser steps
+    batch_size: int = 64  # pairs per step
+    colour_groups: int = 4  # same-colour groups per batch (0 = uniform batches)
+    lr: float = 0.001  # peak AdamW learning rate
+    weight_decay: float = 0.1  # AdamW weight decay (not on gains and biases)
+    warmup_steps: int = 200  # linear warm-up steps, then cosine decay to zero
+    grad_clip: float = 1.0  # gradient norm clip (0 = none)
+    augment_shift: int = 4  # random translation of training images by up to this many pixels
+    val_probes: int = 88  # validation probe images per style x kind group
+    eval_every: int = 1000  # steps between validation probe scores
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads (0 = torch default); 1 keeps CPU runs bit-identical
+    seed: int = 0  # top-level `seed`: data, tokenizer, initial weights, batches
+
+    def __post_init__(self) -> None:
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "augment_shift",
+                    "colour_groups", "threads"):  # fmt: skip
+            check(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ("images", "steps", "batch_size", "eval_every"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        check(self.val_probes >= 44, "val_probes", "must be >= 44 (2 per category: train, test)")
+        for key in ("single_share", "crop_share", "photo_share", "crop_margin"):
+            check(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
+        check(self.single_share + self.crop_share <= 1, "crop_share",
+              "single_share + crop_share must be <= 1 (the rest are whole scenes)")  # fmt: skip
+        check(min(self.canvas) >= 32, "canvas", "must be at least 32 x 32 pixels")
+        lo, hi = self.objects_per_image
+        check(1 <= lo <= hi, "objects_per_image", "must be [fewest, most] with 1 <= fewest <= most")
+        check(self.lr > 0, "lr", "must be > 0")
+        check_device(self.device)
+
+
+SETTINGS = (Settings,)
+
+
+def main(out: Path, params: Path) -> str:
+    """Write the stand-in checkpoint folder `out`; the one-line summary."""
+    import numpy as np
+    import torch
+
+    from pipeline.atomic import write_json
+    from pipeline.clip.backbone import load_backbone
+    from pipeline.clip.checkpoint import build_scratch_checkpoint, save_backbone, staged_folder
+    from pipeline.clip.probes import HOW, TEMPLATES, headline, run_probes
+    from pipeline.clip.standin import decode, train_steps, training_pairs
+    from pipeline.synth.captions import vocabulary_text
+    from pipeline.synth.webdata import probe_items
+    from pipeline.training import cpu_threads, seed_everything, write_plot
+
+    s = load(Settings, params)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with cpu_threads(s.threads), staged_folder(out) as tmp:
+        seed_everything(s.seed)
+        shares = {"single": s.single_share, "crop": s.crop_share,
+                  "scene": 1 - s.single_share - s.crop_share}  # fmt: skip
+        pixels, captions, colours, kinds = training_pairs(
+            s.images, s.seed, s.model.image_size, shares, s.photo_share, s.canvas,
+            s.objects_per_image, s.crop_margin,
+        )  # fmt: skip
+        texts = [c for caps in captions for c in caps] + vocabulary_text() * 20
+        build_scratch_checkpoint(texts, s.model, tmp, s.seed)
+        bb = load_backbone(tmp, s.device)
+        val = list(probe_items(s.val_probes, s.seed, s.canvas, s.objects_per_image, VAL_TAG))
+        val_rows = [{"category": d.category, "colour": d.colour, "style": d.style,
+                     "kind": d.kind, "split": split} for d, split in val]  # fmt: skip
+        val_px = torch.from_numpy(np.stack([decode(d, s.model.image_size) for d, _ in val]))
+        t_data = time.perf_counter() - t0
+
+        def evaluate() -> dict:
+            probes = run_probes(bb, val_rows, val_px)
+            flat = {f"{k}_{g}": v for k, d in headline(probes).items() for g, v in d.items()}
+            return {**flat, "zs_cat_clip_single": probes["clipart_single"]["category"]["zeroshot"]}
+
+        t1 = time.perf_counter()
+        rows = train_steps(
+            bb, torch.from_numpy(pixels), captions, colours, steps=s.steps,
+            batch_size=s.batch_size, colour_groups=s.colour_groups, lr=s.lr,
+            weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
+            augment_shift=s.augment_shift, seed=s.seed, eval_every=s.eval_every,
+            evaluate=evaluate,
+        )  # fmt: skip
+        t_train = time.perf_counter() - t1
+        probes = run_probes(bb, val_rows, val_px)
+        save_backbone(bb, tmp, str(tmp))
+        write_plot(tmp / "train_curve.tsv", rows)
+        write_json(tmp / "standin.json", {
+            "what": "the sample world's stand-in CLIP (pipeline/stages/clip_standin.py)",
+            "validation_probes": probes,
+            "validation_headline": headline(probes),
+            "probes_how": HOW,
+            "probe_templates": {k: list(v) for k, v in TEMPLATES.items()},
+            "train_images": {k: kinds.count(k) for k in ("single", "crop", "scene")},
+            "data_seconds": round(t_data, 1),
+            "train_seconds": round(t_train, 1),
+            "total_cpu_seconds": round(time.process_time() - c0, 1),
+            "threads": torch.get_num_threads(),
+            "device": str(bb.device),
+            "settings": as_dict(s),
+        })  # fmt: skip
+    h = headline(probes)
+    return (
+        f"clip_standin: {s.steps} steps on {s.images} images in {t_train:.0f}s "
+        f"(data {t_data:.0f}s); validation zero-shot category photo crops "
+        f"{h['zs_cat']['crop']:.3f}, single {h['zs_cat']['single']:.3f}; colour "
+        f"{h['zs_col']['crop']:.3f}; linear category {h['lp_cat']['crop']:.3f} -> {out}"
+    )
