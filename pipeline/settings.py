@@ -234,3 +234,18 @@ class Answers:
     def __post_init__(self) -> None:
         check(self.top_k >= 1, "top_k", "must be >= 1")
         check(self.min_count >= 1, "min_count", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrap:
+    """The 95% intervals of the evaluations: a percentile bootstrap over test items (images,
+    questions), seeded by the top-level `seed` (`pipeline.metrics.bootstrap`)."""
+
+    SECTION: ClassVar[str] = "bootstrap"
+    resamples: int = 1000  # resamples of the test items (0: no intervals)
+    level: float = 0.95  # coverage of the percentile interval
+    seed: int = 0  # top-level `seed`: the resamples
+
+    def __post_init__(self) -> None:
+        check(self.resamples >= 0, "resamples", "must be >= 0 (0: no intervals)")
+        check(0 < self.level < 1, "level", "must be in (0, 1)")

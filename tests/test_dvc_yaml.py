@@ -124,9 +124,9 @@ def module_closure(stage: str) -> set[str]:
             continue
         seen.add(rel)
         todo.extend(_imports(path))
-        parent = path.parent  # a package's __init__ runs first
+        parent = path.parent  # a package's __init__ runs first, with its imports
         while parent != ROOT and (parent / "__init__.py").is_file():
-            seen.add((parent / "__init__.py").relative_to(ROOT).as_posix())
+            todo.append(".".join(parent.relative_to(ROOT).parts))
             parent = parent.parent
     return {f for f in seen - ENTRY if not _docstring_only(ROOT / f)}
 

@@ -262,14 +262,29 @@ def test_end_to_end_with_saved_decoders(tmp_path, clip_folder):
         assert "noada: bleu4=" in res.output and "nn: bleu4=" in res.output
         details.append(json.loads((tmp_path / f"d{k}.json").read_text()))
         headline = json.loads((tmp_path / f"m{k}.json").read_text())
-        assert list(headline) == ["noada", "ada", "nn"]  # the --model order, then the baseline
+        # the --model order, then the baseline, then the paired differences that matter
+        assert list(headline) == ["noada", "ada", "nn", "ada-noada", "noada-nn", "ada-nn"]
         # the metrics file: headline numbers only, the same as in the detail file
-        assert headline == {
-            system: {"bleu4": details[k][system]["bleu4"], "cider": details[k][system]["cider"]}
-            for system in ("noada", "ada", "nn")
-        }
+        for system in ("noada", "ada", "nn"):
+            want = {"bleu4": details[k][system]["bleu4"], "cider": details[k][system]["cider"]}
+            assert headline[system] == want
+        for pair in ("ada-noada", "noada-nn", "ada-nn"):
+            a, b = pair.split("-")
+            for metric in ("bleu4", "cider"):
+                diff = details[k][a][metric] - details[k][b][metric]
+                assert headline[pair][metric] == pytest.approx(diff, abs=2e-6)
     assert details[0] == details[1]
     detail = details[0]
+    # a 95% bootstrap interval around every score and every paired difference
+    ci = detail["intervals"]
+    assert set(ci) == {"noada", "ada", "nn", "ada-noada", "noada-nn", "ada-nn"}
+    for name, metrics in ci.items():
+        assert set(metrics) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
+        for metric, v in metrics.items():
+            assert v["lo"] <= v["value"] <= v["hi"], (name, metric, v)
+            if "-" not in name:
+                assert v["value"] == pytest.approx(detail[name][metric], abs=2e-6)
+    assert "1000 resamples" in detail["method"]["intervals"]
     for system, file in (("noada", "noada"), ("ada", "ada"), ("nn", "nn_baseline")):
         assert set(detail[system]) >= {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
         rows = _jsonl(tmp_path / "eval0" / f"caption_{file}.jsonl")

@@ -121,10 +121,12 @@ def test_metrics_side_by_side(repro):
     clip = json.loads((repro / "metrics/clip.json").read_text())
     assert {"before", "after", "chance_r1"} <= set(clip)
     caption = json.loads((repro / "metrics/caption.json").read_text())
-    assert set(caption) == {"noada", "ada", "nn"}
-    assert all(0.0 <= caption[v]["bleu4"] <= 1.0 for v in caption)
+    assert set(caption) == {"noada", "ada", "nn", "ada-noada", "noada-nn", "ada-nn"}
+    assert all(0.0 <= caption[v]["bleu4"] <= 1.0 for v in ("noada", "ada", "nn"))
+    assert -1.0 <= caption["ada-noada"]["bleu4"] <= 1.0
     vqa = json.loads((repro / "metrics/vqa.json").read_text())
     assert {"head", "zeroshot", "prior", "majority"} == set(vqa["overall"])
+    assert {"head-zeroshot", "head-prior", "head-majority"} == set(vqa["overall_diff"])
     for name in ("clip", "caption", "vqa"):  # headline files hold numbers only
         assert all(isinstance(v, float) for v in _leaves(json.loads(
             (repro / f"metrics/{name}.json").read_text())))  # fmt: skip

@@ -474,7 +474,18 @@ def test_evaluate_metrics_exact_for_baselines(tmp_path):
         "head": overall["model_top1"], "prior": 0.2, "majority": overall["majority_top1"]
     }  # fmt: skip
     assert headline["relation"] == {"head": rel["model_top1"]}
-    assert set(headline) == {"overall", "relation", "object"}
+    assert set(headline) == {"overall", "relation", "object", "overall_diff"}
+    assert headline["overall_diff"] == {
+        "head-prior": pytest.approx(overall["model_top1"] - 0.2, abs=1e-6),
+        "head-majority": pytest.approx(overall["model_top1"] - overall["majority_top1"], abs=1e-6),
+    }
+    # 95% bootstrap intervals of every top-1 and difference, per group (detail file)
+    ci = m["intervals"]
+    assert set(ci) == {"relation", "object", "overall"}
+    assert set(ci["overall"]) == {"head", "prior", "majority", "head-prior", "head-majority"}
+    assert ci["overall"]["prior"]["value"] == 0.2 and ci["object"]["prior"] == {
+        "value": 0.0, "lo": 0.0, "hi": 0.0}  # one question, always wrong  # fmt: skip
+    assert all(v["lo"] <= v["value"] <= v["hi"] for g in ci.values() for v in g.values())
     preds = [json.loads(line) for line in (tmp_path / "eval/vqa.jsonl").read_text().splitlines()]
     assert [p["prior"][0] for p in preds] == ["on", "under", "near", "on", "cat"]
     assert all(set(p["model"]) <= {"near", "on", "under"} for p in preds[:4])
@@ -542,7 +553,8 @@ def test_cli_train_and_evaluate(tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "relation (n=" in res.output and "prior" in res.output
-    assert set(json.loads((tmp_path / "vqa.json").read_text())) == {"overall", "relation", "object"}
+    headline = json.loads((tmp_path / "vqa.json").read_text())
+    assert set(headline) == {"overall", "relation", "object", "overall_diff"}
     res = invoke("train-vqa", *paths[2:], "--qa", tmp_path / "nope", "--out", tmp_path / "m2",
                  "--plots", tmp_path / "p2.tsv")  # fmt: skip
     assert res.exit_code == 2

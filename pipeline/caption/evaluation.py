@@ -25,7 +25,15 @@ from pipeline.atomic import write_text
 from pipeline.embedding.files import vectors
 from pipeline.errors import UserError
 from pipeline.metrics import cider_d, corpus_bleu_1to4, grounding, load_scenes, tokenize, vocabulary
-from pipeline.metrics.grounding import Scene, Vocabulary
+from pipeline.metrics.bootstrap import (
+    CiderBootstrap,
+    Metric,
+    bleu_metric,
+    bleu_stats,
+    ratio_metric,
+    summarise,
+)
+from pipeline.metrics.grounding import Scene, Vocabulary, counts, headline_parts
 from pipeline.report import Report
 
 BASELINE = "nn"  # the baseline's name among the systems (metrics keys)
@@ -168,6 +176,19 @@ class SceneTruth:
         g = self._score(*self._pairs(predictions))
         return {"ground_p": g.pop("ground_p"), "ground_r": g.pop("ground_r"), "grounding": g}
 
+    def count_rows(self, predictions: Sequence[str]) -> tuple[list[str], np.ndarray] | None:
+        """(count names, (n, k) per-image grounding counts; zeros for an image without a
+        scene) of one system's captions, for the bootstrap; None if grounding is absent."""
+        if self.absent:
+            return None
+        assert self.vocab is not None
+        keep = [k for k, sc in enumerate(self.scenes) if sc is not None]
+        rows = counts([predictions[k] for k in keep], [self.scenes[k] for k in keep], self.vocab)
+        keys = list(rows[0])
+        out = np.zeros((len(self.scenes), len(keys)))
+        out[keep] = [[r[k] for k in keys] for r in rows]
+        return keys, out
+
     def summary(self) -> dict[str, Any]:
         """For the detail file: the source, the image count, the references' own scores
         (upper bound) and those of the next image's references (chance); or why absent."""
@@ -185,6 +206,41 @@ class SceneTruth:
             "references": self._score([r for r, _ in refs], [sc for _, sc in refs]),
             "shuffled_references": self._score([r for r, _ in nxt], [sc for _, sc in nxt]),
         }
+
+
+def comparisons(systems: Sequence[str]) -> list[tuple[str, str]]:
+    """The paired differences that matter: each later model - the first (ada - noada),
+    each model - the nearest-neighbour baseline."""
+    models = [m for m in systems if m != BASELINE]
+    return [(m, models[0]) for m in models[1:]] + [(m, BASELINE) for m in models]
+
+
+def intervals(
+    predictions: dict[str, Sequence[str]], references: Sequence[Sequence[str]],
+    truth: SceneTruth, resamples: int, level: float, seed: int,
+) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Bootstrap intervals over the images (`pipeline.metrics.bootstrap`: corpus BLEU-1..4
+    and CIDEr-D recomputed on each resample, grounding where scored) of every system and
+    of each `comparisons` difference: {system or "a-b": {metric: {value, lo, hi}}}."""
+    refs = [[tokenize(r) for r in rs] for rs in references]
+    by_metric: dict[str, dict[str, Metric]] = {}
+    for name, preds in predictions.items():
+        hyps = [tokenize(p) for p in preds]
+        stats = bleu_stats(refs, hyps)
+        for k in range(1, 5):
+            by_metric.setdefault(f"bleu{k}", {})[name] = bleu_metric(stats, k)
+        by_metric.setdefault("cider", {})[name] = CiderBootstrap(refs, hyps)
+        rows = truth.count_rows(preds)
+        if rows is not None:
+            for metric, parts in headline_parts(rows[0]).items():
+                by_metric.setdefault(metric, {})[name] = ratio_metric(rows[1], parts)
+    pairs = comparisons(list(predictions))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for metric, systems in by_metric.items():
+        summary = summarise(systems, len(refs), resamples, level, seed, pairs)
+        for name, value in summary.items():
+            out.setdefault(name, {})[metric] = value
+    return out
 
 
 def write_predictions(

@@ -240,6 +240,23 @@ def count(parsed: Parsed, scene: Scene) -> dict[str, int]:
     }
 
 
+def counts(
+    captions: Sequence[str], scenes: Sequence[Scene], vocab: Vocabulary
+) -> list[dict[str, int]]:
+    """`count` of each caption against its scene (the per-image rows `grounding` sums)."""
+    return [count(parse(caption, vocab), scene) for caption, scene in zip(captions, scenes)]
+
+
+def headline_parts(keys: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+    """Column pairs (numerator, denominator) of `keys` (count names) behind `ground_p`
+    and `ground_r`: their value is the mean of the pairs' summed ratios."""
+    col = {k: i for i, k in enumerate(keys)}
+    return {
+        "ground_p": [(col[f"{k}_true"], col[f"{k}_named"]) for k in KINDS],
+        "ground_r": [(col[f"{k}_recalled"], col[f"{k}_scene"]) for k in KINDS],
+    }
+
+
 def _ratio(num: int, den: int) -> float:
     return round(num / den, 6) if den else 0.0
 
@@ -252,8 +269,8 @@ def grounding(
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions for {len(scenes)} scenes")
     totals: dict[str, int] = {}
-    for caption, scene in zip(captions, scenes):
-        for key, n in count(parse(caption, vocab), scene).items():
+    for row in counts(captions, scenes, vocab):
+        for key, n in row.items():
             totals[key] = totals.get(key, 0) + n
     kinds = {}
     for kind in ALL_KINDS:

@@ -137,7 +137,6 @@ def main(
         "probes": probe_scores,
         "probes_how": PROBES_HOW if probe_scores else None,
         "probe_templates": {k: list(v) for k, v in TEMPLATES.items()},
-        "probe_seconds": probe_seconds,
         "tokenizer": TOKENIZER if mode == "scratch" else f"from {pretrained}",
         "vocab_size": int(bb.model.config.text_config.vocab_size),
         "epochs": len(rows),
@@ -153,6 +152,7 @@ def main(
         f"t2i r@1 {before['t2i_r1']:.3f} -> {after['t2i_r1']:.3f} (chance {1 / n:.3f}, n={n}), "
         f"training {train_seconds:.1f}s ({train_cpu:.1f}s CPU) of "
         f"{time.perf_counter() - t0:.1f}s{probe_line}"
+        + (f" (probes {probe_seconds:.1f}s)" if probe_seconds is not None else "")
     )
 
 

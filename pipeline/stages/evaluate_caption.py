@@ -4,7 +4,9 @@ truth exists (the sample world's `scenes.json`), grounding.
 
 Each `--model` folder is one system, named by its folder name (`noada`, `ada`); the
 baseline is `nn` (see `pipeline.caption.evaluation`). Outputs: `metrics` (headline only:
-{system: {bleu4, cider, ground_p, ground_r}}), `detail` (every score, the grounding
+{system: {bleu4, cider, ground_p, ground_r}} and the paired differences {"ada-noada",
+"noada-nn", "ada-nn": {bleu4, cider, ground_p}}), `detail` (every score, the 95%
+bootstrap intervals of every score and difference (`intervals`), the grounding
 breakdown, the references' own grounding, the settings, how it was computed),
 `<predictions>/caption_<system>.jsonl` (image_id, prediction, references) and
 `<predictions>/caption_report.json` (rows read, written, skipped by reason).
@@ -32,7 +34,9 @@ from pipeline.caption.evaluation import (
     PAPER_NOTE,
     SceneTruth,
     check_clip,
+    comparisons,
     drop_empty_references,
+    intervals,
     load_image_captions,
     load_tokenizer,
     nearest_neighbour_captions,
@@ -52,9 +56,10 @@ from pipeline.metrics import (
     TOKENIZATION_DETAIL,
 )
 from pipeline.report import Report
-from pipeline.settings import check, load
+from pipeline.settings import Bootstrap, check, load
 
 HEADLINE = ("bleu4", "cider", "ground_p", "ground_r")  # in the metrics file (if scored)
+HEADLINE_DIFFS = ("bleu4", "cider", "ground_p")  # of each comparison (with intervals)
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class Settings:
             check(getattr(self, key) >= 1, key, "must be >= 1")
 
 
-SETTINGS = (Settings,)
+SETTINGS = (Settings, Bootstrap)
 
 
 def main(
@@ -88,7 +93,7 @@ def main(
 ) -> str:
     """Caption `split` of `emb` with every model and the baseline; write scores + predictions
     (+ grounding against `scenes` where that file exists)."""
-    s = load(Settings, params)
+    s, boot = load(Settings, params), load(Bootstrap, params)
     systems = system_names(models)
     emb, predictions = Path(emb), Path(predictions)
     if not emb.is_dir():
@@ -115,19 +120,26 @@ def main(
     truth = SceneTruth.load(scenes, test, report)
 
     scores: dict[str, dict[str, Any]] = {}
+    captions: dict[str, list[str]] = {}
     image_emb = torch.from_numpy(test.emb)
     for name, folder in systems.items():
         model = load_caption_model(folder)
         preds = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
                                    s.batch_size, name)  # fmt: skip
-        scores[name] = score(preds, test.captions) | truth.score(preds)
+        scores[name], captions[name] = score(preds, test.captions) | truth.score(preds), preds
         write_predictions(predictions / f"caption_{name}.jsonl", test, preds)
     preds, neighbours = nearest_neighbour_captions(train, test)
-    scores[BASELINE] = score(preds, test.captions) | truth.score(preds)
+    scores[BASELINE], captions[BASELINE] = score(preds, test.captions) | truth.score(preds), preds
     write_predictions(predictions / BASELINE_FILE, test, preds, neighbours)
 
-    headline = [k for k in HEADLINE if k in scores[BASELINE]]
-    write_json(metrics, {name: {k: v[k] for k in headline} for name, v in scores.items()})
+    headline = {name: {k: v[k] for k in HEADLINE if k in v} for name, v in scores.items()}
+    ci: dict[str, Any] = {}
+    if boot.resamples:
+        ci = intervals(captions, test.captions, truth, boot.resamples, boot.level, boot.seed)
+        for a, b in comparisons(list(scores)):
+            headline[f"{a}-{b}"] = {k: ci[f"{a}-{b}"][k]["value"] for k in HEADLINE_DIFFS
+                                    if k in ci[f"{a}-{b}"]}  # fmt: skip
+    write_json(metrics, headline)
     settings = {
         "split": s.split, "n_images": len(test),
         "n_references": sum(len(c) for c in test.captions), "tokenization": TOKENIZATION,
@@ -144,9 +156,17 @@ def main(
         "(faiss IndexFlatIP on L2-normalised vectors)",
         "clip_model": clip, "paper_note": PAPER_NOTE, **GROUNDING_DETAIL,
     }  # fmt: skip
-    write_json(detail, {**scores, "grounding": truth.summary(), "settings": settings,
-                        "method": method})  # fmt: skip
+    method["intervals"] = (
+        f"{boot.level:.0%} percentile bootstrap over the {len(test)} test images, "
+        f"{boot.resamples} resamples (seed {boot.seed}), corpus BLEU and CIDEr-D (idf "
+        "included) recomputed on each resample; a-b: the paired difference on the same "
+        "resamples"
+        if boot.resamples
+        else "none (bootstrap.resamples: 0)"
+    )
+    write_json(detail, {**scores, "intervals": ci, "grounding": truth.summary(),
+                        "settings": settings, "method": method})  # fmt: skip
     report.written = len(test)
     report.save(predictions / "caption_report.json")
-    parts = [f"{k}: " + " ".join(f"{m}={v[m]:.4f}" for m in headline) for k, v in scores.items()]
+    parts = [f"{k}: " + " ".join(f"{m}={x:.4f}" for m, x in v.items()) for k, v in headline.items()]
     return f"{report.summary()}; " + "; ".join(parts)

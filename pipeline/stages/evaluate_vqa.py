@@ -11,7 +11,9 @@ the vocabulary answers seen for the question type in train.
   prompts embedded with `--clip`, which must be the CLIP of the embeddings;
 - prior, majority: the text-only frequency baselines (`pipeline.vqa.baselines`).
 
-`--metrics` holds the headline top-1s, `--detail` everything (today's full table), and
+Each top-1 has a 95% bootstrap interval over the questions (`bootstrap`), and so does each
+paired difference head - baseline. `--metrics` holds the headline top-1s and the overall
+differences, `--detail` everything (the full table and `intervals`), and
 `--predictions` one JSON line per question with each method's top answers.
 """
 
@@ -27,7 +29,7 @@ from pipeline.atomic import write_json
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import load_head
 from pipeline.report import Report
-from pipeline.settings import check, load
+from pipeline.settings import Bootstrap, check, load
 from pipeline.vqa import zeroshot
 from pipeline.vqa.baselines import FrequencyPrior
 from pipeline.vqa.data import (
@@ -45,9 +47,11 @@ from pipeline.vqa.scores import (
     TOP_K,
     accuracy_by_qtype,
     headline,
+    headline_diffs,
     model_rank,
     pad_ranks,
     sample_rows,
+    top1_intervals,
     write_predictions,
 )
 
@@ -78,7 +82,7 @@ class Settings:
         check(self.max_samples >= 0, "max_samples", "must be >= 0 (0: the whole split)")
 
 
-SETTINGS = (Settings,)
+SETTINGS = (Settings, Bootstrap)
 
 
 def main(
@@ -86,7 +90,7 @@ def main(
     predictions: Path, prompt_cache: Path | None, params: Path,
 ) -> str:  # fmt: skip
     """Evaluate on `split`; write the metrics, the detail and the predictions; the summary."""
-    s = load(Settings, params)
+    s, boot = load(Settings, params), load(Bootstrap, params)
     report = Report("evaluate_vqa")
     store = open_embeddings(emb)
     vocab = load_vocab(qa, store)
@@ -136,7 +140,11 @@ def main(
     if prompts:
         prompts.save()
 
-    table = accuracy_by_qtype(pred, data.label[rows_all], qtypes)
+    labels = data.label[rows_all]
+    table = accuracy_by_qtype(pred, labels, qtypes)
+    ci = {}
+    if boot.resamples:
+        ci = top1_intervals(pred, labels, qtypes, boot.resamples, boot.level, boot.seed)
     manifest = store.manifest
     how = {
         "split": s.split, "n_samples": n, "max_samples": s.max_samples,
@@ -148,9 +156,15 @@ def main(
         "model_best_epoch": head_cfg.get("train", {}).get("best_epoch"),
         "prompts": len(prompts.used) if prompts else 0,
         "skipped": dict(sorted(report.skipped.items())),
+        "intervals": f"{boot.level:.0%} percentile bootstrap of top-1 over the questions of "
+        f"each group, {boot.resamples} resamples (seed {boot.seed}); head-x: the paired "
+        "difference on the same resamples" if boot.resamples else "none",
     }  # fmt: skip
-    write_json(metrics, headline(table))
-    write_json(detail, {**table, "settings": how})
+    top = headline(table)
+    if ci:
+        top["overall_diff"] = headline_diffs(ci)
+    write_json(metrics, top)
+    write_json(detail, {**table, "intervals": ci, "settings": how})
     write_predictions(predictions, data, rows_all, vocab.answers, pred, score)
     report.written = n
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.atomic import atomic_path
+from pipeline.metrics.bootstrap import mean_metric, summarise
 from pipeline.nn.vqa_head import VQAHead
 from pipeline.vqa.data import VQASplit
 
@@ -113,6 +114,26 @@ def accuracy_by_qtype(
     return out
 
 
+def top1_intervals(
+    pred: dict[str, np.ndarray], labels: np.ndarray, qtypes: np.ndarray,
+    resamples: int, level: float, seed: int,
+) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Bootstrap intervals of top-1 over the questions of each question type and overall,
+    per method (headline names) and for head - each baseline on the same resamples:
+    {group: {method or "head-<baseline>": {value, lo, hi}}}."""
+    names = {k: m for k, m in HEADLINE.items() if m in pred}
+    pairs = [("head", k) for k in names if k != "head"]
+    groups = {q: np.flatnonzero(qtypes == q) for q in sorted(set(qtypes.tolist()))}
+    groups["overall"] = np.arange(len(labels))
+    out = {}
+    for group, pos in groups.items():
+        if not len(pos):
+            continue
+        hits = {k: mean_metric(pred[m][pos, 0] == labels[pos]) for k, m in names.items()}
+        out[group] = summarise(hits, len(pos), resamples, level, seed, pairs)
+    return out
+
+
 def write_predictions(
     path: str | Path,
     data: VQASplit,
@@ -157,7 +178,8 @@ PER_QTYPE = ("head", "zeroshot")
 
 
 def headline(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Top-1 of each method overall, and of the head and zero-shot CLIP per question type."""
+    """Top-1 of each method overall, and of the head and zero-shot CLIP per question type
+    (the stage adds `overall_diff`: head - each baseline)."""
 
     def top1(group: str, names) -> dict[str, float | None]:
         entry = table[group]
@@ -166,3 +188,8 @@ def headline(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | No
     out = {"overall": top1("overall", HEADLINE)}
     out.update({q: top1(q, PER_QTYPE) for q in table if q != "overall"})
     return out
+
+
+def headline_diffs(ci: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """The overall paired differences head - each baseline (their intervals: detail)."""
+    return {k: v["value"] for k, v in ci.get("overall", {}).items() if k.startswith("head-")}
