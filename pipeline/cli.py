@@ -256,6 +256,55 @@ def evaluate_vqa(
 
 @app.command()
 @one_line_errors
+def report(
+    metrics: Annotated[Path, _opt("metrics folder (clip/caption/vqa _detail.json, plots/)")],
+    predictions: Annotated[Path, _opt("predictions folder (caption_*.jsonl, vqa.jsonl)")],
+    qa: Annotated[Path, _opt("data/qa folder (question boxes)")],
+    flickr30k: Annotated[Path, _opt("Flickr30k folder (caption gallery images)")],
+    vg: Annotated[Path, _opt("Visual Genome folder (question images)")],
+    out: Annotated[Path, _opt("the HTML page to write")],
+    params: Params = PARAMS,
+):
+    """One self-contained HTML page: tables with intervals, curves, galleries."""
+    from pipeline.stages import report as stage
+
+    typer.echo(stage.main(metrics=metrics, predictions=predictions, qa=qa, flickr30k=flickr30k,
+                          vg=vg, out=out, params=params))  # fmt: skip
+
+
+@app.command()
+@one_line_errors
+def seeds(
+    out: Annotated[Path, _opt("summary JSON to write")],
+    by: Annotated[list[str] | None, _opt("group by this param (repeat for more)")] = None,
+    metric: Annotated[
+        list[str] | None, _opt("metrics to keep, glob on e.g. caption.ada.cider (repeat)")
+    ] = None,
+    plot: Annotated[Path | None, _opt("SVG of the --metric means against the one --by")] = None,
+    exp_json: Annotated[
+        Path | None, _opt("a saved `dvc exp show --json` (default: run it here)")
+    ] = None,
+):
+    """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting."""
+    import json
+
+    from pipeline.atomic import write_json, write_text
+    from pipeline.experiments import exp_show, finished, markdown, summarise, sweep_plot
+
+    if plot is not None and (len(by or []) != 1 or not metric):
+        raise UserError("--plot needs exactly one --by and the --metric names to draw")
+    shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd())
+    groups = summarise(finished(shown), by or [], metric or ["*"])
+    write_json(out, {"by": by or [], "groups": groups})
+    if plot is not None:
+        assert by is not None
+        names = sorted({m for g in groups for m in g["metrics"]})
+        write_text(plot, sweep_plot(groups, by[0], names))
+    typer.echo(markdown(groups))
+
+
+@app.command()
+@one_line_errors
 def caption(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     model: Annotated[Path, _opt("caption model folder")] = Path("models/caption/ada"),

@@ -141,3 +141,8 @@ def _leaves(tree):
             yield from _leaves(v)
     else:
         yield tree
+
+
+def test_report_page_written(repro):
+    html = (repro / "report/index.html").read_text()
+    assert html.count("<table") >= 4 and 'src="data:image/jpeg;base64,' in html

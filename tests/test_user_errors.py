@@ -152,6 +152,8 @@ STAGE_ARGS = {
     "train_vqa": ["--qa", DUMMY, "--emb", DUMMY, "--out", DUMMY, "--plots", DUMMY],
     "evaluate_vqa": ["--qa", DUMMY, "--emb", DUMMY, "--model", DUMMY, "--clip", DUMMY,
                      "--metrics", DUMMY, "--detail", DUMMY, "--predictions", DUMMY],
+    "report": ["--metrics", DUMMY, "--predictions", DUMMY, "--qa", DUMMY, "--flickr30k", DUMMY,
+               "--vg", DUMMY, "--out", DUMMY],
 }  # fmt: skip
 
 

@@ -1,0 +1,145 @@
+"""Results over seeds: DVC experiments (`dvc exp show --json`) summarised per setting.
+
+Run the pipeline once per seed as DVC experiments (see the README), then `clipda seeds`
+reads them: each finished experiment's params (params.yaml, flattened to dotted keys) and
+headline metrics (`<file stem>.<key path>`, e.g. `caption.ada.cider`). Experiments are
+grouped by the params named with `--by` (none: one group); inside a group every other
+param except `seed` must agree, or the summary would mix settings (a one-line error names
+the param that differs). Each metric gets mean, sample standard deviation, min and max
+over the group's seeds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def exp_show(repo: Path) -> list[dict[str, Any]]:
+    """`dvc exp show --json` of the repository at `repo` (experiments of HEAD)."""
+    try:
+        res = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    except FileNotFoundError:
+        raise UserError("dvc not found on the PATH (activate the virtualenv)") from None
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise UserError(f"dvc exp show failed: {last}")
+    return json.loads(res.stdout)
+
+
+def finished(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each finished experiment as {name, params, metrics} (queued, running and failed
+    ones, the workspace and the baseline commit left out)."""
+    rows = []
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state", "success")
+            rev = (exp.get("revs") or [{}])[0]
+            data = rev.get("data") or {}
+            if state != "success" or rev.get("error") or not data.get("metrics"):
+                continue
+            params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+            metrics = {}
+            for file, entry in data["metrics"].items():
+                stem = Path(file).stem
+                metrics.update(flatten(entry.get("data", {}), stem))
+            rows.append({"name": exp.get("name") or rev.get("rev"), "params": params,
+                         "metrics": metrics})  # fmt: skip
+    return rows
+
+
+def summarise(
+    rows: list[dict[str, Any]], by: Sequence[str], metrics: Sequence[str] = ("*",)
+) -> list[dict[str, Any]]:
+    """Groups of `rows` by the params `by`, each with its seeds and per-metric statistics
+    (metrics whose name matches one of the `metrics` glob patterns)."""
+    if not rows:
+        raise UserError("no finished experiments (run them first: see the README, 'Seeds')")
+    for key in by:
+        if not any(key in r["params"] for r in rows):
+            raise UserError(f"--by {key}: no experiment has this param")
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["params"].get(k) for k in by), []).append(r)
+    out = []
+    for values, members in sorted(groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
+        first = members[0]["params"]
+        for r in members[1:]:
+            for key in sorted(set(first) | set(r["params"])):
+                if key != "seed" and key not in by and first.get(key) != r["params"].get(key):
+                    raise UserError(
+                        f"experiments {members[0]['name']} and {r['name']} differ in {key} "
+                        f"({first.get(key)!r} vs {r['params'].get(key)!r}): add --by {key}"
+                    )
+        by_seed = {}
+        for r in members:  # the same seed twice (a rerun): keep the first
+            by_seed.setdefault(r["params"].get("seed"), r)
+        names = sorted({m for r in by_seed.values() for m in r["metrics"]
+                        if any(fnmatch.fnmatchcase(m, p) for p in metrics)})  # fmt: skip
+        stats = {}
+        for m in names:
+            vals = [r["metrics"][m] for r in by_seed.values()
+                    if isinstance(r["metrics"].get(m), int | float)]  # fmt: skip
+            if vals:
+                stats[m] = describe(vals)
+        out.append({"params": dict(zip(by, values)), "seeds": sorted(by_seed, key=str),
+                    "experiments": [r["name"] for r in by_seed.values()], "metrics": stats})  # fmt: skip
+    return out
+
+
+def describe(values: Sequence[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": round(mean, 6), "std": round(std, 6), "min": min(values),
+            "max": max(values), "n": n}  # fmt: skip
+
+
+def markdown(groups: list[dict[str, Any]]) -> str:
+    """Metrics as rows, groups as columns: `mean ± std (n)`."""
+    heads = [", ".join(f"{k}={v}" for k, v in g["params"].items()) or "all" for g in groups]
+    names = sorted({m for g in groups for m in g["metrics"]})
+    lines = ["| metric | " + " | ".join(heads) + " |", "|---" * (len(groups) + 1) + "|"]
+    for m in names:
+        cells = []
+        for g in groups:
+            s = g["metrics"].get(m)
+            cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n']})" if s else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_plot(groups: list[dict[str, Any]], by: str, metrics: Sequence[str]) -> str:
+    """SVG of each metric's mean over seeds (band: min..max) against the values of the one
+    param `by`, placed at even steps in the order given."""
+    from pipeline.webpage.charts import line_chart
+
+    values = [g["params"][by] for g in groups]
+    order = sorted(range(len(values)), key=lambda i: (not isinstance(values[i], int | float),
+                                                      values[i]))  # fmt: skip
+    series, bands = {}, {}
+    for m in metrics:
+        pts = [(x, groups[i]["metrics"].get(m)) for x, i in enumerate(order)]
+        series[m] = [(x, s["mean"]) for x, s in pts if s]
+        bands[m] = [(x, s["min"], s["max"]) for x, s in pts if s]
+    ticks = [(x, str(values[i])) for x, i in enumerate(order)]
+    return line_chart(f"mean over seeds (band: min-max) by {by}", series, by, "",
+                      x_ticks=ticks, bands=bands)  # fmt: skip

@@ -1,0 +1,177 @@
+"""What the report shows, read from the pipeline's outputs: metric tables with their
+intervals, the training curves, and galleries of test images with captions and answers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.webpage.charts import line_chart
+from pipeline.webpage.thumbs import thumbnail
+
+CAPTION_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "ground_p", "ground_r")
+VQA_METHODS = {"head": "model", "zeroshot": "zeroshot", "prior": "prior", "majority": "majority"}
+CURVES = {  # plot file stem -> (x column, y columns, title)
+    "caption_noada": ("epoch", ("caption_loss", "source_loss", "val_loss"), "caption, noada"),
+    "caption_ada": ("epoch", ("caption_loss", "source_loss", "val_loss"), "caption, ada"),
+    "vqa": ("epoch", ("train_loss", "val_loss", "val_top1"), "VQA head"),
+    "clip": ("epoch", ("heldout_i2t_r1", "heldout_t2i_r1"), "CLIP held-out recall@1"),
+}
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cell(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """{value, lo, hi} (or a bare number) as the template shows it."""
+    if entry is None:
+        return {"text": "–", "ci": ""}
+    if not isinstance(entry, dict):
+        return {"text": f"{entry:.3f}", "ci": ""}
+    return {"text": f"{entry['value']:.3f}", "ci": f"[{entry['lo']:.3f}, {entry['hi']:.3f}]",
+            "excludes_zero": entry["lo"] > 0 or entry["hi"] < 0}  # fmt: skip
+
+
+def clip_rows(detail: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not detail or not detail.get("probes"):
+        return []
+    rows = []
+    for group, labels in detail["probes"].items():
+        style, kind = group.split("_", 1)
+        rows.append({"style": style, "kind": kind, "n": labels["category"]["n_test"],
+                     **{f"{label}_{m}": labels[label][m] for label in ("category", "colour")
+                        for m in ("zeroshot", "linear", "chance")}})  # fmt: skip
+    return rows
+
+
+def caption_tables(detail: dict[str, Any] | None) -> dict[str, Any]:
+    if not detail:
+        return {"systems": [], "diffs": [], "metrics": []}
+    ci = detail.get("intervals", {})
+    systems = [k for k in detail if isinstance(detail[k], dict) and "bleu4" in detail[k]]
+    metrics = [m for m in CAPTION_METRICS if all(m in detail[s] for s in systems)]
+    rows = [{"name": s, "n_distinct": detail[s].get("n_distinct"),
+             "cells": [cell(ci.get(s, {}).get(m) or detail[s][m]) for m in metrics]}
+            for s in systems]  # fmt: skip
+    diffs = [{"name": k, "cells": [cell(v.get(m)) for m in metrics]}
+             for k, v in ci.items() if "-" in k]  # fmt: skip
+    return {"systems": rows, "diffs": diffs, "metrics": metrics,
+            "n_images": detail.get("settings", {}).get("n_images"),
+            "method": detail.get("method", {}).get("intervals", "")}  # fmt: skip
+
+
+def vqa_tables(detail: dict[str, Any] | None) -> dict[str, Any]:
+    if not detail:
+        return {"groups": [], "methods": [], "diffs": []}
+    ci = detail.get("intervals", {})
+    groups = [g for g in detail if isinstance(detail[g], dict) and "n" in detail[g]]
+    methods = [m for m, key in VQA_METHODS.items() if f"{key}_top1" in detail.get("overall", {})]
+    rows = []
+    for g in groups:
+        cells = [cell(ci.get(g, {}).get(m) or detail[g].get(f"{VQA_METHODS[m]}_top1"))
+                 for m in methods]  # fmt: skip
+        rows.append({"name": g, "n": detail[g]["n"], "cells": cells})
+    diff_names = [f"head-{m}" for m in methods if m != "head"]
+    diffs = [{"name": g, "cells": [cell(ci.get(g, {}).get(d)) for d in diff_names]}
+             for g in groups if g in ci]  # fmt: skip
+    return {"groups": rows, "methods": methods, "diff_names": diff_names, "diffs": diffs,
+            "method": detail.get("settings", {}).get("intervals", "")}  # fmt: skip
+
+
+def curves(plots: Path) -> list[str]:
+    """One SVG per known plot TSV that exists."""
+    out = []
+    for stem, (x, ys, title) in CURVES.items():
+        path = plots / f"{stem}.tsv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        series = {
+            y: [(_num(r.get(x)), _num(r.get(y))) for r in rows] for y in ys if rows and y in rows[0]
+        }
+        out.append(line_chart(title, series, x))
+    return out
+
+
+def _num(v: str | None) -> float:
+    try:
+        return float(v) if v not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def spread(n_items: int, k: int) -> list[int]:
+    """k indices spread evenly over n_items (all of them when k >= n_items)."""
+    if k >= n_items:
+        return list(range(n_items))
+    return [round(i * (n_items - 1) / max(1, k - 1)) for i in range(k)]
+
+
+def caption_gallery(
+    predictions: Path, flickr30k: Path, systems: list[str], n: int, size: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Test images (spread over the split) with references and every system's caption;
+    the number of images whose file was not found."""
+    by_system = {s: read_jsonl(predictions / f"caption_{'nn_baseline' if s == 'nn' else s}.jsonl")
+                 for s in systems}  # fmt: skip
+    first = next((rows for rows in by_system.values() if rows), [])
+    items, missing = [], 0
+    for i in spread(len(first), n):
+        image_id = first[i]["image_id"]
+        src = thumbnail(flickr30k / "flickr30k_images" / f"{image_id}.jpg", size)
+        if src is None:
+            src = thumbnail(flickr30k / "flickr30k_images" / str(image_id), size)
+        missing += src is None
+        captions = [(s, rows[i]["prediction"]) for s, rows in by_system.items() if i < len(rows)]
+        items.append({"image_id": image_id, "src": src, "references": first[i]["references"][:3],
+                      "captions": captions})  # fmt: skip
+    return items, missing
+
+
+def vqa_gallery(
+    predictions: Path, qa: Path, vg: Path, n: int, size: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Test questions (spread over each question type) with the box drawn, the true answer
+    and each method's first answer, correct ones marked; missing image files counted."""
+    import pyarrow.parquet as pq
+
+    rows = read_jsonl(predictions)
+    if not rows:
+        return [], 0
+    wanted = {r["qid"] for r in rows}
+    meta = {}
+    for split in ("test", "val", "train"):
+        path = qa / f"{split}.parquet"
+        if path.is_file():
+            cols = ["qid", "image_path", "qtype", "subj_box", "obj_box"]
+            for rec in pq.read_table(path, columns=cols).to_pylist():
+                if rec["qid"] in wanted:
+                    meta[rec["qid"]] = rec
+    qtypes = sorted({r["qtype"] for r in rows})
+    chosen = []
+    for q in qtypes:
+        of_type = [r for r in rows if r["qtype"] == q]
+        chosen += [of_type[i] for i in spread(len(of_type), max(1, n // len(qtypes)))]
+    items, missing = [], 0
+    for r in chosen:
+        m = meta.get(r["qid"])
+        boxes = [m["subj_box"], m["obj_box"] if r["qtype"] == "relation" else None] if m else []
+        src = thumbnail(vg / m["image_path"], size, boxes) if m else None
+        missing += src is None
+        answers = [(k, (r.get(key) or ["–"])[0]) for k, key in VQA_METHODS.items()
+                   if k != "majority" and key in r]  # fmt: skip
+        items.append({"src": src, "question": r["question"], "answer": r["answer"],
+                      "answers": [(k, a, a == r["answer"]) for k, a in answers],
+                      "qtype": r["qtype"]})  # fmt: skip
+    return items, missing

@@ -1,0 +1,85 @@
+"""The report page: one Jinja2 template, autoescaped; no script, no external resource."""
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>clipda report</title>
+<style>
+body { font-family: sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .88em; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.ci { color: #777; font-size: .85em; } .sig { font-weight: bold; }
+.note { color: #555; font-size: .85em; max-width: 900px; }
+.charts svg { margin: 4px; border: 1px solid #eee; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(270px, 1fr));
+           gap: 10px; }
+.card { border: 1px solid #ddd; padding: 6px; font-size: .82em; }
+.card img { display: block; max-width: 100%; margin-bottom: 4px; }
+.ok { color: #1a7f37; } .no { color: #b42318; } .ref { color: #555; }
+</style></head><body>
+<h1>clipda report</h1>
+<p class="note">{{ run }}</p>
+
+<h2>CLIP probes</h2>
+{% if clip_rows %}
+<table><tr><th>style</th><th>images</th><th>test n</th><th>category zero-shot</th>
+<th>category linear</th><th>colour zero-shot</th><th>colour linear</th></tr>
+{% for r in clip_rows %}<tr><td>{{ r.style }}</td><td>{{ r.kind }}</td><td>{{ r.n }}</td>
+<td>{{ "%.3f"|format(r.category_zeroshot) }}</td><td>{{ "%.3f"|format(r.category_linear) }}</td>
+<td>{{ "%.3f"|format(r.colour_zeroshot) }}</td><td>{{ "%.3f"|format(r.colour_linear) }}</td></tr>
+{% endfor %}</table>
+<p class="note">Chance: {{ "%.3f"|format(clip_rows[0].category_chance) }} (category),
+{{ "%.3f"|format(clip_rows[0].colour_chance) }} (colour).</p>
+{% else %}<p class="note">No probes measured.</p>{% endif %}
+
+<h2>VQA: top-1 on the test split</h2>
+{% if vqa.groups %}
+<table><tr><th>questions</th><th>n</th>{% for m in vqa.methods %}<th>{{ m }}</th>{% endfor %}</tr>
+{% for g in vqa.groups %}<tr><td>{{ g.name }}</td><td>{{ g.n }}</td>
+{% for c in g.cells %}<td>{{ c.text }} <span class="ci">{{ c.ci }}</span></td>{% endfor %}</tr>
+{% endfor %}</table>
+<table><tr><th>paired difference</th>{% for d in vqa.diff_names %}<th>{{ d }}</th>{% endfor %}</tr>
+{% for g in vqa.diffs %}<tr><td>{{ g.name }}</td>
+{% for c in g.cells %}<td class="{{ 'sig' if c.excludes_zero }}">{{ c.text }}
+<span class="ci">{{ c.ci }}</span></td>{% endfor %}</tr>{% endfor %}</table>
+<p class="note">{{ vqa.method }}. Bold: the interval excludes 0.</p>
+{% else %}<p class="note">No VQA evaluation found.</p>{% endif %}
+
+<h2>Captioning</h2>
+{% if caption.systems %}
+<table><tr><th>system</th>{% for m in caption.metrics %}<th>{{ m }}</th>{% endfor %}
+<th>distinct captions</th></tr>
+{% for s in caption.systems %}<tr><td>{{ s.name }}</td>
+{% for c in s.cells %}<td>{{ c.text }} <span class="ci">{{ c.ci }}</span></td>{% endfor %}
+<td>{{ s.n_distinct }}/{{ caption.n_images }}</td></tr>{% endfor %}</table>
+<table><tr><th>paired difference</th>{% for m in caption.metrics %}<th>{{ m }}</th>{% endfor %}</tr>
+{% for s in caption.diffs %}<tr><td>{{ s.name }}</td>
+{% for c in s.cells %}<td class="{{ 'sig' if c.excludes_zero }}">{{ c.text }}
+<span class="ci">{{ c.ci }}</span></td>{% endfor %}</tr>{% endfor %}</table>
+<p class="note">{{ caption.method }}. Bold: the interval excludes 0.</p>
+{% else %}<p class="note">No caption evaluation found.</p>{% endif %}
+
+<h2>Training curves</h2>
+<div class="charts">{% for svg in charts %}{{ svg|safe }}{% endfor %}</div>
+
+<h2>Captions of test images</h2>
+<div class="gallery">{% for it in caption_gallery %}<div class="card">
+{% if it.src %}<img src="{{ it.src }}" alt="test image {{ it.image_id }}">
+{% else %}<p class="note">image {{ it.image_id }} not found</p>{% endif %}
+{% for name, text in it.captions %}<div><b>{{ name }}</b>: {{ text }}</div>{% endfor %}
+{% for r in it.references %}<div class="ref">ref: {{ r }}</div>{% endfor %}
+</div>{% endfor %}</div>
+
+<h2>VQA test questions</h2>
+<p class="note">Boxes: red, the subject (or the object asked about); blue, the object.</p>
+<div class="gallery">{% for it in vqa_gallery %}<div class="card">
+{% if it.src %}<img src="{{ it.src }}" alt="{{ it.question }}">
+{% else %}<p class="note">image not found</p>{% endif %}
+<div><b>{{ it.question }}</b></div><div>truth: <b>{{ it.answer }}</b></div>
+{% for name, a, ok in it.answers %}<div class="{{ 'ok' if ok else 'no' }}">
+{{ '✔' if ok else '✘' }} {{ name }}: {{ a }}</div>{% endfor %}
+</div>{% endfor %}</div>
+</body></html>
+"""

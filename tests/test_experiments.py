@@ -1,0 +1,77 @@
+"""pipeline.experiments / `clipda seeds`: DVC experiments summarised over seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import UserError
+from pipeline.experiments import finished, summarise
+
+
+def exp(name, seed, fraction, cider, state="success", lr=0.001):
+    params = {"seed": seed, "train_caption": {"labelled_fraction": fraction, "lr": lr}}
+    metrics = {"metrics/caption.json": {"data": {"ada": {"cider": cider}, "ada-noada": {
+        "cider": round(cider - 0.5, 6)}}}, "metrics/vqa.json": {"data": {"overall": {"head": 0.8}}}}  # fmt: skip
+    return {"name": name, "executor": {"state": state}, "revs": [{
+        "rev": name, "error": None,
+        "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}]}  # fmt: skip
+
+
+def shown(*exps):
+    """The shape of `dvc exp show --json`: the workspace, then the commit with its exps."""
+    return [{"rev": "workspace", "experiments": None, "data": {}},
+            {"rev": "abc", "name": "main", "experiments": list(exps), "data": {}}]  # fmt: skip
+
+
+def test_groups_by_param_with_stats_over_seeds():
+    rows = finished(shown(
+        exp("a", 0, 1.0, 0.6), exp("b", 1, 1.0, 0.8), exp("c", 2, 1.0, 0.7),
+        exp("d", 0, 0.1, 0.3), exp("e", 1, 0.1, 0.5),
+        exp("q", 2, 0.1, 9.9, state="queued"), exp("f", 2, 0.1, 9.9, state="failed"),
+    ))  # fmt: skip
+    assert [r["name"] for r in rows] == ["a", "b", "c", "d", "e"]
+    assert rows[0]["metrics"] == {"caption.ada.cider": 0.6, "caption.ada-noada.cider": 0.1,
+                                  "vqa.overall.head": 0.8}  # fmt: skip
+    groups = summarise(rows, ["train_caption.labelled_fraction"], ["caption.ada.*"])
+    assert [g["params"] for g in groups] == [{"train_caption.labelled_fraction": 0.1},
+                                             {"train_caption.labelled_fraction": 1.0}]  # fmt: skip
+    full = groups[1]
+    assert full["seeds"] == [0, 1, 2] and list(full["metrics"]) == ["caption.ada.cider"]
+    s = full["metrics"]["caption.ada.cider"]
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (0.7, 0.6, 0.8, 3)
+    assert s["std"] == pytest.approx(0.1)  # sample standard deviation
+    assert groups[0]["metrics"]["caption.ada.cider"]["n"] == 2
+
+
+def test_mixed_settings_in_a_group_are_an_error():
+    rows = finished(shown(exp("a", 0, 1.0, 0.6), exp("b", 1, 1.0, 0.8, lr=0.01)))
+    with pytest.raises(UserError, match="differ in train_caption.lr .* add --by train_caption.lr"):
+        summarise(rows, [])
+    with pytest.raises(UserError, match="no finished experiments"):
+        summarise([], [])
+    with pytest.raises(UserError, match="--by nope: no experiment has this param"):
+        summarise(rows, ["nope"])
+
+
+def test_cli_writes_json_table_and_plot(tmp_path):
+    saved = tmp_path / "exps.json"
+    saved.write_text(json.dumps(shown(exp("a", 0, 1.0, 0.6), exp("b", 1, 1.0, 0.8),
+                                      exp("c", 0, 0.0, 0.2), exp("d", 1, 0.0, 0.4))))  # fmt: skip
+    out, plot = tmp_path / "seeds.json", tmp_path / "sweep.svg"
+    res = CliRunner().invoke(app, [
+        "seeds", "--out", str(out), "--exp-json", str(saved), "--plot", str(plot),
+        "--by", "train_caption.labelled_fraction", "--metric", "caption.ada.cider",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "| caption.ada.cider | 0.300 ± 0.141 (2) | 0.700 ± 0.141 (2) |" in res.output
+    summary = json.loads(out.read_text())
+    assert summary["by"] == ["train_caption.labelled_fraction"] and len(summary["groups"]) == 2
+    svg = plot.read_text()
+    assert svg.startswith("<svg") and "caption.ada.cider" in svg and "<polygon" in svg
+    res = CliRunner().invoke(app, ["seeds", "--out", str(out), "--exp-json", str(saved),
+                                   "--plot", str(plot)])  # fmt: skip
+    assert res.exit_code == 2 and "--plot needs exactly one --by" in res.output
