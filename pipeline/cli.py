@@ -281,6 +281,9 @@ def seeds(
         list[str] | None, _opt("metrics to keep, glob on e.g. caption.ada.cider (repeat)")
     ] = None,
     plot: Annotated[Path | None, _opt("SVG of the --metric means against the one --by")] = None,
+    rev: Annotated[
+        str | None, _opt("the commit the experiments derive from (default HEAD)")
+    ] = None,
     exp_json: Annotated[
         Path | None, _opt("a saved `dvc exp show --json` (default: run it here)")
     ] = None,
@@ -293,7 +296,7 @@ def seeds(
 
     if plot is not None and (len(by or []) != 1 or not metric):
         raise UserError("--plot needs exactly one --by and the --metric names to draw")
-    shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd())
+    shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd(), rev)
     groups = summarise(finished(shown), by or [], metric or ["*"])
     write_json(out, {"by": by or [], "groups": groups})
     if plot is not None:

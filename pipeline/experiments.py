@@ -32,11 +32,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def exp_show(repo: Path) -> list[dict[str, Any]]:
-    """`dvc exp show --json` of the repository at `repo` (experiments of HEAD)."""
+def exp_show(repo: Path, rev: str | None = None) -> list[dict[str, Any]]:
+    """`dvc exp show --json` of the repository at `repo`: the experiments of `rev` (None:
+    HEAD)."""
+    cmd = ["dvc", "exp", "show", "--json"] + (["--rev", rev] if rev else [])
     try:
-        res = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
-                             text=True, check=False)  # fmt: skip
+        res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise UserError("dvc not found on the PATH (activate the virtualenv)") from None
     if res.returncode != 0:

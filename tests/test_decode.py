@@ -13,7 +13,12 @@ from pipeline.caption.decode import (
 )
 from pipeline.caption.training import Trainer
 from pipeline.errors import UserError
-from pipeline.nn.caption_decoder import CaptionDecoder, DecoderConfig, save_caption_model
+from pipeline.nn.caption_decoder import (
+    CaptionDecoder,
+    DecoderConfig,
+    reorder_cache,
+    save_caption_model,
+)
 from pipeline.stages.train_caption import Settings
 
 VOCAB, WIDTH, DIM = 30, 16, 8
@@ -202,3 +207,39 @@ def test_caption_images_rejects_bad_beam_and_max_len(tmp_path):
         list(caption_images(paths, tmp_path / "m", str(clip), max_len=0))
     greedy = list(caption_images(paths, tmp_path / "m", None, beam=1, max_len=3))
     assert [p for p, _ in greedy] == paths and all(len(t.split()) <= 3 for _, t in greedy)
+
+
+def _reference_greedy(model: CaptionDecoder, image_emb: torch.Tensor, steps: int) -> list:
+    """Greedy decoding without a cache: the whole sequence re-run at every step."""
+    from pipeline.caption.decode import token_index
+
+    index, out = token_index(model), []
+    for e in image_emb:
+        prefix, seq = model.prefix(e[None]), [BOS]
+        for _ in range(steps):
+            tok = int(index.search(model.decode(prefix, torch.tensor([seq]))[:, -1], 1)[1][0, 0])
+            if tok == EOS:
+                break
+            seq.append(tok)
+        out.append(seq[1:])
+    return out
+
+
+@torch.no_grad()
+def test_key_value_cache_gives_the_full_recompute_predictions():
+    model = tiny_model(seed=3).eval()
+    torch.manual_seed(0)
+    emb = torch.randn(4, DIM)
+    tokens = torch.randint(3, VOCAB, (4, 7))
+    prefix = model.prefix(emb)
+    pred, cache = model.decode_step(prefix, tokens[:, :1], None)
+    torch.testing.assert_close(pred, model.decode(prefix, tokens[:, :1])[:, -1])
+    for t in range(1, 7):
+        keep = torch.tensor([3, 1, 0, 2])  # hypotheses reordered between steps
+        tokens, prefix = tokens[keep], prefix[keep]
+        cache = reorder_cache(cache, keep)
+        pred, cache = model.decode_step(None, tokens[:, t : t + 1], cache)
+        torch.testing.assert_close(pred, model.decode(prefix, tokens[:, : t + 1])[:, -1])
+    assert cache[0][0].shape[2] == model.config.prefix_len + 7
+    # greedy with the cache = greedy re-running the sequence
+    assert greedy_search(model, emb, 8) == _reference_greedy(model, emb, 8)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.nn.caption_decoder import CaptionDecoder, read_model_info
+from pipeline.nn.caption_decoder import CaptionDecoder, read_model_info, reorder_cache
 from pipeline.nn.caption_decoder import load_caption_model as _load
 from pipeline.training import autocast, pick_device
 
@@ -100,20 +100,20 @@ def greedy_search(
     out: list[list[int]] = [[] for _ in range(n)]
     with autocast(dev):
         prefix = model.prefix(image_emb.to(dev))
-        tokens = torch.full((n, 1), bos, dtype=torch.long, device=dev)
+        last = torch.full((n, 1), bos, dtype=torch.long, device=dev)
         alive = torch.arange(n, device=dev)
+        cache = None
         for _ in range(_max_steps(model, max_len)):
-            pred = model.decode(prefix[alive], tokens[alive])[:, -1]
+            pred, cache = model.decode_step(prefix if cache is None else None, last, cache)
             nxt = index.search(pred, 1)[1][:, 0].to(dev)
-            step = torch.full((n,), eos, dtype=torch.long, device=dev)
-            step[alive] = nxt
-            tokens = torch.cat([tokens, step[:, None]], dim=1)
             for row, tok in zip(alive.tolist(), nxt.tolist()):
                 if tok != eos:
                     out[row].append(tok)
-            alive = alive[nxt != eos]
+            keep = nxt != eos
+            alive, last = alive[keep], nxt[keep][:, None]
             if len(alive) == 0:
                 break
+            cache = reorder_cache(cache, keep.nonzero().squeeze(1))
     return out
 
 
@@ -145,11 +145,17 @@ def beam_search(
 
     with autocast(dev):
         prefix = model.prefix(image_emb.to(dev))
+        cache, parent = None, {}  # cache rows: the hypotheses of the previous step
         for _ in range(_max_steps(model, max_len)):
             rows = [(b, h) for b in active for h in range(len(beams[b]))]
-            tokens = torch.tensor([[bos, *beams[b][h][0]] for b, h in rows], device=dev)
-            pref = prefix[torch.tensor([b for b, _ in rows], device=dev)]
-            pred = model.decode(pref, tokens)[:, -1]
+            if cache is None:
+                tokens = torch.full((len(rows), 1), bos, dtype=torch.long, device=dev)
+                pref = prefix[torch.tensor([b for b, _ in rows], device=dev)]
+                pred, cache = model.decode_step(pref, tokens, None)
+            else:
+                cache = reorder_cache(cache, torch.tensor([parent[r] for r in rows], device=dev))
+                tokens = torch.tensor([[beams[b][h][0][-1]] for b, h in rows], device=dev)
+                pred, cache = model.decode_step(None, tokens, cache)
             sims, ids = index.search(pred, n_cand)
             logp = torch.log_softmax(sims.double() / temperature, dim=-1)[:, : 2 * k].tolist()
             ids = ids[:, : 2 * k].tolist()
@@ -159,7 +165,7 @@ def beam_search(
                 by_image[b].extend(
                     (base + lp, h, j, t) for j, (lp, t) in enumerate(zip(logp[r], ids[r]))
                 )
-            still = []
+            still, row_of = [], {bh: r for r, bh in enumerate(rows)}
             for b in active:
                 cands = sorted(by_image[b], key=lambda c: (-c[0], c[1], c[2]))
                 new: list[tuple[list[int], float]] = []
@@ -169,6 +175,7 @@ def beam_search(
                         if rank < k:
                             finished[b].append((norm(score, len(seq) + 1), seq))
                     else:
+                        parent[(b, len(new))] = row_of[(b, h)]
                         new.append(([*seq, tok], score))
                     if len(new) == k:
                         break

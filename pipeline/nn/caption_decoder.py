@@ -48,6 +48,7 @@ from pipeline.settings import SettingError, check
 from pipeline.training import CONFIG_FILE, WEIGHTS_FILE, save_model_folder
 
 LOSSES = ("mse", "cosine", "ce")
+KV = tuple[torch.Tensor, torch.Tensor]  # one block's cached keys and values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +145,22 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cached(x, None)[0]
+
+    def cached(self, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """The block on the new positions `x` (B, t, C), attending to the cached keys and
+        values `past` of the earlier positions (None: none, causal over `x`); the output
+        and the keys and values of all positions so far (B, heads, T, C / heads)."""
         b, t, c = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        # one new position attends to every earlier one: no mask needed
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None, dropout_p=p)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
-        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)))))
+        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x))))), (k, v)
 
 
 class CaptionDecoder(nn.Module):
@@ -227,6 +237,28 @@ class CaptionDecoder(nn.Module):
     def forward(self, image_emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.decode(self.prefix(image_emb), tokens)
 
+    def decode_step(
+        self, prefix: torch.Tensor | None, tokens: torch.Tensor, cache: list[KV] | None
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Incremental decoding with a key/value cache: the prediction (B, token_width)
+        after the last of `tokens` and the new cache. The first call gives the prefix and
+        the tokens so far (cache None); each later call one new token (B, 1) and the
+        cache it returned (rows reordered as the hypotheses were: `reorder_cache`)."""
+        emb = F.normalize(self.token_table[tokens], dim=-1) * math.sqrt(self.config.token_width)
+        x = self.tok_in(emb)
+        if cache is None:
+            assert prefix is not None
+            x = torch.cat([prefix, x], dim=1)
+        start = 0 if cache is None else cache[0][0].shape[2]
+        if start + x.shape[1] > self.pos.shape[0]:
+            raise ValueError(f"sequence exceeds max_len {self.config.max_len}")
+        x = self.drop(x + self.pos[start : start + x.shape[1]])
+        new = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.cached(x, None if cache is None else cache[i])
+            new.append(kv)
+        return self.head(self.ln_f(x[:, -1])), new
+
     # -- loss ----------------------------------------------------------------------------
     def ce_logits(self, pred: torch.Tensor) -> torch.Tensor:
         """Cosine similarity to every table row / ce_temperature: (..., vocab)."""
@@ -249,6 +281,11 @@ class CaptionDecoder(nn.Module):
         if self.config.aux_ce > 0:
             loss = loss + float(self.config.aux_ce) * F.cross_entropy(self.ce_logits(pred), ids)
         return loss
+
+
+def reorder_cache(cache: list[KV], rows: torch.Tensor) -> list[KV]:
+    """The cache of the hypotheses `rows` (indices into the cached batch), in that order."""
+    return [(k[rows], v[rows]) for k, v in cache]
 
 
 def split_batch(ids: torch.Tensor, lengths: torch.Tensor):
