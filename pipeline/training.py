@@ -95,3 +95,21 @@ def save_model_folder(
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     write_json(folder / CONFIG_FILE, config)
+
+
+class BestEpoch:
+    """The epoch to keep: the one with the highest `value` so far (the first of equals; a
+    NaN, from a diverged run or no validation rows, never wins), a copy of its weights,
+    and whether `patience` epochs have passed without a better one (0: never stop)."""
+
+    def __init__(self, patience: int = 0):
+        self.patience = patience
+        self.epoch, self.value, self.state = 0, float("nan"), None
+
+    def update(self, epoch: int, model: torch.nn.Module, value: float) -> None:
+        if self.state is None or value > self.value:
+            self.epoch, self.value = epoch, value
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def stop(self, epoch: int) -> bool:
+        return 0 < self.patience <= epoch - self.epoch

@@ -425,3 +425,27 @@ def test_load_captions_reads_several_shards_like_one(tmp_path):
     b = load_captions(tmp_path / "two", ("train",), pad_id=PAD, eos_id=EOS)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.image_emb, b.image_emb)
     assert a.row_ids == b.row_ids and a.image_ids == b.image_ids and len(a) == 10
+
+
+def test_keep_best_val_loss_saves_the_best_epoch(emb_dirs, tmp_path):
+    laion, flickr = emb_dirs
+    params = {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4, "keep": "best_val_loss"}}
+    line = main("noada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params)
+    lines = [ln.split("\t") for ln in (tmp_path / "p.tsv").read_text().strip().split("\n")]
+    val = [float(r[PLOT_COLUMNS.index("val_loss")]) for r in lines[1:]]
+    best = val.index(min(val)) + 1
+    training = json.loads((tmp_path / "m/config.json").read_text())["training"]
+    assert (training["keep"], training["kept_epoch"]) == ("best_val_loss", best)
+    assert line.endswith(f"kept epoch {best} (best_val_loss)")
+    # the saved weights are that epoch's: their validation loss is the best one
+    from pipeline.caption.data import load_training_data
+
+    data = load_training_data(laion, flickr, 10, ("train",), torch.device("cpu"))
+    trainer = Trainer(
+        load_caption_model(tmp_path / "m"), load(Settings, params), torch.device("cpu")
+    )
+    assert trainer.eval_loss(data.flickr30k_val) == pytest.approx(min(val), abs=1e-5)
+    # the default keeps the last epoch
+    main("noada", laion, flickr, tmp_path / "l", tmp_path / "l.tsv",
+         {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4}})  # fmt: skip
+    assert json.loads((tmp_path / "l/config.json").read_text())["training"]["kept_epoch"] == 1 + 1 + 4

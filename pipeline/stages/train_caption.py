@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm import tqdm
@@ -39,7 +39,7 @@ from pipeline.nn.caption_decoder import (
     save_caption_model,
 )
 from pipeline.settings import as_dict, check, check_device, load
-from pipeline.training import cpu_threads, seed_everything, write_plot
+from pipeline.training import BestEpoch, cpu_threads, seed_everything, write_plot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,8 @@ class Settings:
     disc_lr: float = 1e-3  # AdamW learning rate of the discriminator
     domain_batch: int = 32  # images of each domain per step (per rank)
     target_splits: tuple[str, ...] = ("train",)  # Flickr30k splits of the target-domain images
+    keep: Literal["last", "best_val_loss"] = "last"  # the epoch saved: the last, or the one
+    # with the lowest Flickr30k validation loss (recorded as training.kept_epoch)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # CPU threads, fixed so CPU runs are bit-reproducible (0: torch default)
 
@@ -135,7 +137,7 @@ def main(
         )  # fmt: skip
         bar = tqdm(total=sum(steps.values()), desc=f"train_caption[{variant}]",
                    disable=None if distributed.is_main() else True)  # fmt: skip
-        rows = []
+        rows, best = [], BestEpoch()
         for phase, captions, n_rows, beside, n_epochs, lr in plan:
             for _ in range(n_epochs):
                 domains = adversary if phase != "pretrain" else None
@@ -144,14 +146,19 @@ def main(
                 val_loss = trainer.eval_loss(data.flickr30k_val)
                 row = {"epoch": len(rows) + 1, "phase": phase, **stats, "val_loss": val_loss}
                 rows.append({c: row[c] for c in PLOT_COLUMNS})
+                if s.keep == "best_val_loss":
+                    best.update(len(rows), trainer.model, -val_loss)
                 bar.set_postfix(phase=phase, loss=f"{stats['caption_loss']:.4f}",
                                 source=f"{stats['source_loss']:.4f}",
                                 val=f"{val_loss:.4f}")  # fmt: skip
         bar.close()
 
+        if best.state is not None:
+            trainer.model.load_state_dict(best.state)
+        kept = best.epoch if best.state is not None else len(rows)
         last = rows[-1]
-        training = {"variant": variant, "device": str(device),
-                    **run_record(trainer, rows, data), "settings": as_dict(s)}  # fmt: skip
+        training = {"variant": variant, "device": str(device), **run_record(trainer, rows, data),
+                    "keep": s.keep, "kept_epoch": kept, "settings": as_dict(s)}  # fmt: skip
         trainer.model.cpu()
         if distributed.is_main():  # no timings inside: the folder is reproducible
             save_caption_model(trainer.model, out, {"clip": data.clip, "training": training})
@@ -161,7 +168,7 @@ def main(
         f"train_caption[{variant}]: {trainer.step_no} steps, {len(rows)} epochs on {device}, "
         f"caption loss {last['caption_loss']:.4f}, LAION loss {last['source_loss']:.4f}, "
         f"val loss {last['val_loss']:.4f}, "
-        f"disc acc {last['disc_acc']:.3f}"
+        f"disc acc {last['disc_acc']:.3f}; kept epoch {kept} ({s.keep})"
     )
     if distributed.is_distributed():
         digest = "".join(distributed.weights_digest(m) for m in (trainer.model, trainer.disc))

@@ -41,7 +41,7 @@ from pipeline.errors import UserError
 from pipeline.nn.vqa_head import Fusion, InputNorm, Loss, VQAHead, head_config, save_head
 from pipeline.report import Report
 from pipeline.settings import as_dict, check, check_device, load
-from pipeline.training import cpu_threads, seed_everything, write_plot
+from pipeline.training import BestEpoch, cpu_threads, seed_everything, write_plot
 from pipeline.vqa.data import (
     ImageSource,
     load_split,
@@ -94,24 +94,6 @@ class Settings:
         check_device(self.device)
 
 
-class BestEpoch:
-    """The epoch to keep by `early_stop` (higher val_top1 or lower val_loss; the first of
-    equals wins), a copy of its weights, and whether `patience` says stop."""
-
-    def __init__(self, early_stop: str, patience: int):
-        self.early_stop, self.patience = early_stop, patience
-        self.epoch, self.value, self.state = 0, float("nan"), None
-
-    def update(self, epoch: int, model: torch.nn.Module, val_loss: float, val_top1: float) -> None:
-        value = {"val_top1": val_top1, "val_loss": -val_loss, "none": float(epoch)}[self.early_stop]
-        if self.state is None or value > self.value:  # NaN (diverged, no val rows) never wins
-            self.epoch, self.value = epoch, value
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def stop(self, epoch: int) -> bool:
-        return self.early_stop != "none" and 0 < self.patience <= epoch - self.epoch
-
-
 SETTINGS = (Settings,)
 
 
@@ -149,14 +131,15 @@ def main(qa: Path, emb: Path, out: Path, plots: Path, params: Path) -> str:
         early_stop = s.early_stop if len(val) else "none"  # nothing to watch: keep the last
         if early_stop != s.early_stop:
             report.note("no_validation_rows_early_stop_off", None)
-        best = BestEpoch(early_stop, s.patience)
+        best = BestEpoch(s.patience if early_stop != "none" else 0)
         rows = []
         for epoch in range(1, s.epochs + 1):
             lr = opt.param_groups[0]["lr"]
             loss = train_epoch(net, train, answer_emb, opt, s, device, gen, f"epoch {epoch}")
             val_loss, val_top1 = evaluate_loss(model, val, answer_emb, s, device, candidates)
             sched.step()
-            best.update(epoch, model, val_loss, val_top1)
+            value = {"val_top1": val_top1, "val_loss": -val_loss, "none": float(epoch)}
+            best.update(epoch, model, value[early_stop])
             rows.append({"epoch": epoch, "train_loss": loss, "val_loss": val_loss,
                          "val_top1": val_top1, "lr": lr, "best_epoch": best.epoch})  # fmt: skip
             if distributed.is_main():
