@@ -448,4 +448,6 @@ def test_keep_best_val_loss_saves_the_best_epoch(emb_dirs, tmp_path):
     # the default keeps the last epoch
     main("noada", laion, flickr, tmp_path / "l", tmp_path / "l.tsv",
          {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4}})  # fmt: skip
-    assert json.loads((tmp_path / "l/config.json").read_text())["training"]["kept_epoch"] == 1 + 1 + 4
+    assert (
+        json.loads((tmp_path / "l/config.json").read_text())["training"]["kept_epoch"] == 1 + 1 + 4
+    )
