@@ -165,8 +165,12 @@ class SceneTruth:
         assert self.vocab is not None
         return grounding(captions, scenes, self.vocab)
 
+    def _kept(self) -> list[int]:
+        """Indices of the scored images that have a scene."""
+        return [k for k, sc in enumerate(self.scenes) if sc is not None]
+
     def _pairs(self, captions: Sequence[str]) -> tuple[list[str], list[Scene]]:
-        keep = [k for k, sc in enumerate(self.scenes) if sc is not None]
+        keep = self._kept()
         return [captions[k] for k in keep], [self.scenes[k] for k in keep]
 
     def score(self, predictions: Sequence[str]) -> dict[str, Any]:
@@ -182,8 +186,8 @@ class SceneTruth:
         if self.absent:
             return None
         assert self.vocab is not None
-        keep = [k for k, sc in enumerate(self.scenes) if sc is not None]
-        rows = counts([predictions[k] for k in keep], [self.scenes[k] for k in keep], self.vocab)
+        keep = self._kept()
+        rows = counts(*self._pairs(predictions), self.vocab)
         keys = list(rows[0])
         out = np.zeros((len(self.scenes), len(keys)))
         out[keep] = [[r[k] for k in keys] for r in rows]
@@ -194,7 +198,7 @@ class SceneTruth:
         (upper bound) and those of the next image's references (chance); or why absent."""
         if self.absent:
             return {"scored": False, "why": self.absent}
-        keep = [k for k, sc in enumerate(self.scenes) if sc is not None]
+        keep = self._kept()
         refs = [(r, self.scenes[k]) for k in keep for r in self.references[k]]
         nxt = [(r, self.scenes[k]) for j, k in enumerate(keep)
                for r in self.references[keep[(j + 1) % len(keep)]]]  # fmt: skip

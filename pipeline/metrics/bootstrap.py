@@ -81,25 +81,17 @@ def bleu_stats(refs: Sequence[Sequence[Sequence[str]]], hyps: Sequence[Sequence[
     counts max(1, #n-grams)), the hypothesis length and the closest reference length."""
     out = np.zeros((len(hyps), 10))
     for i, (rs, h) in enumerate(zip(refs, hyps)):
-        for n in range(1, 5):
-            grams = _grams(h, n)
-            best: dict[NGram, int] = {}
-            for r in rs:
-                for g, c in _grams(r, n).items():
-                    best[g] = max(best.get(g, 0), c)
-            out[i, n - 1] = sum(min(c, best.get(g, 0)) for g, c in grams.items())
-            out[i, 4 + n - 1] = max(1, sum(grams.values()))
+        best: dict[NGram, int] = {}  # each n-gram's most occurrences in one reference
+        for r in rs:
+            for g, c in ngram_counts(r).items():
+                best[g] = max(best.get(g, 0), c)
+        for g, c in ngram_counts(h).items():
+            out[i, len(g) - 1] += min(c, best.get(g, 0))
+            out[i, 4 + len(g) - 1] += c
+        out[i, 4:8] = np.maximum(out[i, 4:8], 1)
         out[i, 8] = len(h)
         out[i, 9] = min((len(r) for r in rs), key=lambda rl: (abs(rl - len(h)), rl))
     return out
-
-
-def _grams(tokens: Sequence[str], n: int) -> dict[NGram, int]:
-    grams: dict[NGram, int] = {}
-    for k in range(len(tokens) - n + 1):
-        g = tuple(tokens[k : k + n])
-        grams[g] = grams.get(g, 0) + 1
-    return grams
 
 
 def bleu_from_sums(sums: np.ndarray, order: int) -> np.ndarray:

@@ -63,8 +63,9 @@ def main(
         predictions, Path(flickr30k), systems, s.captions, s.thumb_size
     )
     vqa_items, vqa_missing = content.vqa_gallery(
-        predictions / "vqa.jsonl", Path(qa), Path(vg), s.questions, s.thumb_size
-    )
+        predictions / "vqa.jsonl", Path(qa), Path(vg), s.questions, s.thumb_size,
+        (vqa or {}).get("settings", {}).get("split", "test"),
+    )  # fmt: skip
     run = (f"CLIP: {(clip or {}).get('model', '?')}; test images captioned: "
            f"{captions.get('n_images', '?')}; VQA test questions: "
            f"{(vqa or {}).get('overall', {}).get('n', '?')}")  # fmt: skip

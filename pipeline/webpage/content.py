@@ -140,10 +140,11 @@ def caption_gallery(
 
 
 def vqa_gallery(
-    predictions: Path, qa: Path, vg: Path, n: int, size: int
+    predictions: Path, qa: Path, vg: Path, n: int, size: int, split: str = "test"
 ) -> tuple[list[dict[str, Any]], int]:
-    """Test questions (spread over each question type) with the box drawn, the true answer
-    and each method's first answer, correct ones marked; missing image files counted."""
+    """Questions of the evaluated `split` (spread over each question type) with the box
+    drawn, the true answer and each method's first answer, correct ones marked; missing
+    image files counted."""
     import pyarrow.parquet as pq
 
     rows = read_jsonl(predictions)
@@ -151,13 +152,12 @@ def vqa_gallery(
         return [], 0
     wanted = {r["qid"] for r in rows}
     meta = {}
-    for split in ("test", "val", "train"):
-        path = qa / f"{split}.parquet"
-        if path.is_file():
-            cols = ["qid", "image_path", "qtype", "subj_box", "obj_box"]
-            for rec in pq.read_table(path, columns=cols).to_pylist():
-                if rec["qid"] in wanted:
-                    meta[rec["qid"]] = rec
+    path = qa / f"{split}.parquet"
+    if path.is_file():
+        cols = ["qid", "image_path", "qtype", "subj_box", "obj_box"]
+        for rec in pq.read_table(path, columns=cols).to_pylist():
+            if rec["qid"] in wanted:
+                meta[rec["qid"]] = rec
     qtypes = sorted({r["qtype"] for r in rows})
     chosen = []
     for q in qtypes:
