@@ -68,8 +68,9 @@ class Settings:
     disc_lr: float = 1e-3  # AdamW learning rate of the discriminator
     domain_batch: int = 32  # images of each domain per step (per rank)
     target_splits: tuple[str, ...] = ("train",)  # Flickr30k splits of the target-domain images
-    keep: Literal["last", "best_val_loss"] = "best_val_loss"  # the epoch saved: the last, or the one
-    # the one with the lowest Flickr30k validation loss (recorded as training.kept_epoch)
+    # the epoch saved: the one with the lowest Flickr30k validation loss, or the last
+    # (recorded as training.kept_epoch)
+    keep: Literal["last", "best_val_loss"] = "best_val_loss"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # CPU threads, fixed so CPU runs are bit-reproducible (0: torch default)
 
