@@ -84,14 +84,19 @@ def _entity(oid: int, x: int, y: int, w: int, h: int, name: str, style: int) -> 
     return f'{{"h": {h}, "object_id": {oid}, "w": {w}, "y": {y}, "x": {x}, "name": "  "}}'
 
 
-def _image_block(rng, ids, names, rel_id0, obj_id0):
-    """JSON text for a block of images: (relationships, objects, image_data) parts."""
+def _image_block(rng, ids, names, rel_id0, obj_id0, pixel_scale=1.0):
+    """JSON text for a block of images: (relationships, objects, image_data) parts; image
+    sizes and boxes times `pixel_scale` (the same draws whatever the scale)."""
+
+    def px(a: np.ndarray) -> np.ndarray:
+        return a if pixel_scale == 1.0 else np.round(a * pixel_scale).astype(np.int64)
+
     n = len(ids)
     n_rel = rng.poisson(RELS_PER_IMAGE, n)
     n_obj = rng.poisson(OBJECTS_PER_IMAGE, n)
     tot_r, tot_o = int(n_rel.sum()), int(n_obj.sum())
-    widths = rng.integers(300, 1025, n)
-    heights = rng.integers(300, 1025, n)
+    widths = px(rng.integers(300, 1025, n))
+    heights = px(rng.integers(300, 1025, n))
     # relationship draws, vectorised
     pred = rng.integers(0, len(PREDICATES), tot_r).tolist()
     empty_pred = (rng.random(tot_r) < 0.003).tolist()
@@ -101,11 +106,11 @@ def _image_block(rng, ids, names, rel_id0, obj_id0):
     o_style = rng.choice(5, tot_r, p=[0.66, 0.25, 0.085, 0.003, 0.002]).tolist()
     kind = rng.choice(3, tot_r, p=[0.975, 0.02, 0.005]).tolist()  # 1 dup triple, 2 self
     rel_syn = (rng.random(tot_r) < 0.9).tolist()
-    box = rng.integers(0, 300, (tot_r, 8)).tolist()
+    box = px(rng.integers(0, 300, (tot_r, 8))).tolist()
     # object draws
     onames = _zipf_choice(rng, len(names), tot_o).tolist()
     ostyle = rng.choice(4, tot_o, p=[0.9, 0.07, 0.02, 0.01]).tolist()
-    obox = rng.integers(0, 300, (tot_o, 4)).tolist()
+    obox = px(rng.integers(0, 300, (tot_o, 4))).tolist()
 
     rel_parts, obj_parts, img_parts = [], [], []
     r = o = 0
@@ -165,8 +170,10 @@ def _image_block(rng, ids, names, rel_id0, obj_id0):
     return rel_parts, obj_parts, img_parts, rid, oid
 
 
-def generate_replica(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
-    """Write a VG replica into `out`; return its sizes."""
+def generate_replica(
+    out: Path, scale: float = 1.0, seed: int = 0, pixel_scale: float = 1.0
+) -> dict:
+    """Write a VG replica into `out` (image sizes and boxes times `pixel_scale`); its sizes."""
     rng = np.random.default_rng(seed)
     n = max(10, round(FULL_IMAGES * scale))
     n1 = int(n * 0.6)
@@ -188,7 +195,7 @@ def generate_replica(out: Path, scale: float = 1.0, seed: int = 0) -> dict:
             f.write("[")
         for start in range(0, n, block):
             chunk = ids[start : start + block]
-            parts = _image_block(rng, chunk, names, rid, oid)
+            parts = _image_block(rng, chunk, names, rid, oid, pixel_scale)
             rid, oid = parts[3], parts[4]
             for f, p in zip(files, parts[:3]):
                 f.write((", " if start else "") + ", ".join(p))
