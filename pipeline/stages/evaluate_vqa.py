@@ -19,6 +19,7 @@ differences, `--detail` everything (the full table and `intervals`), and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -67,6 +68,9 @@ class Settings:
     # {object}, {question}; the keys given replace these, the rest stay
     templates: dict[str, str] = field(default_factory=lambda: dict(zeroshot.TEMPLATES))
     prompt_batch: int = 256  # prompts per CLIP text forward
+    # prompts embedded and scored together (memory: about this many CLIP embeddings); the
+    # prompt cache is reused block by block, so a new value re-embeds every prompt once
+    prompt_block: int = 65536
     max_samples: int = 0  # 0: the whole split; else a seeded random subset of that size
     batch_size: int = 4096  # questions per head forward
     image_source: ImageSource | None = None  # auto | whole | crop; null: what train_vqa used
@@ -78,6 +82,7 @@ class Settings:
             problem = zeroshot.template_problem(template)
             check(problem is None, f"templates.{qtype}", str(problem))
         check(self.prompt_batch >= 1, "prompt_batch", "must be >= 1")
+        check(self.prompt_block >= 1, "prompt_block", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.max_samples >= 0, "max_samples", "must be >= 0 (0: the whole split)")
 
@@ -111,7 +116,7 @@ def main(
         report.note("not_sampled", None, n=len(data) - len(rows_all))
     meta = {c: data.column(c) for c in ("qtype", "subject", "object", "question")}
     prompts = None
-    if s.zeroshot:
+    if s.zeroshot:  # a context manager: the prompt cache is replaced when the loop is done
         prompts = zeroshot.open_prompts(clip, store.manifest, s.prompt_batch, prompt_cache)
 
     n, all_ids = len(rows_all), np.arange(len(vocab.answers))
@@ -119,26 +124,25 @@ def main(
     pred = {m: np.full((n, TOP_K), PAD, dtype=np.int64) for m in methods}
     score = {m: np.full((n, TOP_K), np.nan, dtype=np.float32) for m in ("model", "zeroshot")}
     qtypes = np.array([meta["qtype"][r] for r in rows_all.tolist()], dtype=object)
-    for qtype in sorted(set(qtypes.tolist())):
-        pos = np.flatnonzero(qtypes == qtype)
-        rows = rows_all[pos]
-        cand = np.asarray(candidates.get(qtype, all_ids), dtype=np.int64)
-        ids, vals = model_rank(head, answer_emb, data, rows, cand, s.batch_size)
-        pred["model"][pos, : ids.shape[1]], score["model"][pos, : ids.shape[1]] = ids, vals
-        if prompts:
-            template = zeroshot.template_for(s.templates, qtype)
-            ids, vals = zeroshot.zeroshot_rank(
-                prompts, template, vocab.answers, data, rows, cand, meta
-            )
-            pred["zeroshot"][pos, : ids.shape[1]] = ids
-            score["zeroshot"][pos, : ids.shape[1]] = vals
-        pred["prior"][pos] = pad_ranks([
-            freq.prior(qtype, meta["subject"][r], meta["object"][r], meta["question"][r])
-            for r in rows.tolist()
-        ])  # fmt: skip
-        pred["majority"][pos] = pad_ranks([freq.majority(qtype)] * len(rows))
-    if prompts:
-        prompts.save()
+    with prompts or contextlib.nullcontext():
+        for qtype in sorted(set(qtypes.tolist())):
+            pos = np.flatnonzero(qtypes == qtype)
+            rows = rows_all[pos]
+            cand = np.asarray(candidates.get(qtype, all_ids), dtype=np.int64)
+            ids, vals = model_rank(head, answer_emb, data, rows, cand, s.batch_size)
+            pred["model"][pos, : ids.shape[1]], score["model"][pos, : ids.shape[1]] = ids, vals
+            if prompts:
+                template = zeroshot.template_for(s.templates, qtype)
+                ids, vals = zeroshot.zeroshot_rank(
+                    prompts, template, vocab.answers, data, rows, cand, meta, s.prompt_block
+                )
+                pred["zeroshot"][pos, : ids.shape[1]] = ids
+                score["zeroshot"][pos, : ids.shape[1]] = vals
+            pred["prior"][pos] = pad_ranks([
+                freq.prior(qtype, meta["subject"][r], meta["object"][r], meta["question"][r])
+                for r in rows.tolist()
+            ])  # fmt: skip
+            pred["majority"][pos] = pad_ranks([freq.majority(qtype)] * len(rows))
 
     labels = data.label[rows_all]
     table = accuracy_by_qtype(pred, labels, qtypes)
@@ -154,7 +158,7 @@ def main(
         "clip": manifest.get("model"), "clip_revision": manifest.get("revision"),
         "model_loss": head_cfg.get("loss"),
         "model_best_epoch": head_cfg.get("train", {}).get("best_epoch"),
-        "prompts": len(prompts.used) if prompts else 0,
+        "prompts": prompts.prompts if prompts else 0,  # summed over the blocks
         "skipped": dict(sorted(report.skipped.items())),
         "intervals": f"{boot.level:.0%} percentile bootstrap of top-1 over the questions of "
         f"each group, {boot.resamples} resamples (seed {boot.seed}); head-x: the paired "
@@ -170,8 +174,9 @@ def main(
 
     lines = [report.summary()]
     if prompts:
-        used = len(prompts.used)
-        lines[0] += f"; prompts {used} ({prompts.new} embedded, {used - prompts.new} cached)"
+        lines[0] += (
+            f"; prompts {prompts.prompts} ({prompts.embedded} embedded, {prompts.cached} cached)"
+        )
     for group, entry in table.items():
         tops = ", ".join(f"{name} {entry[f'{m}_top1']:.3f}" for name, m in HEADLINE.items()
                          if entry.get(f"{m}_top1") is not None)  # fmt: skip
