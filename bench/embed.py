@@ -8,9 +8,10 @@ patch 32, 12+12 layers, 512-d embeddings, 49408-token vocabulary) with random we
 nothing is downloaded. The tokenizer is a small BPE trained on the generated texts.
 
 - images: `pipeline.embedding.dataset.embed_dataset("vg", ...)` over N generated JPEGs
-  (decode + resize in DataLoader workers, forward, Arrow writing, report, manifest, token
-  table: everything but loading the checkpoint) vs. `Backbone.encode_images` on ready,
-  normalised tensors with the same batch size, as many images.
+  (decode + resize in DataLoader workers, forward, Arrow writing, report, manifest with
+  the token table's fingerprint: everything but loading the checkpoint) vs.
+  `Backbone.encode_images` on ready, normalised tensors with the same batch size, as many
+  images.
 - texts: the same stage over M distinct questions (their one image file is absent, so no
   image is decoded) vs.
   `Backbone.encode_token_ids` on ready token ids with the same batch size.

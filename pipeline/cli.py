@@ -157,6 +157,10 @@ def train_caption(
     flickr30k: Annotated[Path, _opt("Flickr30k embeddings folder")],
     out: Annotated[Path, _opt("model folder")],
     plots: Annotated[Path, _opt("per-epoch TSV curve")],
+    clip: Annotated[
+        str | None,
+        _opt("the CLIP the embeddings came from (its token table); default: the one they name"),
+    ] = None,
     params: Params = PARAMS,
 ):
     """Train the embedding-space caption decoder: LAION pretrain, adapt, Flickr30k fine-tune."""
@@ -170,6 +174,7 @@ def train_caption(
             out=out,
             plots=plots,
             params=params,
+            clip=clip,
         )
     )
 

@@ -21,6 +21,7 @@ from pipeline.clip.backbone import load_backbone, weights_sha256
 from pipeline.clip.checkpoint import ClipModelConfig
 from pipeline.clip.pairs import flickr30k_train_items, load_laion, split_heldout
 from pipeline.clip.retrieval import evaluate, recall_at_k
+from pipeline.clip.token_table import clip_token_table
 from pipeline.errors import UserError
 from pipeline.formats.flickr30k import hash_split, list_flickr30k
 from pipeline.report import Report
@@ -142,12 +143,25 @@ def test_split_heldout_is_seeded_and_disjoint():
     assert len(split_heldout(100, 0.5, 7, seed=0)[1]) == 7
 
 
+def assert_token_table(folder) -> None:
+    """`folder` holds its CLIP's token table, tagged with the weights' revision (which the
+    table file leaves unchanged)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "token_embedding.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"revision": weights_sha256(folder)}
+    bb, table = load_backbone(folder), clip_token_table(folder)
+    assert table.revision == bb.revision and torch.equal(table.weight, bb.token_embedding())
+
+
 def test_scratch_bootstrap_outputs_and_metrics(scratch):
     report, _, m, out = scratch
     folder = out / "clip"
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "preprocessor_config.json", "clip_source.json", "report.json"} <= names  # fmt: skip
+            "preprocessor_config.json", "clip_source.json", "report.json",
+            "token_embedding.safetensors"} <= names  # fmt: skip
+    assert_token_table(folder)
     # 40 rows: 1 failed download, 1 broken JPEG -> 38 pairs, 25% held out
     assert report["skipped"]["img2dataset_failed"] == 1
     assert report["skipped"]["not_an_image"] == 1
@@ -198,9 +212,8 @@ def test_deterministic_on_cpu(shard, flickr30k, scratch, tmp_path):
     _, h2, m2, out2 = _run(shard, flickr30k, tmp_path, "again")
     assert h1 == h2 and m1 == m2
     assert weights_sha256(out1 / "clip") == weights_sha256(out2 / "clip")
-    assert (out1 / "clip" / "tokenizer.json").read_bytes() == (
-        out2 / "clip" / "tokenizer.json"
-    ).read_bytes()
+    for name in ("tokenizer.json", "token_embedding.safetensors"):
+        assert (out1 / "clip" / name).read_bytes() == (out2 / "clip" / name).read_bytes()
 
 
 def test_passthrough_copies_checkpoint_and_equal_metrics(shard, flickr30k, tmp_path):
@@ -209,6 +222,7 @@ def test_passthrough_copies_checkpoint_and_equal_metrics(shard, flickr30k, tmp_p
     assert m["mode"] == "passthrough" and m["before"] == m["after"] and m["loss_per_epoch"] == []
     assert h["before"] == h["after"]
     assert weights_sha256(out / "clip") == weights_sha256(tiny)
+    assert_token_table(out / "clip")
     assert len((out / "clip.tsv").read_text().splitlines()) == 2  # header + epoch 0
     src = json.loads((out / "clip" / "clip_source.json").read_text())
     assert src["pretrained"] == str(tiny) and src["pretrained_revision"] == weights_sha256(tiny)
@@ -219,6 +233,7 @@ def test_finetune_pretrained_changes_weights(shard, flickr30k, tmp_path):
     _, _, m, out = _run(shard, flickr30k, tmp_path, pretrained=str(tiny), finetune=True, epochs=2)
     assert m["mode"] == "finetune" and len(m["loss_per_epoch"]) == 2
     assert weights_sha256(out / "clip") != weights_sha256(tiny)
+    assert_token_table(out / "clip")
     bb = load_backbone(out / "clip")
     assert (
         bb.model.config.text_config.vocab_size

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.caption.data import labelled_images, load_captions, load_images, load_token_table
+from pipeline.caption.data import labelled_images, load_captions, load_images
 from pipeline.caption.training import PLOT_COLUMNS, Trainer
+from pipeline.clip.token_table import clip_token_table, table_sha256
 from pipeline.embedding.files import read_table, vector_array, write_table
 from pipeline.errors import UserError
 from pipeline.nn.caption_decoder import (
@@ -49,8 +50,23 @@ def tiny_config(**kw) -> DecoderConfig:
     return DecoderConfig(**{**base, **kw})
 
 
-def write_emb_folder(folder: Path, rows: list[tuple], table: torch.Tensor, seed: int = 0) -> None:
-    """rows: (image_id, split, caption token ids); image_emb depends on the image id only."""
+def write_clip_folder(folder: Path, table: torch.Tensor, revision: str = "abc") -> Path:
+    """A CLIP folder as train_caption reads it: the token table clip_bootstrap writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"revision": revision}
+    save_file({"weight": table.contiguous()}, str(folder / "token_embedding.safetensors"), meta)
+    return folder
+
+
+def write_emb_folder(
+    folder: Path,
+    rows: list[tuple],
+    table: torch.Tensor,
+    seed: int = 0,
+    clip: tuple[str, str] = ("tiny", "abc"),
+) -> None:
+    """rows: (image_id, split, caption token ids); image_emb depends on the image id only.
+    The manifest names the CLIP `clip` (model, revision) and fingerprints its `table`."""
     rng = np.random.default_rng(seed)
     vecs = {}
     for image_id, _, _ in rows:
@@ -71,19 +87,19 @@ def write_emb_folder(folder: Path, rows: list[tuple], table: torch.Tensor, seed:
     )
     folder.mkdir(parents=True, exist_ok=True)
     write_table(folder / "part-00000.arrow", t)
-    save_file({"weight": table.contiguous()}, str(folder / "token_embedding.safetensors"))
     tok = {
-        "vocab_size": VOCAB,
-        "width": WIDTH,
+        "vocab_size": table.shape[0],
+        "width": table.shape[1],
         "bos_token_id": BOS,
         "eos_token_id": EOS,
         "pad_token_id": PAD,
+        "sha256": table_sha256(table),
     }
     (folder / "manifest.json").write_text(
         json.dumps(
             {
-                "model": "tiny",
-                "revision": "abc",
+                "model": clip[0],
+                "revision": clip[1],
                 "dim": DIM,
                 "dtype": "float16",
                 "normalized": True,
@@ -105,15 +121,22 @@ def random_rows(n_images: int, per_image: int, splits, seed: int) -> list[tuple]
     return rows
 
 
+def write_emb_dirs(root: Path, table: torch.Tensor, clip: tuple[str, str]) -> tuple[Path, Path]:
+    """LAION and Flickr30k embedding folders made with the CLIP `clip` of token `table`."""
+    laion, flickr = root / "laion", root / "flickr30k"
+    write_emb_folder(laion, random_rows(24, 1, ["train"], 1), table, seed=1, clip=clip)
+    flickr_rows = random_rows(12, 3, ["train", "train", "val", "test"], 2)
+    write_emb_folder(flickr, flickr_rows, table, seed=2, clip=clip)
+    return laion, flickr
+
+
 @pytest.fixture
 def emb_dirs(tmp_path):
+    """LAION and Flickr30k embedding folders, and the CLIP folder they name."""
     table = torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))
-    laion, flickr = tmp_path / "laion", tmp_path / "flickr30k"
-    write_emb_folder(laion, random_rows(24, 1, ["train"], 1), table, seed=1)
-    write_emb_folder(
-        flickr, random_rows(12, 3, ["train", "train", "val", "test"], 2), table, seed=2
+    return *write_emb_dirs(tmp_path, table, ("tiny", "abc")), write_clip_folder(
+        tmp_path / "clip", table
     )
-    return laion, flickr
 
 
 def test_load_captions_pads_truncates_and_groups_images(tmp_path):
@@ -141,7 +164,6 @@ def test_load_captions_pads_truncates_and_groups_images(tmp_path):
     )
     ids, imgs = load_images(tmp_path, ["train", "val"])
     assert ids == ["a", "b", "c", "d"] and imgs.shape == (4, DIM)
-    assert torch.equal(load_token_table(tmp_path), table)
 
 
 def test_forward_shapes_and_padding_is_masked():
@@ -239,12 +261,12 @@ TINY = {
 
 
 def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
-    laion, flickr = emb_dirs
+    laion, flickr, clip = emb_dirs
     section = {**TINY, "pretrain_epochs": 2}
     params = {"seed": 3, "train_caption": section}
-    line = main("ada", laion, flickr, tmp_path / "m1", tmp_path / "p1.tsv", params)
-    main("ada", laion, flickr, tmp_path / "m2", tmp_path / "p2.tsv", params)
-    main("noada", laion, flickr, tmp_path / "m3", tmp_path / "p3.tsv", params)
+    line = main("ada", laion, flickr, tmp_path / "m1", tmp_path / "p1.tsv", params, clip)
+    main("ada", laion, flickr, tmp_path / "m2", tmp_path / "p2.tsv", params, clip)
+    main("noada", laion, flickr, tmp_path / "m3", tmp_path / "p3.tsv", params, clip)
     assert line.startswith("train_caption[ada]: 15 steps, 5 epochs on cpu, caption loss ")
     tsv1 = (tmp_path / "p1.tsv").read_text()
     assert tsv1 == (tmp_path / "p2.tsv").read_text()  # bit-reproducible
@@ -284,14 +306,14 @@ def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
     assert (model.config.image_dim, model.config.token_width) == (DIM, WIDTH)
     assert model.config.target_scale == WIDTH**0.5
     with pytest.raises(UserError, match="variant"):
-        main("both", laion, flickr, tmp_path / "x", tmp_path / "x.tsv", params)
+        main("both", laion, flickr, tmp_path / "x", tmp_path / "x.tsv", params, clip)
 
 
 def _run(emb_dirs, out: Path, variant: str = "ada", **settings) -> tuple[dict, list[dict]]:
     """Train on the tiny folders; the run record and the plot rows (dicts)."""
-    laion, flickr = emb_dirs
+    laion, flickr, clip = emb_dirs
     params = {"seed": 5, "train_caption": {**TINY, **settings}}
-    main(variant, laion, flickr, out, out.with_suffix(".tsv"), params)
+    main(variant, laion, flickr, out, out.with_suffix(".tsv"), params, clip)
     head, *rows = [ln.split("\t") for ln in out.with_suffix(".tsv").read_text().split("\n")[:-1]]
     record = json.loads((out / "config.json").read_text())["training"]
     return record, [dict(zip(head, r)) for r in rows]
@@ -390,16 +412,16 @@ def test_cli_train_caption(emb_dirs, tmp_path):
 
     from pipeline.cli import app
 
-    laion, flickr = emb_dirs
+    laion, flickr, clip = emb_dirs
     params = tmp_path / "params.yaml"
     params.write_text(
         "seed: 1\ntrain_caption:\n  model: {width: 16, layers: 1, heads: 2, prefix_len: 2}\n"
         "  pretrain_epochs: 1\n  adapt_epochs: 1\n  finetune_epochs: 1\n  batch_size: 16\n"
     )
 
-    def invoke(laion_dir: Path):
+    def invoke(laion_dir: Path, clip_dir: Path = clip):
         args = ["train-caption", "--variant", "noada", "--laion", str(laion_dir)]
-        args += ["--flickr30k", str(flickr), "--out", str(tmp_path / "m")]
+        args += ["--flickr30k", str(flickr), "--clip", str(clip_dir), "--out", str(tmp_path / "m")]
         args += ["--plots", str(tmp_path / "p.tsv"), "--params", str(params)]
         return CliRunner().invoke(app, args)
 
@@ -411,6 +433,12 @@ def test_cli_train_caption(emb_dirs, tmp_path):
     bad = invoke(tmp_path / "nope")
     assert bad.exit_code == 2 and bad.output.startswith("error:")
     assert len(bad.output.strip().splitlines()) == 1
+    # another CLIP (another revision, another token table): one line naming both
+    other = write_clip_folder(tmp_path / "other", torch.randn(VOCAB, WIDTH), revision="xyz")
+    bad = invoke(laion, other)
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    assert bad.output.startswith(f"error: CLIP {other} (xyz) is not the one the embeddings in ")
+    assert "(tiny, abc)" in bad.output
 
 
 def test_load_captions_reads_several_shards_like_one(tmp_path):
@@ -428,9 +456,9 @@ def test_load_captions_reads_several_shards_like_one(tmp_path):
 
 
 def test_keep_best_val_loss_saves_the_best_epoch(emb_dirs, tmp_path):
-    laion, flickr = emb_dirs
+    laion, flickr, clip = emb_dirs
     params = {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4, "keep": "best_val_loss"}}
-    line = main("noada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params)
+    line = main("noada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params, clip)
     lines = [ln.split("\t") for ln in (tmp_path / "p.tsv").read_text().strip().split("\n")]
     val = [float(r[PLOT_COLUMNS.index("val_loss")]) for r in lines[1:]]
     best = val.index(min(val)) + 1
@@ -440,14 +468,65 @@ def test_keep_best_val_loss_saves_the_best_epoch(emb_dirs, tmp_path):
     # the saved weights are that epoch's: their validation loss is the best one
     from pipeline.caption.data import load_training_data
 
-    data = load_training_data(laion, flickr, 10, ("train",), torch.device("cpu"))
+    data = load_training_data(laion, flickr, clip, 10, ("train",), torch.device("cpu"))
     trainer = Trainer(
         load_caption_model(tmp_path / "m"), load(Settings, params), torch.device("cpu")
     )
     assert trainer.eval_loss(data.flickr30k_val) == pytest.approx(min(val), abs=1e-5)
     # the default keeps the last epoch
     main("noada", laion, flickr, tmp_path / "l", tmp_path / "l.tsv",
-         {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4}})  # fmt: skip
+         {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4}}, clip)  # fmt: skip
     assert (
         json.loads((tmp_path / "l/config.json").read_text())["training"]["kept_epoch"] == 1 + 1 + 4
     )
+
+
+def test_the_token_table_is_the_clip_folders(emb_dirs, tmp_path):
+    """The decoder's frozen table comes from the CLIP folder (the embedding folders hold
+    none), and it must be the table the embeddings were made with."""
+    from pipeline.caption.data import load_training_data
+
+    laion, flickr, clip = emb_dirs
+    assert not {p.name for d in (laion, flickr) for p in d.iterdir()} & {
+        "token_embedding.safetensors"
+    }
+    params = {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 1}}
+    main("noada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params, clip)
+    table = clip_token_table(clip).weight
+    assert torch.equal(load_caption_model(tmp_path / "m").token_table, table)
+    info = json.loads((tmp_path / "m" / "config.json").read_text())["clip"]
+    assert info["token_embedding"]["sha256"] == table_sha256(table)
+
+    def load(clip_dir):
+        return load_training_data(laion, flickr, clip_dir, 10, ("train",), torch.device("cpu"))
+
+    # the same revision, another table (a stale copy): its fingerprint tells
+    stale = write_clip_folder(tmp_path / "stale", table + 1, revision="abc")
+    with pytest.raises(UserError, match=r"\(tiny, abc\): token table sha256:\w+, theirs sha256:"):
+        load(stale)
+    # the same table under another revision passes (the table is all train_caption reads)
+    assert torch.equal(load(write_clip_folder(tmp_path / "copy", table, "xyz")).token_table, table)
+    # manifests without the fingerprint (made before it was recorded): the revision decides
+    for folder in (laion, flickr):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        del manifest["token_embedding"]["sha256"]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"copy \(xyz\) is not the one .* \(tiny, abc\)$"):
+        load(tmp_path / "copy")
+    assert torch.equal(load(clip).token_table, table)
+
+
+def test_a_plain_hugging_face_folder_gives_its_table(tmp_path):
+    """A CLIP folder without token_embedding.safetensors (a downloaded checkpoint): the
+    table is read from its weights; no --clip: the CLIP the manifests name."""
+    from tiny_clip import make_tiny_clip
+
+    from pipeline.clip.backbone import load_backbone
+
+    hf = make_tiny_clip(tmp_path / "hf")
+    bb = load_backbone(hf)
+    laion, flickr = write_emb_dirs(tmp_path, bb.token_embedding(), (str(hf), bb.revision))
+    params = {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 1}}
+    main("ada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params)
+    assert not (hf / "token_embedding.safetensors").exists()
+    assert torch.equal(load_caption_model(tmp_path / "m").token_table, bb.token_embedding())

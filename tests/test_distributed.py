@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 from safetensors.numpy import load_file
-from test_caption_model import VOCAB, WIDTH, random_rows, write_emb_folder
+from test_caption_model import VOCAB, WIDTH, write_clip_folder, write_emb_dirs
 from test_vqa import make_world
 
 from pipeline import distributed
@@ -92,7 +92,13 @@ def _worker(rank: int, world: int, port: int, root: str, stage: str = "vqa") -> 
     if stage == "caption":
         params = {"seed": 3, "train_caption": {k: v for k, v in CAPTION.items() if k != "seed"}}
         summary = train_caption.main(
-            "ada", r / "laion", r / "flickr30k", r / f"m{rank}", r / f"p{rank}.tsv", params
+            "ada",
+            r / "laion",
+            r / "flickr30k",
+            r / f"m{rank}",
+            r / f"p{rank}.tsv",
+            params,
+            clip=r / "clip",
         )
         (r / f"rank{rank}.txt").write_text(summary)
         return
@@ -161,9 +167,8 @@ def test_torchrun_cli_two_processes(tmp_path):
 
 def test_train_caption_two_processes_stay_in_sync(tmp_path):
     table = torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))
-    write_emb_folder(tmp_path / "laion", random_rows(24, 1, ["train"], 1), table, seed=1)
-    flickr_rows = random_rows(12, 3, ["train", "train", "val", "test"], 2)
-    write_emb_folder(tmp_path / "flickr30k", flickr_rows, table, seed=2)
+    write_emb_dirs(tmp_path, table, ("tiny", "abc"))
+    write_clip_folder(tmp_path / "clip", table)
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path), "caption"), nprocs=2, join=True)
     s0, s1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
     # decoder and discriminator gradients averaged: identical weights on both ranks (digest

@@ -28,6 +28,7 @@ from pipeline.clip.backbone import (
     normalize_pixels,
     preprocess_image,
 )
+from pipeline.clip.token_table import table_sha256
 from pipeline.embedding.dataset import embed_dataset
 from pipeline.embedding.encoders import PixelNormalizer
 from pipeline.embedding.files import read_dataset, read_table, vectors
@@ -116,11 +117,24 @@ def test_caption_rows_match_the_model(tmp_path, bb):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["revision"] == bb.revision and manifest["dim"] == 16
     assert (manifest["rows"], manifest["shards"], manifest["dtype"]) == (10, 2, "float16")
-    assert manifest["token_embedding"]["vocab_size"] == bb.token_embedding().shape[0]
-    from safetensors.torch import load_file
+    # the token table stays in the CLIP folder: the manifest records its facts only
+    tok = manifest["token_embedding"]
+    assert (tok["vocab_size"], tok["width"]) == tuple(bb.token_embedding().shape)
+    assert tok["sha256"] == table_sha256(bb.token_embedding()) and "file" not in tok
+    assert not (tmp_path / "out" / "token_embedding.safetensors").exists()
 
-    weight = load_file(str(tmp_path / "out" / "token_embedding.safetensors"))["weight"]
-    assert torch.equal(weight, bb.token_embedding())
+
+def test_an_old_token_table_is_removed_and_the_shards_kept(tmp_path, bb):
+    """A folder from before the table moved to the CLIP folder: no recompute, no table."""
+    src = make_flickr(tmp_path / "f", n=4)
+    out = tmp_path / "out"
+    run("flickr30k", src, out, bb)
+    parts = {k: v for k, v in _files(out).items() if k.startswith("part-")}
+    (out / "token_embedding.safetensors").write_bytes(b"an old copy of the table")
+    written = []
+    run("flickr30k", src, out, bb, on_shard_written=written.append)
+    assert written == [] and not (out / "token_embedding.safetensors").exists()
+    assert {k: v for k, v in _files(out).items() if k.startswith("part-")} == parts
 
 
 def test_uint8_path_equals_preprocess_image(bb):
@@ -168,7 +182,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, bb):
     with pytest.raises(Killed):
         run("flickr30k", src, tmp_path / "resumed", bb, on_shard_written=kill_after_first)
     names = sorted(p.name for p in (tmp_path / "resumed").iterdir())
-    assert names == ["part-00000.arrow", "token_embedding.safetensors"]
+    assert names == ["part-00000.arrow"]
     written = []
     rep = run(
         "flickr30k",

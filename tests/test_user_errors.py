@@ -146,7 +146,7 @@ STAGE_ARGS = {
     "embed": ["--dataset", "vg", "--input", DUMMY, "--images", DUMMY, "--clip", DUMMY,
               "--out", DUMMY],
     "train_caption": ["--variant", "noada", "--laion", DUMMY, "--flickr30k", DUMMY,
-                      "--out", DUMMY, "--plots", DUMMY],
+                      "--clip", DUMMY, "--out", DUMMY, "--plots", DUMMY],
     "evaluate_caption": ["--emb", DUMMY, "--clip", DUMMY, "--model", DUMMY, "--metrics", DUMMY,
                          "--detail", DUMMY, "--predictions", DUMMY],
     "train_vqa": ["--qa", DUMMY, "--emb", DUMMY, "--out", DUMMY, "--plots", DUMMY],

@@ -5,6 +5,8 @@
 The shards are memory-mapped (`pipeline.embedding.files`); only the rows of the requested splits
 are copied into tensors. Token ids are right-padded into a (n, L) tensor with their
 lengths; captions longer than `max_len` are cut to `max_len` tokens ending in EOS.
+The token-embedding table comes from the CLIP (`pipeline.clip.token_table`), checked
+against the fingerprint the manifests record.
 """
 
 from __future__ import annotations
@@ -17,13 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from safetensors.torch import load_file
 
+from pipeline.clip.token_table import TokenTable, clip_token_table
 from pipeline.embedding.files import read_dataset, vectors
 from pipeline.errors import UserError
 from pipeline.readers import read_json
-
-TOKEN_TABLE_FILE = "token_embedding.safetensors"
 
 
 @dataclass
@@ -74,14 +74,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{folder}: no manifest.json (run the embed stage first)")
     return read_json(path)
-
-
-def load_token_table(folder: str | Path) -> torch.Tensor:
-    """The frozen CLIP token-embedding table (vocab, width) float32 cached by `embed`."""
-    path = Path(folder) / TOKEN_TABLE_FILE
-    if not path.is_file():
-        raise UserError(f"{folder}: no {TOKEN_TABLE_FILE} (run the embed stage first)")
-    return load_file(str(path))["weight"].float()
 
 
 def _pad_token_ids(
@@ -205,9 +197,24 @@ def same_clip(laion: dict[str, Any], flickr30k: dict[str, Any]) -> dict[str, Any
     return {**a, "token_embedding": laion.get("token_embedding", {})}
 
 
+def check_token_table(table: TokenTable, clip: dict[str, Any], name: str, emb: str) -> None:
+    """A `UserError` unless `table` (of the CLIP `name`) is the one the embeddings in `emb`
+    were made with (`clip`, as `same_clip` gives): the same table by the manifests'
+    `sha256`, or for manifests without one, the same CLIP revision."""
+    want_sha = clip["token_embedding"].get("sha256")
+    have, want = (table.sha256, want_sha) if want_sha else (table.revision, clip["revision"])
+    if have != want:
+        tables = f": token table {have}, theirs {want}" if want_sha else ""
+        raise UserError(
+            f"CLIP {name} ({table.revision}) is not the one the embeddings in {emb} were "
+            f"made with ({clip['model']}, {clip['revision']}){tables}"
+        )
+
+
 def load_training_data(
     laion: str | Path,
     flickr30k: str | Path,
+    clip: str | Path | None,
     max_len: int,
     target_splits: tuple[str, ...] | list[str],
     device: torch.device,
@@ -217,12 +224,15 @@ def load_training_data(
     """LAION train and Flickr30k train/val captions cut to `max_len` tokens, the captions
     of a `labelled_fraction` of the Flickr30k train images (`labelled_images`, seeded by
     `labelled_seed`), the images of both domains (Flickr30k: those of `target_splits`),
-    moved to `device`."""
-    clip = same_clip(read_manifest(laion), read_manifest(flickr30k))
-    tok = clip["token_embedding"]
-    table = load_token_table(laion)
-    if not torch.equal(table, load_token_table(flickr30k)):
-        raise UserError("LAION and Flickr30k folders hold different token-embedding tables")
+    moved to `device`; the token table of the CLIP `clip` (None: the CLIP the manifests
+    name), which must be the one the embeddings were made with."""
+    info = same_clip(read_manifest(laion), read_manifest(flickr30k))
+    if not (clip or info["model"]):
+        raise UserError(f"{laion}/manifest.json names no CLIP: pass one with --clip")
+    name = str(clip or info["model"])
+    table = clip_token_table(name)
+    check_token_table(table, info, name, f"{laion} and {flickr30k}")
+    tok = info["token_embedding"]
     special = {k: int(tok[k]) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids = {"max_len": max_len, "pad_id": special["pad_token_id"], "eos_id": special["eos_token_id"]}
     source = load_captions(laion, ("train",), **ids)
@@ -243,6 +253,6 @@ def load_training_data(
             x.to(device) for x in (cs.image_emb, cs.ids, cs.lengths)
         )
     return TrainingData(
-        source, f_train, f_labelled, f_val, src_images, tgt_images.to(device), table, special,
-        clip,
+        source, f_train, f_labelled, f_val, src_images, tgt_images.to(device), table.weight,
+        special, info,
     )  # fmt: skip

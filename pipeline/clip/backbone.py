@@ -28,6 +28,9 @@ from pipeline.training import autocast, pick_device
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The token-embedding table a CLIP folder may hold beside its weights
+# (`pipeline.clip.token_table`); not a weight file, so not part of the revision.
+TOKEN_TABLE_FILE = "token_embedding.safetensors"
 
 
 # --------------------------------------------------------------------------- images
@@ -251,8 +254,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def weights_sha256(folder: str | Path) -> str:
-    """`sha256:<hex>` over the folder's safetensors files (sorted by name)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
+    """`sha256:<hex>` over the folder's safetensors files (sorted by name), the token table
+    that `clip_bootstrap` writes beside the weights (`TOKEN_TABLE_FILE`) left out."""
+    files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name != TOKEN_TABLE_FILE)
     if not files:
         files = sorted(Path(folder).glob("*.bin"))
     h = hashlib.sha256()

@@ -2,8 +2,9 @@
 
 The listing comes from the dataset's format reader (`pipeline.formats.*`); the shards this
 process owns and has not finished are decoded and embedded (`shards.ShardEmbedder`),
-process 0 also writes the token table and (vg) texts.arrow, and whichever process sees
-every part finished writes manifest.json and report.json.
+process 0 also writes (vg) texts.arrow, and whichever process sees every part finished
+writes manifest.json and report.json. (The CLIP's token table is not copied here: it
+lives in the CLIP folder, `pipeline.clip.token_table`.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.embedding.shards import (
     settings_fingerprint,
     shard_ranges,
 )
-from pipeline.embedding.texts import write_texts, write_token_table
+from pipeline.embedding.texts import write_texts
 from pipeline.errors import UserError
 from pipeline.report import Report
 from pipeline.settings import Split
@@ -89,8 +90,6 @@ def embed_dataset(
     if dataset == "laion" and laion.is_precomputed(input_path):
         n_parts = len(laion.precomputed_chunks(input_path))
         clean_outputs(out_dir, n_parts, [k for k in range(n_parts) if k % world == rank], False)
-        if rank == 0:
-            write_token_table(out_dir, backbone)
         listing, fps = embed_precomputed(
             input_path, out_dir, backbone, settings, common, rank, world, on_shard_written
         )
@@ -103,17 +102,15 @@ def embed_dataset(
         mine = [k for k in range(len(ranges)) if k % world == rank]
         clean_outputs(out_dir, len(ranges), mine, texts is not None)
         todo = [k for k in mine if finished(part_path(out_dir, k), fps[k]) is None]
-        # decoding starts here, in parallel with the token table and the texts
+        # decoding starts here, in parallel with the texts
         captions = dataset != "vg"
         embedder = ShardEmbedder(
             listing, todo, ranges, fps, out_dir, backbone, settings, captions, on_shard_written
         )
         texts_fp = fingerprint(common, texts) if texts is not None else None
         try:
-            if rank == 0:
-                write_token_table(out_dir, backbone)
-                if texts is not None:
-                    write_texts(out_dir, texts, backbone, settings, texts_fp)
+            if rank == 0 and texts is not None:
+                write_texts(out_dir, texts, backbone, settings, texts_fp)
             embedder.run(f"embed {dataset}")
         finally:
             embedder.close()

@@ -1,5 +1,9 @@
 """manifest.json + report.json of an embeddings folder, written by whichever process sees
-every shard (and texts.arrow, and the token table) finished."""
+every shard (and texts.arrow) finished.
+
+The manifest names the CLIP (model, revision) and the facts of its token table (size,
+special ids, `sha256`: `pipeline.clip.token_table.table_sha256`); the table itself is in
+the CLIP folder."""
 
 from __future__ import annotations
 
@@ -7,17 +11,16 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.atomic import write_json
+from pipeline.clip.token_table import table_sha256
 from pipeline.embedding.items import Listing
 from pipeline.embedding.shards import (
     FORMAT_VERSION,
     MANIFEST,
     REPORT,
     TEXTS_FILE,
-    TOKEN_TABLE,
     finished,
     part_path,
 )
-from pipeline.embedding.texts import token_table_ok
 from pipeline.report import Report
 
 
@@ -64,8 +67,6 @@ def finalize(
         texts_report, texts_rows = done
         texts_report.written = 0  # `written` counts image / caption rows
         report.merge(texts_report)
-    if not token_table_ok(out_dir, backbone):
-        return None
     report.extra = {
         "dataset": dataset,
         "input": str(input_path),
@@ -93,13 +94,13 @@ def finalize(
         "image_size": backbone.image_size,
         "context_length": backbone.context_length,
         "sources": listing.sources,
-        "token_embedding": {
-            "file": TOKEN_TABLE,
+        "token_embedding": {  # the table: in the CLIP folder (`pipeline.clip.token_table`)
             "vocab_size": int(backbone.model.config.text_config.vocab_size),
             "width": int(backbone.model.config.text_config.hidden_size),
             "bos_token_id": backbone.bos_token_id,
             "eos_token_id": backbone.eos_token_id,
             "pad_token_id": backbone.pad_token_id,
+            "sha256": table_sha256(backbone.token_embedding()),
         },
         "format_version": FORMAT_VERSION,
     }

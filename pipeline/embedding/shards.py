@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 # Part of every fingerprint: a change recomputes every shard. 2: box crops letterboxed.
 FORMAT_VERSION = 2
-TOKEN_TABLE = "token_embedding.safetensors"
+# The CLIP token table that embed wrote into every folder before it moved to the CLIP
+# folder (`pipeline.clip.token_table`); a new run removes it (the shards stay valid).
+OLD_TOKEN_TABLE = "token_embedding.safetensors"
 TEXTS_FILE = "texts.arrow"
 MANIFEST, REPORT = "manifest.json", "report.json"
 META_FP, META_REPORT, META_ROWS = b"clipda.fingerprint", b"clipda.report", b"clipda.rows"
@@ -151,7 +153,8 @@ def write_part(path: Path, table: pa.Table, fp: str, report: Report) -> None:
 
 def clean_outputs(out_dir: Path, n_parts: int, mine: list[int], texts: bool) -> None:
     """Remove what a new run must not keep: parts beyond the new count, own temp files,
-    the previous manifest and report, texts.arrow when the dataset has no texts."""
+    the previous manifest and report, an old token table, texts.arrow when the dataset has
+    no texts."""
     for f in out_dir.glob("part-*.arrow"):
         try:
             k = int(f.stem.split("-")[1])
@@ -162,7 +165,7 @@ def clean_outputs(out_dir: Path, n_parts: int, mine: list[int], texts: bool) -> 
     for k in mine:
         for f in out_dir.glob(f".part-{k:05d}.arrow.*.tmp"):
             f.unlink(missing_ok=True)
-    for name in (MANIFEST, REPORT, *(() if texts else (TEXTS_FILE,))):
+    for name in (MANIFEST, REPORT, OLD_TOKEN_TABLE, *(() if texts else (TEXTS_FILE,))):
         (out_dir / name).unlink(missing_ok=True)
 
 
@@ -253,7 +256,7 @@ class ShardEmbedder:
     """Decode (DataLoader workers) + embed (main process) some shards; write each when done.
 
     The workers start decoding as soon as the object is built, so the main process can do
-    other work (token table, texts) while the first batches are being prepared.
+    other work (texts) while the first batches are being prepared.
     """
 
     def __init__(

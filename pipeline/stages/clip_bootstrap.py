@@ -13,7 +13,10 @@ Three modes, chosen by `--pretrained` and `finetune`:
   loop, starting from the named checkpoint and its tokenizer / image settings.
 
 In every mode `--out` is a standard Hugging Face checkpoint folder that `load_backbone`
-opens like any other, plus `clip_source.json` (where it came from) and `report.json`.
+opens like any other, plus `token_embedding.safetensors` (the text model's token table,
+tagged with the weights' revision: the caption decoder's token space, one copy for every
+stage that reads it, `pipeline.clip.token_table`), `clip_source.json` (where it came from)
+and `report.json`.
 Image->text / text->image recall@1/@5 on held-out LAION pairs (a seeded split never
 trained on), before and after training, and the probes of the CLIP it writes
 (`pipeline.clip.probes` on `--probes`, the sample world's probe set: zero-shot and
@@ -206,14 +209,17 @@ def _open(
 
 
 def _save(mode: str, pretrained: str, bb, tmp: Path, trained_on: PairSet | None, seed: int):
-    """The checkpoint files in `tmp` (a pass-through folder: copied) + `clip_source.json`."""
+    """The checkpoint files in `tmp` (a pass-through folder: copied), its token table and
+    `clip_source.json`."""
     from pipeline.atomic import write_json
     from pipeline.clip.checkpoint import copy_checkpoint, save_backbone
+    from pipeline.clip.token_table import save_token_table
 
     if mode == "passthrough" and Path(pretrained).is_dir():
         copy_checkpoint(pretrained, tmp)
     else:
         save_backbone(bb, tmp, bb.model_id if mode != "scratch" else str(tmp))
+    save_token_table(tmp, bb)
     n_flickr30k = trained_on.count("flickr30k") if trained_on is not None else 0
     write_json(tmp / "clip_source.json", {
         "mode": mode,

@@ -7,6 +7,9 @@ loss (the domain loss continues); `noada` runs the same steps with λ = 0. See
 `pipeline.caption.training` for the schedule and the torchrun behaviour,
 `pipeline.nn.caption_decoder` for the model.
 
+The frozen token-embedding table is the CLIP's (`--clip`, `pipeline.clip.token_table`),
+checked against the one the embedding manifests record.
+
 Outputs: the model folder (model.safetensors + config.json: the `DecoderConfig`, the
 CLIP the embeddings came from and a training summary) and the per-epoch `plots` TSV.
 Under torchrun only rank 0 writes, and each rank's summary names its rank and a digest of
@@ -104,8 +107,10 @@ def main(
     out: Path,
     plots: Path,
     params: Path | dict[str, Any],
+    clip: str | Path | None = None,
 ) -> str:
-    """Train `variant` (noada | ada) on the two embedding folders; write `out/` and `plots`."""
+    """Train `variant` (noada | ada) on the two embedding folders with the token table of
+    the CLIP `clip` (None: the one their manifests name); write `out/` and `plots`."""
     s = load(Settings, params)
     strength = grl_strength(variant)
     with (
@@ -113,8 +118,8 @@ def main(
         cpu_threads(s.threads if device.type == "cpu" else 0),  # CUDA runs: torch's default
     ):
         seed_everything(s.seed)
-        data = load_training_data(laion, flickr30k, s.model.max_len, s.target_splits, device,
-                                  s.labelled_fraction, s.seed + 2)  # fmt: skip
+        data = load_training_data(laion, flickr30k, clip, s.model.max_len, s.target_splits,
+                                  device, s.labelled_fraction, s.seed + 2)  # fmt: skip
         config = DecoderConfig.for_data(
             s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
         )
