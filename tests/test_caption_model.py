@@ -473,12 +473,12 @@ def test_keep_best_val_loss_saves_the_best_epoch(emb_dirs, tmp_path):
         load_caption_model(tmp_path / "m"), load(Settings, params), torch.device("cpu")
     )
     assert trainer.eval_loss(data.flickr30k_val) == pytest.approx(min(val), abs=1e-5)
-    # the default keeps the last epoch
+    # keep: last saves the last epoch; the default is best_val_loss
     main("noada", laion, flickr, tmp_path / "l", tmp_path / "l.tsv",
-         {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4}}, clip)  # fmt: skip
-    assert (
-        json.loads((tmp_path / "l/config.json").read_text())["training"]["kept_epoch"] == 1 + 1 + 4
-    )
+         {"seed": 3, "train_caption": {**TINY, "finetune_epochs": 4, "keep": "last"}}, clip)  # fmt: skip
+    training = json.loads((tmp_path / "l/config.json").read_text())["training"]
+    assert (training["keep"], training["kept_epoch"]) == ("last", 1 + 1 + 4)
+    assert Settings().keep == "best_val_loss"
 
 
 def test_the_token_table_is_the_clip_folders(emb_dirs, tmp_path):
