@@ -57,7 +57,7 @@ CLIP = {  # the tiny CLIP (pipeline.clip.checkpoint.ClipModelConfig)
 }  # fmt: skip
 PARAMS = {
     "seed": 0,
-    "embed": {"num_workers": 2, "batch_size": 256, "text_batch_size": 1024},
+    "embed": {"num_workers": 2, "threads": 1, "batch_size": 256, "text_batch_size": 1024},
     "train_vqa": {"epochs": 1, "batch_size": 256, "hidden": [128]},
     "train_caption": {
         "model": {"width": 32, "layers": 1, "heads": 2, "prefix_len": 4, "max_len": 24},
@@ -267,7 +267,7 @@ def stages(w: Path) -> list[tuple[str, list]]:
                           "--model", o / "vqa", *clip, "--metrics", o / "vqa.json",
                           "--detail", o / "vqa_detail.json", "--predictions", o / "vqa.jsonl"]),
         ("train_caption", ["train-caption", "--variant", "ada", "--laion", o / "emb/laion",
-                           "--flickr30k", o / "emb/flickr30k", "--out", o / "ada",
+                           "--flickr30k", o / "emb/flickr30k", *clip, "--out", o / "ada",
                            "--plots", o / "caption.tsv"]),
         ("evaluate_caption", ["evaluate-caption", "--emb", o / "emb/flickr30k", *clip,
                               "--model", o / "ada", "--metrics", o / "caption.json",
