@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import UserError
-from pipeline.formats import vg
+from pipeline.formats import vg, vg_qa
 from pipeline.formats.vg_qa import SCHEMA, SPLITS, build_vocab, split_of
 from pipeline.stages.prepare_vqa import main
 
@@ -336,7 +336,7 @@ def test_small_row_groups_give_the_same_rows(vg_dir, tmp_path):
     big = pq.read_table(tmp_path / "big" / "train.parquet")
     assert big.equals(pq.read_table(tmp_path / "small" / "train.parquet"))
     assert big.schema == SCHEMA and big.schema.field("subj_box").type == pa.list_(pa.int32(), 4)
-    assert not list((tmp_path / "small").glob(".*staged*"))  # staged files removed
+    assert not list((tmp_path / "small").glob(".*"))  # staged files removed
 
 
 def test_empty_splits_are_written_with_the_schema(vg_dir, tmp_path):
@@ -395,8 +395,10 @@ def test_bad_params(vg_dir, tmp_path, bad, key):
 def test_format_helpers(tmp_path):
     assert vg.normalize("  Next \t To\n") == "next to"
     assert vg.normalize(None) == ""
-    assert vg.entity_name({"name": " ", "names": ["", "Dog"]}) == "Dog"
-    assert vg.entity_name({"names": "not a list"}) == ""
+    dog = vg.Ent.from_dict({"name": " ", "names": ["", 3, "Dog"], "x": 1, "y": 2, "w": 3, "h": 4})
+    assert (dog.name, dog.names, dog.w, dog.object_id) == (" ", ("", "Dog"), 3, None)
+    assert vg.Ent.from_dict({"name": 5, "names": "not a list"}).names == ()
+    assert vg.Ent.from_dict({"x": 1, "y": 2, "w": 0.4, "h": 4}).w == 0  # no box: w = h = 0
     assert vg.box_of({"x": 1, "y": 2, "w": 3, "h": 4}) == (1, 2, 3, 4)
     assert vg.box_of({"x": 1, "y": 2, "w": 3}) is None
     assert vg.box_of({"x": "1", "y": 2, "w": 3, "h": 4}) is None
@@ -409,6 +411,7 @@ def test_format_helpers(tmp_path):
     assert vg.load_aliases(tmp_path / "missing.txt") == {}
     norm = vg.Normalizer({"guy": "man"})
     assert norm(" GUY ") == "man" and norm(["unhashable"]) == "" and norm(None) == ""
+    assert norm[("", " ", "Guy", "dog")] == "man" and norm[()] == norm[(" ",)] == ""
 
 
 def test_cli_prepare_vqa(vg_dir, tmp_path):
@@ -441,3 +444,81 @@ def test_repeated_image_entry_is_skipped_and_counted(vg_dir, tmp_path):
     assert rep["skipped"]["duplicate_image_entry"] == n
     assert rep["read"] == rep["written"] + sum(rep["skipped"].values())
     assert rows(tmp_path / "qa") == rows(tmp_path / "qa0")
+
+
+def clean_entries(n: int) -> list[dict]:
+    """Relationship entries msgspec takes as they are (ints, strings, objects)."""
+    return [
+        {"relationships": [rel("on", ent(10 * i, 0, 0, 5, 5, name="cup [a]"),
+                               ent(10 * i + 1, 1, 1, 5, 5, names=["x}, {", "t"]))] * (i % 3),
+         "image_id": i}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+QUIRKY = {"relationships": [rel("on", ent(1, 0.5, 0, 5, 5, name="a"), ent(2, name=None))],
+          "image_id": "7"}  # fmt: skip
+NESTED = {"relationships": [None, {"relationships": [1]}], "image_id": 8}  # a false cut
+FILES = {
+    "clean": json.dumps(clean_entries(40)),
+    "indented": json.dumps(clean_entries(9), indent=1),
+    "quirky middle": json.dumps([*clean_entries(20), QUIRKY, *clean_entries(20)]),
+    "nested signature": json.dumps([*clean_entries(20), NESTED, *clean_entries(20)]),
+    "not objects": json.dumps([1, None, *clean_entries(3), "x", [2]]),
+    "empty": "[ ]",
+    "huge int": json.dumps([*clean_entries(20), {"relationships": [], "image_id": 2**70}]),
+    "lone surrogate": json.dumps(clean_entries(20))[:-1] + ', {"relationships": [{"predicate":'
+    ' "\\ud800", "subject": {"x": 1, "y": 1, "w": 1, "h": 1}, "object": {"x": 1, "y": 1,'
+    ' "w": 1, "h": 1}}]}]',
+    "byte-order mark": "\ufeff" + json.dumps(clean_entries(3)),
+    "truncated": json.dumps(clean_entries(20))[:-30],
+    "trailing comma": json.dumps(clean_entries(20))[:-1] + ",]",
+    "trailing garbage": json.dumps(clean_entries(20)) + " x",
+}
+
+
+@pytest.mark.parametrize("block", [40, 1000, 1 << 21])  # 40: no cut within 8 blocks
+@pytest.mark.parametrize("name", FILES)
+def test_iter_entries_reads_what_ijson_and_from_dict_read(tmp_path, monkeypatch, name, block):
+    """Blocks by msgspec, fallbacks by ijson: the same entries and errors as ijson alone."""
+    path = tmp_path / "relationships.json"
+    path.write_text(FILES[name], encoding="utf-8")
+    monkeypatch.setattr(vg, "BLOCK", block)
+
+    def read(entries):
+        try:
+            return list(entries)
+        except UserError as exc:
+            return str(exc).split(" near byte")[0]
+
+    got = read(vg.iter_entries(path, vg.RelEntry))
+    assert got == read(map(vg.RelEntry.from_dict, vg.iter_array(path)))
+    if name.startswith("t") or name == "byte-order mark":
+        assert got == f"{path}: malformed JSON"
+    elif name == "clean":
+        assert got[5].relationships[0].object.names == ("x}, {", "t")
+
+
+def test_a_cut_inside_a_nested_list_falls_back_to_ijson(tmp_path, monkeypatch):
+    text = json.dumps([*clean_entries(5), NESTED, *clean_entries(5)])
+    path = tmp_path / "relationships.json"
+    path.write_text(text)
+    # the first block ends in NESTED, after its inner '{"relationships"', the cut found
+    monkeypatch.setattr(vg, "BLOCK", text.index('null, {"relationships"') + 30)
+    got = list(vg.iter_entries(path, vg.RelEntry))
+    assert got == list(map(vg.RelEntry.from_dict, vg.iter_array(path)))
+    assert len(got) == 11 and got[5].relationships == [None, None]
+
+
+def test_tiny_blocks_give_the_same_outputs(vg_dir, tmp_path, monkeypatch):
+    run(vg_dir, tmp_path / "a", {})
+    monkeypatch.setattr(vg, "BLOCK", 50)
+    run(vg_dir, tmp_path / "b", {})
+    for name in ("train.parquet", "val.parquet", "test.parquet", "answers.json", "report.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_row_groups_close_after_the_image_that_fills_them():
+    assert vg_qa.row_groups([3, 1, 4, 1, 5], 4) == [4, 4, 6]
+    assert vg_qa.row_groups([3, 1, 4, 1], 4) == [4, 4, 1]
+    assert vg_qa.row_groups([], 4) == []

@@ -33,11 +33,14 @@ import contextlib
 import gc
 import hashlib
 import sys
+from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -74,6 +77,7 @@ SCHEMA = pa.schema(
     ]
 )
 STAGED = pa.schema([f for f in SCHEMA if f.name not in ("in_vocab", "split")])
+BATCH_ROWS = 8192  # rows per staged batch (held in Python lists until then)
 RELATION_QUESTION = "What is the relationship between {} and {}?"
 OBJECT_QUESTION = "What is this?"
 
@@ -90,73 +94,102 @@ def split_of(image_id: int, seed: int, val_fraction: float, test_fraction: float
 
 
 class _Columns:
-    """Column buffers of one split's pending rows (one parquet row group when flushed)."""
+    """Column buffers of one split's pending rows: per row the name columns, the index of
+    the relationship/object in its image entry (-> qid) and the boxes; per image the
+    rest. `to_batch` derives qid, question and the union box in Arrow / numpy."""
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self.qid: list[str] = []
-        self.image_id: list[int] = []
-        self.image_path: list[str | None] = []
-        self.width: list[int | None] = []
-        self.height: list[int | None] = []
-        self.qtype: list[str] = []
-        self.question: list[str] = []
+        self.index = array("i")
         self.answer: list[str] = []
         self.subject: list[str] = []
         self.object: list[str | None] = []
-        self.subj: list[int] = []  # flat x, y, w, h
-        self.obj: list[int] = []
-        self.union: list[int] = []
-        self.no_obj: list[bool] = []
+        self.subj = array("i")  # flat x, y, w, h
+        self.obj = array("i")  # zeros for object rows
+        self.image_id = array("q")  # per image from here on
+        self.image_path: list[str | None] = []
+        self.width: list[int | None] = []
+        self.height: list[int | None] = []
+        self.is_object = array("b")
+        self.rows = array("i")
 
     def __len__(self) -> int:
-        return len(self.qid)
+        return len(self.index)
 
     def add_image(
         self, n: int, image_id: int, path: str | None, w: int | None, h: int | None, qtype: str
     ) -> None:
         """Per-image columns for the `n` rows just added."""
-        self.image_id.extend([image_id] * n)
-        self.image_path.extend([path] * n)
-        self.width.extend([w] * n)
-        self.height.extend([h] * n)
-        self.qtype.extend([qtype] * n)
-        self.no_obj.extend([qtype == "object"] * n)
+        self.image_id.append(image_id)
+        self.image_path.append(path)
+        self.width.append(w)
+        self.height.append(h)
+        self.is_object.append(qtype == "object")
+        self.rows.append(n)
 
     def to_batch(self) -> pa.RecordBatch:
-        mask = pa.array(self.no_obj, pa.bool_())
+        at = pa.array(np.repeat(np.arange(len(self.rows)), self.rows))  # row -> image
 
-        def boxes(flat: list[int], with_mask: bool) -> pa.Array:
-            values = pa.array(flat, pa.int32())
-            return pa.FixedSizeListArray.from_arrays(values, 4, mask=mask if with_mask else None)
+        def per_image(values: Any, type: pa.DataType) -> pa.Array:
+            return pa.array(values, type).take(at)
 
+        image_id = per_image(self.image_id, pa.int64())
+        is_obj = per_image(np.frombuffer(self.is_object, np.bool_), pa.bool_())
+        subj = np.frombuffer(self.subj, np.int32).reshape(-1, 4).astype(np.int64)
+        obj = np.frombuffer(self.obj, np.int32).reshape(-1, 4).astype(np.int64)
+        lo = np.minimum(subj[:, :2], obj[:, :2])
+        hi = np.maximum(subj[:, :2] + subj[:, 2:], obj[:, :2] + obj[:, 2:])
+        union = np.concatenate([lo, hi - lo], axis=1)
+        union[is_obj.to_numpy(zero_copy_only=False)] = 0
+
+        def boxes(values: np.ndarray, masked: bool) -> pa.Array:
+            flat = pa.array(values.reshape(-1), pa.int32())
+            return pa.FixedSizeListArray.from_arrays(flat, 4, mask=is_obj if masked else None)
+
+        subject, object_ = pa.array(self.subject, pa.string()), pa.array(self.object, pa.string())
         arrays = [
-            pa.array(self.qid, pa.string()),
-            pa.array(self.image_id, pa.int64()),
-            pa.array(self.image_path, pa.string()),
-            pa.array(self.width, pa.int32()),
-            pa.array(self.height, pa.int32()),
-            pa.array(self.qtype, pa.string()),
-            pa.array(self.question, pa.string()),
+            pc.binary_join_element_wise(
+                pc.cast(image_id, pa.string()),
+                pc.if_else(is_obj, "/o", "/r"),
+                pc.cast(pa.array(self.index, pa.int32()), pa.string()),
+                "",
+            ),
+            image_id,
+            per_image(self.image_path, pa.string()),
+            per_image(self.width, pa.int32()),
+            per_image(self.height, pa.int32()),
+            pc.if_else(is_obj, "object", "relation"),
+            pc.if_else(
+                is_obj,
+                OBJECT_QUESTION,
+                pc.binary_join_element_wise(
+                    *_interleave(RELATION_QUESTION.split("{}"), (subject, object_)), ""
+                ),
+            ),
             pa.array(self.answer, pa.string()),
-            pa.array(self.subject, pa.string()),
-            pa.array(self.object, pa.string()),
-            boxes(self.subj, False),
-            boxes(self.obj, True),
-            boxes(self.union, True),
+            subject,
+            object_,
+            boxes(subj, False),
+            boxes(obj, True),
+            boxes(union, True),
         ]
         return pa.RecordBatch.from_arrays(arrays, schema=STAGED)
+
+
+def _interleave(texts: list[str], arrays: tuple) -> list:
+    """texts[0], arrays[0], texts[1], ..., texts[-1]"""
+    return [x for pair in zip(texts, arrays) for x in pair] + texts[len(arrays) :]
 
 
 class QABuilder:
     """Turns VG image entries into QA rows, buffered per split and handed to `emit`.
 
-    `emit(split, batch)` receives record batches (schema `STAGED`, at most
-    `settings.row_group_size` rows) as buffers fill and on `flush()`. Counts go to
-    `relations` (a Report over relationships), `objects` (a Report over objects),
-    `answer_counts`, `rows` and `images_with_rows`.
+    `emit(split, batch)` receives record batches (schema `STAGED`, about `BATCH_ROWS`
+    rows) as buffers fill and on `flush()`. Counts go to `relations` (a Report over
+    relationships), `objects` (a Report over objects), `answer_counts`, `rows`,
+    `images_with_rows`, and `image_rows` (rows per image, in order: see `row_groups`).
     """
 
     def __init__(
@@ -183,6 +216,7 @@ class QABuilder:
         self.answer_counts = {s: Counter() for s in SPLITS}
         self.rows = {s: {"relation": 0, "object": 0} for s in SPLITS}
         self.images_with_rows: dict[str, set[int]] = {s: set() for s in SPLITS}
+        self.image_rows = {s: array("i") for s in SPLITS}
         self.rows_without_image_file = 0
         self.entries = {"relationships": 0, "objects": 0}
         self.malformed_entries = {"relationships": 0, "objects": 0}
@@ -198,12 +232,12 @@ class QABuilder:
     def _items(self, entry: Any, key: str, report: Report) -> tuple[int, list, tuple] | None:
         """(image_id, items, image info) of an entry; None (counted by reason) to skip it."""
         self.entries[key] += 1
-        items = entry.get(key) if isinstance(entry, dict) else None
-        if not isinstance(items, list):
+        if entry is None:
             self.malformed_entries[key] += 1
             return None
+        items = getattr(entry, key)
         report.read += len(items)
-        image_id = vg.image_id_of(entry)
+        image_id = entry.image_id
         if image_id is not None:
             seen = self.seen_images[key]
             if image_id in seen:  # a repeated entry would repeat qids and dodge dedupe
@@ -227,22 +261,28 @@ class QABuilder:
         cols.add_image(n, image_id, path, w, h, qtype)
         self.rows[split][qtype] += n
         self.images_with_rows[split].add(image_id)
+        self.image_rows[split].append(n)
         if path is None:
             self.rows_without_image_file += n
-        if len(cols) >= self.settings.row_group_size:
+        if len(cols) >= BATCH_ROWS:
             self._flush(split)
 
     def _flush(self, split: str) -> None:
         cols = self.buffers[split]
         if len(cols):
-            self.emit(split, cols.to_batch())
+            batch = cols.to_batch()
+            counts = pc.value_counts(batch.column("answer"))
+            self.answer_counts[split].update(
+                dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+            )
+            self.emit(split, batch)
             cols.clear()
 
     def flush(self) -> None:
         for split in SPLITS:
             self._flush(split)
 
-    def add_relationships(self, entry: Any) -> None:
+    def add_relationships(self, entry: vg.RelEntry | None) -> None:
         """One relationships.json entry -> relation rows (or counted skips)."""
         got = self._items(entry, "relationships", self.relations)
         if got is None:
@@ -250,64 +290,53 @@ class QABuilder:
         image_id, rels, (split, path, _, _) = got
         rep = self.relations
         cols = self.buffers[split]
-        rnorm, onorm, name_of, box_of = self.rel_norm, self.obj_norm, vg.entity_name, vg.box_of
-        union_box = vg.union_box
+        rnorm, onorm = self.rel_norm, self.obj_norm
         seen: set[tuple[str, str, str]] | None = set() if self.settings.dedupe_triples else None
-        counts = self.answer_counts[split]
         n = 0
-        # hot loop (millions of rows): plain dict lookups, no helper calls in the common case
+        # hot loop (millions of rows): attribute and dict lookups, no calls in the common case
         for i, rel in enumerate(rels):
-            qid = f"{image_id}/r{i}"
-            if rel.__class__ is not dict:
-                rep.skip("malformed", qid)
+            if rel is None:
+                rep.skip("malformed", f"{image_id}/r{i}")
                 continue
-            subj, obj = rel.get("subject"), rel.get("object")
-            if subj.__class__ is not dict or obj.__class__ is not dict:
-                rep.skip("malformed", qid)
-                continue
-            pred = rel.get("predicate")
-            pred = rnorm[pred] if pred.__class__ is str else ""
+            pred = rnorm[rel.predicate]
             if not pred:
-                rep.skip("empty_predicate", qid)
+                rep.skip("empty_predicate", f"{image_id}/r{i}")
                 continue
-            s = subj.get("name")
-            s = onorm[s] if s.__class__ is str else ""
-            if not s and not (s := onorm[name_of(subj)]):  # blank "name": try "names"
-                rep.skip("subject_no_name", qid)
+            subj, obj = rel.subject, rel.object
+            if not (s := onorm[subj.name]) and not (s := onorm[subj.names]):
+                rep.skip("subject_no_name", f"{image_id}/r{i}")
                 continue
-            o = obj.get("name")
-            o = onorm[o] if o.__class__ is str else ""
-            if not o and not (o := onorm[name_of(obj)]):
-                rep.skip("object_no_name", qid)
+            if not (o := onorm[obj.name]) and not (o := onorm[obj.names]):
+                rep.skip("object_no_name", f"{image_id}/r{i}")
                 continue
-            sb, ob = box_of(subj), box_of(obj)
-            if sb is None or ob is None:
-                rep.skip("bad_box", qid)
+            sx, sy, sw, sh = subj.x, subj.y, subj.w, subj.h
+            ox, oy, ow, oh = obj.x, obj.y, obj.w, obj.h
+            if sw < 1 or sh < 1 or ow < 1 or oh < 1:
+                rep.skip("bad_box", f"{image_id}/r{i}")
                 continue
-            sid = subj.get("object_id")
-            if (sid is not None and sid == obj.get("object_id")) or (s == o and sb == ob):
-                rep.skip("self_relation", qid)
+            sid = subj.object_id
+            if (sid is not None and sid == obj.object_id) or (
+                s == o and sx == ox and sy == oy and sw == ow and sh == oh
+            ):
+                rep.skip("self_relation", f"{image_id}/r{i}")
                 continue
             if seen is not None:
                 triple = (s, pred, o)
                 if triple in seen:
-                    rep.skip("duplicate_triple", qid)
+                    rep.skip("duplicate_triple", f"{image_id}/r{i}")
                     continue
                 seen.add(triple)
-            cols.qid.append(qid)
-            cols.question.append(RELATION_QUESTION.format(s, o))
+            cols.index.append(i)
             cols.answer.append(pred)
             cols.subject.append(s)
             cols.object.append(o)
-            cols.subj.extend(sb)
-            cols.obj.extend(ob)
-            cols.union.extend(union_box(sb, ob))
-            counts[pred] += 1
+            cols.subj.extend((sx, sy, sw, sh))
+            cols.obj.extend((ox, oy, ow, oh))
             n += 1
         rep.written += n
         self._done(split, image_id, path, n, "relation")
 
-    def add_objects(self, entry: Any) -> None:
+    def add_objects(self, entry: vg.ObjEntry | None) -> None:
         """One objects.json entry -> object rows (largest boxes first, capped)."""
         got = self._items(entry, "objects", self.objects)
         if got is None:
@@ -315,45 +344,38 @@ class QABuilder:
         image_id, objs, (split, path, _, _) = got
         rep = self.objects
         onorm = self.obj_norm
-        kept: list[tuple[int, int, str, vg.Box]] = []
+        kept: list[tuple[int, int, str, vg.Ent]] = []
         seen_ids: set[int] = set()
-        name_of, box_of = vg.entity_name, vg.box_of
         for j, ob in enumerate(objs):
-            if ob.__class__ is not dict:
+            if ob is None:
                 rep.skip("malformed", f"{image_id}/o{j}")
                 continue
-            name = onorm[name_of(ob)]
-            if not name:
+            if not (name := onorm[ob.name]) and not (name := onorm[ob.names]):
                 rep.skip("no_name", f"{image_id}/o{j}")
                 continue
-            box = box_of(ob)
-            if box is None:
+            if ob.w < 1 or ob.h < 1:
                 rep.skip("bad_box", f"{image_id}/o{j}")
                 continue
-            oid = ob.get("object_id")
+            oid = ob.object_id
             if oid.__class__ is int:
                 if oid in seen_ids:
                     rep.skip("duplicate_object", f"{image_id}/o{j}")
                     continue
                 seen_ids.add(oid)
-            kept.append((-box[2] * box[3], j, name, box))
-        kept.sort()
+            kept.append((-ob.w * ob.h, j, name, ob))
+        kept.sort(key=itemgetter(0, 1))
         cap = self.settings.max_objects_per_image
         if cap is not None and len(kept) > cap:
             rep.skip("over_image_cap", f"{image_id}/o{kept[cap][1]}", n=len(kept) - cap)
             kept = kept[:cap]
         cols = self.buffers[split]
-        counts = self.answer_counts[split]
-        for _, j, name, box in kept:
-            cols.qid.append(f"{image_id}/o{j}")
-            cols.question.append(OBJECT_QUESTION)
+        for _, j, name, ob in kept:
+            cols.index.append(j)
             cols.answer.append(name)
             cols.subject.append(name)
             cols.object.append(None)
-            cols.subj.extend(box)
+            cols.subj.extend((ob.x, ob.y, ob.w, ob.h))
             cols.obj.extend((0, 0, 0, 0))
-            cols.union.extend((0, 0, 0, 0))
-            counts[name] += 1
         rep.written += len(kept)
         self._done(split, image_id, path, len(kept), "object")
 
@@ -377,65 +399,122 @@ def build_vocab(counts: Counter, top_k: int, min_count: int) -> list[tuple[str, 
     return [(a, c) for a, c in ranked if c >= min_count][:top_k]
 
 
-def finalize_split(staged: Path, final: Path, split: str, vocab: pa.Array) -> int:
-    """Rewrite a staged split row group by row group, adding `in_vocab` and `split`."""
+def row_groups(image_rows: Iterable[int], size: int) -> list[int]:
+    """Row-group sizes of a split: a group closes after the image that brings it to at
+    least `size` rows (an image never straddles two), the last one holds the rest."""
+    groups, n = [], 0
+    for rows in image_rows:
+        n += rows
+        if n >= size:
+            groups.append(n)
+            n = 0
+    return groups + [n] if n else groups
+
+
+def staged_path(out_dir: Path, split: str, part: str) -> Path:
+    return out_dir / f".{split}.{part}.arrow"
+
+
+class StagedWriter:
+    """`write(split, batch)` appends rows (schema `STAGED`) to the Arrow IPC stream
+    `out_dir/.<split>.<part>.arrow`; `close()` ends the three streams."""
+
+    def __init__(self, out_dir: Path, part: str):
+        self.sinks: dict[str, pa.ipc.RecordBatchStreamWriter] = {}
+        try:
+            for s in SPLITS:
+                self.sinks[s] = pa.ipc.new_stream(staged_path(out_dir, s, part), STAGED)
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, split: str, batch: pa.RecordBatch) -> None:
+        self.sinks[split].write_batch(batch)
+
+    def close(self) -> None:
+        while self.sinks:
+            self.sinks.popitem()[1].close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _regroup(batches: Iterable[pa.RecordBatch], sizes: list[int]) -> Iterator[pa.Table]:
+    """The rows of `batches` as tables of `sizes` rows (which add up to all of them)."""
+    pending: list[pa.RecordBatch] = []
+    have, todo = 0, iter(sizes)
+    size = next(todo, None)
+    for batch in batches:
+        pending.append(batch)
+        have += len(batch)
+        while size is not None and have >= size:
+            t = pa.Table.from_batches(pending, STAGED)
+            yield t.slice(0, size).combine_chunks()  # as one chunk: same pages as before
+            pending, have = t.slice(size).to_batches(), have - size
+            size = next(todo, None)
+    if size is not None or have:
+        raise RuntimeError("staged rows do not add up to the row groups")
+
+
+def finalize_split(
+    staged: list[Path], final: Path, split: str, vocab: pa.Array, sizes: list[int]
+) -> int:
+    """Rewrite the staged parts of a split into row groups of `sizes` rows, adding
+    `in_vocab` and `split`; the rows in the vocabulary."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for path in staged:
+            with pa.OSFile(str(path)) as f, pa.ipc.open_stream(f) as reader:
+                yield from reader
+
     n_in = 0
-    pf = pq.ParquetFile(staged)
     with (
         atomic_path(final) as tmp,
         pq.ParquetWriter(tmp, SCHEMA, use_compliant_nested_type=False) as writer,
     ):
-        for i in range(pf.num_row_groups):
-            t = pf.read_row_group(i)
+        for t in _regroup(batches(), sizes):
             in_vocab = pc.is_in(t["answer"], value_set=vocab)
             n_in += pc.sum(in_vocab).as_py() or 0
             split_col = pa.array([split] * len(t), pa.string())
             cols = [t[name] for name in STAGED.names] + [in_vocab, split_col]
             writer.write_table(pa.Table.from_arrays(cols, schema=SCHEMA))
+            del t, cols
+            pa.default_memory_pool().release_unused()  # mimalloc would keep each group's pages
     return n_in
 
 
 class StagedSplits:
-    """The three splits, staged then finalised: `write(split, batch)` appends rows (schema
-    `STAGED`, uncompressed) to `out_dir/.<split>.parquet.staged`; `finalize(vocab)` rewrites
-    each into `out_dir/<split>.parquet` with `in_vocab` and `split`. Leaving the `with`
-    block removes the staged files, whatever happened."""
+    """The staged rows of the three splits (`StagedWriter`s for `parts`, in order), then
+    the final splits: `finalize(vocab, groups)` rewrites each into `out_dir/<split>.parquet`
+    with `in_vocab` and `split`. Leaving the `with` block removes the staged files,
+    whatever happened."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, parts: tuple[str, ...]):
         self.out_dir = out_dir
-        self.staged = {s: out_dir / f".{s}.parquet.staged" for s in SPLITS}
-        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.staged = {s: [staged_path(out_dir, s, p) for p in parts] for s in SPLITS}
 
     def __enter__(self) -> Self:
-        try:
-            for s in SPLITS:
-                self.writers[s] = pq.ParquetWriter(
-                    self.staged[s], STAGED, compression="none", use_compliant_nested_type=False
-                )
-        except BaseException:
-            self.__exit__()
-            raise
         return self
 
-    def write(self, split: str, batch: pa.RecordBatch) -> None:
-        self.writers[split].write_batch(batch)
-
-    def finalize(self, vocab: list[tuple[str, int]]) -> dict[str, int]:
-        """Write the final splits; rows in the vocabulary per split."""
-        for w in self.writers.values():
-            w.close()
+    def finalize(
+        self, vocab: list[tuple[str, int]], groups: dict[str, list[int]]
+    ) -> dict[str, int]:
+        """Write the final splits with the row groups `groups`; rows in the vocabulary per split."""
         vocab_arr = pa.array([a for a, _ in vocab], pa.string())
         return {
-            s: finalize_split(self.staged[s], self.out_dir / f"{s}.parquet", s, vocab_arr)
+            s: finalize_split(
+                self.staged[s], self.out_dir / f"{s}.parquet", s, vocab_arr, groups[s]
+            )
             for s in SPLITS
         }
 
     def __exit__(self, *exc: object) -> None:
-        for w in self.writers.values():
-            if w.is_open:
-                w.close()
-        for path in self.staged.values():
-            path.unlink(missing_ok=True)
+        for paths in self.staged.values():
+            for path in paths:
+                path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

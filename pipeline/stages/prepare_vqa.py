@@ -18,18 +18,23 @@ from pipeline.formats.vg import (
     RELATIONSHIP_ALIAS,
     RELATIONSHIPS,
     Normalizer,
-    iter_array,
+    ObjEntry,
+    RelEntry,
+    iter_entries,
     load_aliases,
 )
 from pipeline.formats.vg_qa import (
+    SPLITS,
     QABuilder,
     StagedSplits,
+    StagedWriter,
     build_report,
     build_vocab,
     check_vg_folder,
     gc_paused,
     progress,
     read_images,
+    row_groups,
     summary,
     write_answers,
 )
@@ -66,17 +71,23 @@ def main(vg: Path, out: Path, params: Path) -> str:
     images, files, meta = read_images(vg_dir)
 
     out.mkdir(parents=True, exist_ok=True)
-    with StagedSplits(out) as staged:
-        builder = QABuilder(settings, split, images, files, rel_norm, obj_norm, staged.write)
+    with StagedSplits(out, ("rows",)) as staged, StagedWriter(out, "rows") as writer:
+        builder = QABuilder(settings, split, images, files, rel_norm, obj_norm, writer.write)
         with gc_paused():
-            for entry in progress(iter_array(vg_dir / RELATIONSHIPS), len(images), "rels"):
+            for entry in progress(
+                iter_entries(vg_dir / RELATIONSHIPS, RelEntry), len(images), "rels"
+            ):
                 builder.add_relationships(entry)
             if want_objects:
-                for entry in progress(iter_array(vg_dir / OBJECTS), len(images), "objs"):
+                for entry in progress(
+                    iter_entries(vg_dir / OBJECTS, ObjEntry), len(images), "objs"
+                ):
                     builder.add_objects(entry)
             builder.flush()
+        writer.close()
         vocab = build_vocab(builder.answer_counts["train"], answers.top_k, answers.min_count)
-        in_vocab = staged.finalize(vocab)
+        groups = {s: row_groups(builder.image_rows[s], settings.row_group_size) for s in SPLITS}
+        in_vocab = staged.finalize(vocab, groups)
 
     write_answers(out / "answers.json", vocab, answers)
     used = {**as_dict(settings), **as_dict(split), **as_dict(answers)}
