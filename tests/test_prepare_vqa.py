@@ -20,6 +20,7 @@ from pipeline.cli import app
 from pipeline.errors import UserError
 from pipeline.formats import vg, vg_qa
 from pipeline.formats.vg_qa import SCHEMA, SPLITS, build_vocab, split_of
+from pipeline.stages import prepare_vqa
 from pipeline.stages.prepare_vqa import main
 
 # settings as flat keys; `write_params` puts each in its section
@@ -522,3 +523,26 @@ def test_row_groups_close_after_the_image_that_fills_them():
     assert vg_qa.row_groups([3, 1, 4, 1, 5], 4) == [4, 4, 6]
     assert vg_qa.row_groups([3, 1, 4, 1], 4) == [4, 4, 1]
     assert vg_qa.row_groups([], 4) == []
+
+
+def test_objects_read_by_a_second_process_give_the_same_outputs(vg_dir, tmp_path, monkeypatch):
+    settings = [{}, {"row_group_size": 2}]
+    for k, params in enumerate(settings):
+        run(vg_dir, tmp_path / f"one{k}", params)
+    monkeypatch.setattr(prepare_vqa, "APART_BYTES", 0)  # objects.json by a second process
+    for k, params in enumerate(settings):
+        run(vg_dir, tmp_path / f"two{k}", params)
+        for name in ("train.parquet", "val.parquet", "test.parquet", "answers.json", "report.json"):
+            assert (tmp_path / f"one{k}" / name).read_bytes() == (
+                tmp_path / f"two{k}" / name
+            ).read_bytes()
+        assert not list((tmp_path / f"two{k}").glob(".*"))
+
+
+@pytest.mark.parametrize("broken", ["relationships.json", "objects.json"])
+def test_errors_of_either_process_are_user_errors(vg_dir, tmp_path, monkeypatch, broken):
+    monkeypatch.setattr(prepare_vqa, "APART_BYTES", 0)
+    (vg_dir / broken).write_text('[{"image_id": 1, "objects": [')
+    with pytest.raises(UserError, match=f"{broken}: malformed JSON"):
+        run(vg_dir, tmp_path / "qa", ALL_TRAIN)
+    assert not list((tmp_path / "qa").iterdir())

@@ -1,10 +1,13 @@
 """Visual Genome JSON -> relation / object QA rows: the library of the `prepare_vqa` stage.
 
 The stage (`pipeline.stages.prepare_vqa`) reads `image_data.json`, `relationships.json`
-and `objects.json` one image entry at a time (see `pipeline.formats.vg`) and writes
-`{train,val,test}.parquet` in row groups, so peak memory does not grow with the input (it
-holds one row group per split, the per-image metadata and the answer counts). `SCHEMA`,
-`split_of` and `build_vocab` also define the data/qa layout that `prepare-qa-table`
+and `objects.json` a block of image entries at a time (see `pipeline.formats.vg`) and
+writes `{train,val,test}.parquet` in row groups, so peak memory does not grow with the
+input (it holds a block, a batch of rows per split, one row group when rewriting, the
+per-image metadata and the counts). A large objects.json is read by a second process
+(`InChild`) while the first reads relationships.json; `QABuilder.merge` adds up their
+counts and the row groups are those of one pass over both. `SCHEMA`, `split_of` and
+`build_vocab` also define the data/qa layout that `prepare-qa-table`
 (`pipeline.formats.qa_table`) writes.
 
 - Relation questions: "What is the relationship between {subject} and {object}?" ->
@@ -23,8 +26,10 @@ holds one row group per split, the per-image metadata and the answer counts). `S
 - Answer vocabulary (the shared `answers` settings): answers of the *train* rows, most
   frequent first (ties by text), at least `min_count`, at most `top_k`. Rows outside it
   are kept with `in_vocab = false`.
-  As the vocabulary needs global counts, rows are first staged without `in_vocab`, then
-  each split is rewritten row group by row group with it (`StagedSplits`).
+  As the vocabulary needs global counts, rows are first staged without `in_vocab`
+  (`StagedWriter`: Arrow IPC files), then each split is rewritten row group by row group
+  with it (`StagedSplits`); a row group closes after the image that fills it
+  (`row_groups`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import multiprocessing as mp
 import sys
+import threading
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -130,44 +137,37 @@ class _Columns:
         self.rows.append(n)
 
     def to_batch(self) -> pa.RecordBatch:
-        at = pa.array(np.repeat(np.arange(len(self.rows)), self.rows))  # row -> image
+        is_obj_np = np.repeat(np.frombuffer(self.is_object, np.bool_), self.rows)
+        is_obj = pa.array(is_obj_np)
+        at = pa.array(np.repeat(np.arange(len(self.rows)), self.rows))  # row -> its image
 
         def per_image(values: Any, type: pa.DataType) -> pa.Array:
             return pa.array(values, type).take(at)
 
-        image_id = per_image(self.image_id, pa.int64())
-        is_obj = per_image(np.frombuffer(self.is_object, np.bool_), pa.bool_())
+        def boxes(flat: Any, masked: bool) -> pa.Array:
+            values = pa.array(np.asarray(flat).reshape(-1), pa.int32())  # int64 checked
+            return pa.FixedSizeListArray.from_arrays(values, 4, mask=is_obj if masked else None)
+
         subj = np.frombuffer(self.subj, np.int32).reshape(-1, 4).astype(np.int64)
         obj = np.frombuffer(self.obj, np.int32).reshape(-1, 4).astype(np.int64)
-        lo = np.minimum(subj[:, :2], obj[:, :2])
-        hi = np.maximum(subj[:, :2] + subj[:, 2:], obj[:, :2] + obj[:, 2:])
-        union = np.concatenate([lo, hi - lo], axis=1)
-        union[is_obj.to_numpy(zero_copy_only=False)] = 0
-
-        def boxes(values: np.ndarray, masked: bool) -> pa.Array:
-            flat = pa.array(values.reshape(-1), pa.int32())
-            return pa.FixedSizeListArray.from_arrays(flat, 4, mask=is_obj if masked else None)
-
+        x0y0 = np.minimum(subj[:, :2], obj[:, :2])
+        x1y1 = np.maximum(subj[:, :2] + subj[:, 2:], obj[:, :2] + obj[:, 2:])
+        union = np.where(is_obj_np[:, None], 0, np.concatenate([x0y0, x1y1 - x0y0], axis=1))
+        image_id = per_image(self.image_id, pa.int64())
+        index = pc.cast(pa.array(self.index, pa.int32()), pa.string())
         subject, object_ = pa.array(self.subject, pa.string()), pa.array(self.object, pa.string())
+        head, mid, tail = RELATION_QUESTION.split("{}")
+        question = pc.binary_join_element_wise(head, subject, mid, object_, tail, "")
         arrays = [
             pc.binary_join_element_wise(
-                pc.cast(image_id, pa.string()),
-                pc.if_else(is_obj, "/o", "/r"),
-                pc.cast(pa.array(self.index, pa.int32()), pa.string()),
-                "",
+                pc.cast(image_id, pa.string()), pc.if_else(is_obj, "/o", "/r"), index, ""
             ),
             image_id,
             per_image(self.image_path, pa.string()),
             per_image(self.width, pa.int32()),
             per_image(self.height, pa.int32()),
             pc.if_else(is_obj, "object", "relation"),
-            pc.if_else(
-                is_obj,
-                OBJECT_QUESTION,
-                pc.binary_join_element_wise(
-                    *_interleave(RELATION_QUESTION.split("{}"), (subject, object_)), ""
-                ),
-            ),
+            pc.if_else(is_obj, OBJECT_QUESTION, question),
             pa.array(self.answer, pa.string()),
             subject,
             object_,
@@ -178,9 +178,8 @@ class _Columns:
         return pa.RecordBatch.from_arrays(arrays, schema=STAGED)
 
 
-def _interleave(texts: list[str], arrays: tuple) -> list:
-    """texts[0], arrays[0], texts[1], ..., texts[-1]"""
-    return [x for pair in zip(texts, arrays) for x in pair] + texts[len(arrays) :]
+_COUNTS = ("relations", "objects", "answer_counts", "rows", "images_with_rows", "image_rows",
+           "rows_without_image_file", "entries", "malformed_entries")  # fmt: skip
 
 
 class QABuilder:
@@ -281,6 +280,26 @@ class QABuilder:
     def flush(self) -> None:
         for split in SPLITS:
             self._flush(split)
+
+    def counts(self) -> dict[str, Any]:
+        """What `merge` adds up (the rows went to `emit`)."""
+        return {k: getattr(self, k) for k in _COUNTS}
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add the `counts()` of a builder that read the input after this one's (objects.json
+        after relationships.json): the same as if this builder had read both."""
+        self.relations.merge(other["relations"])
+        self.objects.merge(other["objects"])
+        for s in SPLITS:
+            self.answer_counts[s].update(other["answer_counts"][s])
+            for qtype, n in other["rows"][s].items():
+                self.rows[s][qtype] += n
+            self.images_with_rows[s] |= other["images_with_rows"][s]
+            self.image_rows[s].extend(other["image_rows"][s])
+        self.rows_without_image_file += other["rows_without_image_file"]
+        for key in self.entries:
+            self.entries[key] += other["entries"][key]
+            self.malformed_entries[key] += other["malformed_entries"][key]
 
     def add_relationships(self, entry: vg.RelEntry | None) -> None:
         """One relationships.json entry -> relation rows (or counted skips)."""
@@ -443,7 +462,8 @@ class StagedWriter:
 
 
 def _regroup(batches: Iterable[pa.RecordBatch], sizes: list[int]) -> Iterator[pa.Table]:
-    """The rows of `batches` as tables of `sizes` rows (which add up to all of them)."""
+    """The rows of `batches` as one-chunk tables of `sizes` rows (which add up to all rows);
+    one chunk, as the row groups were written before the staging (same pages)."""
     pending: list[pa.RecordBatch] = []
     have, todo = 0, iter(sizes)
     size = next(todo, None)
@@ -452,8 +472,10 @@ def _regroup(batches: Iterable[pa.RecordBatch], sizes: list[int]) -> Iterator[pa
         have += len(batch)
         while size is not None and have >= size:
             t = pa.Table.from_batches(pending, STAGED)
-            yield t.slice(0, size).combine_chunks()  # as one chunk: same pages as before
+            group = t.slice(0, size).combine_chunks()
             pending, have = t.slice(size).to_batches(), have - size
+            del t  # only the group and the rows after it are held while it is written
+            yield group
             size = next(todo, None)
     if size is not None or have:
         raise RuntimeError("staged rows do not add up to the row groups")
@@ -476,13 +498,13 @@ def finalize_split(
         pq.ParquetWriter(tmp, SCHEMA, use_compliant_nested_type=False) as writer,
     ):
         for t in _regroup(batches(), sizes):
+            pa.default_memory_pool().release_unused()  # else mimalloc keeps what was freed
             in_vocab = pc.is_in(t["answer"], value_set=vocab)
             n_in += pc.sum(in_vocab).as_py() or 0
             split_col = pa.array([split] * len(t), pa.string())
             cols = [t[name] for name in STAGED.names] + [in_vocab, split_col]
             writer.write_table(pa.Table.from_arrays(cols, schema=SCHEMA))
             del t, cols
-            pa.default_memory_pool().release_unused()  # mimalloc would keep each group's pages
     return n_in
 
 
@@ -535,6 +557,81 @@ def progress(it, total: int, desc: str):
     return tqdm(
         it, total=total, desc=desc, unit="img", mininterval=1.0, disable=not sys.stderr.isatty()
     )
+
+
+def build_part(
+    new_builder: Callable[..., QABuilder],
+    out_dir: Path,
+    part: str,
+    relationships: Path | None,
+    objects: Path | None,
+) -> dict[str, Any]:
+    """A builder (`new_builder(emit)`) over `relationships` then `objects` (None: skipped),
+    its rows staged as `part` (`StagedWriter`); its `counts()`."""
+    with StagedWriter(out_dir, part) as writer, gc_paused():
+        b = new_builder(writer.write)
+        if relationships is not None:
+            for entry in progress(
+                vg.iter_entries(relationships, vg.RelEntry), len(b.images), "rels"
+            ):
+                b.add_relationships(entry)
+        if objects is not None:
+            for entry in progress(vg.iter_entries(objects, vg.ObjEntry), len(b.images), "objs"):
+                b.add_objects(entry)
+        b.flush()
+    return b.counts()
+
+
+def _child_main(conn: Any, fn: Callable, args: tuple) -> None:
+    try:
+        out = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 (handed to the parent, which raises it)
+        out = exc
+    conn.send(out)
+    conn.close()
+
+
+def _receive(conn: Any) -> Any:
+    with conn:
+        try:
+            return conn.recv()
+        except EOFError:
+            return RuntimeError("the worker process ended without a result")
+
+
+class InChild:
+    """`fn(*args)` in a child process, forked where the OS allows it (no copy of the inputs).
+
+    `result()` is what it returned, or raises what it raised; leaving the `with` block
+    ends the child if it still runs."""
+
+    def __init__(self, fn: Callable, *args: Any):
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+        conn, child_conn = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_child_main, args=(child_conn, fn, args), daemon=True)
+        self.proc.start()
+        child_conn.close()
+        # received as soon as sent, so that the child ends (and frees its memory) then
+        self.got: list = []
+        self.receiver = threading.Thread(target=lambda: self.got.append(_receive(conn)))
+        self.receiver.start()
+
+    def result(self) -> Any:
+        self.receiver.join()
+        out = self.got[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+        self.proc.join()
+        self.receiver.join()
 
 
 def check_vg_folder(vg_dir: Path, objects: bool) -> None:

@@ -9,6 +9,7 @@ reason). The rules of the rows are in `pipeline.formats.vg_qa`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -18,26 +19,23 @@ from pipeline.formats.vg import (
     RELATIONSHIP_ALIAS,
     RELATIONSHIPS,
     Normalizer,
-    ObjEntry,
-    RelEntry,
-    iter_entries,
     load_aliases,
 )
 from pipeline.formats.vg_qa import (
     SPLITS,
+    InChild,
     QABuilder,
     StagedSplits,
-    StagedWriter,
+    build_part,
     build_report,
     build_vocab,
     check_vg_folder,
-    gc_paused,
-    progress,
     read_images,
     row_groups,
     summary,
     write_answers,
 )
+from pipeline.report import Report
 from pipeline.settings import Answers, Split, as_dict, check, load
 
 
@@ -58,6 +56,7 @@ class Settings:
 
 
 SETTINGS = (Settings, Split, Answers)
+APART_BYTES = 64 << 20  # objects.json from this size on is read by a second process
 
 
 def main(vg: Path, out: Path, params: Path) -> str:
@@ -66,31 +65,46 @@ def main(vg: Path, out: Path, params: Path) -> str:
     vg_dir, out = Path(vg), Path(out)
     want_objects = settings.max_objects_per_image != 0
     check_vg_folder(vg_dir, objects=want_objects)
+    objects = vg_dir / OBJECTS if want_objects else None
+    apart = objects is not None and objects.stat().st_size >= APART_BYTES
+
+    out.mkdir(parents=True, exist_ok=True)
+    with StagedSplits(out, ("relations", "objects") if apart else ("rows",)) as staged:
+        report, vocab, groups = read_vg(vg_dir, objects, out, apart, settings, split, answers)
+        in_vocab = staged.finalize(vocab, groups)
+    for s, n in in_vocab.items():
+        report.extra["splits"][s]["in_vocab"] = n
+    write_answers(out / "answers.json", vocab, answers)
+    report.save(out / "report.json")
+    return summary(report)
+
+
+def read_vg(
+    vg_dir: Path,
+    objects: Path | None,
+    out: Path,
+    apart: bool,
+    settings: Settings,
+    split: Split,
+    answers: Answers,
+) -> tuple[Report, list[tuple[str, int]], dict[str, list[int]]]:
+    """Stage the rows (objects.json by a second process if `apart`); the report (its
+    `in_vocab` still None), the vocabulary and the row groups. The per-image tables are
+    freed on return, before the final rewrite."""
     rel_norm = Normalizer(load_aliases(vg_dir / RELATIONSHIP_ALIAS))
     obj_norm = Normalizer(load_aliases(vg_dir / OBJECT_ALIAS))
     images, files, meta = read_images(vg_dir)
-
-    out.mkdir(parents=True, exist_ok=True)
-    with StagedSplits(out, ("rows",)) as staged, StagedWriter(out, "rows") as writer:
-        builder = QABuilder(settings, split, images, files, rel_norm, obj_norm, writer.write)
-        with gc_paused():
-            for entry in progress(
-                iter_entries(vg_dir / RELATIONSHIPS, RelEntry), len(images), "rels"
-            ):
-                builder.add_relationships(entry)
-            if want_objects:
-                for entry in progress(
-                    iter_entries(vg_dir / OBJECTS, ObjEntry), len(images), "objs"
-                ):
-                    builder.add_objects(entry)
-            builder.flush()
-        writer.close()
-        vocab = build_vocab(builder.answer_counts["train"], answers.top_k, answers.min_count)
-        groups = {s: row_groups(builder.image_rows[s], settings.row_group_size) for s in SPLITS}
-        in_vocab = staged.finalize(vocab, groups)
-
-    write_answers(out / "answers.json", vocab, answers)
+    new_builder = partial(QABuilder, settings, split, images, files, rel_norm, obj_norm)
+    rels = vg_dir / RELATIONSHIPS
+    builder = new_builder(None)  # the counts of the parts, merged in file order
+    if apart:
+        with InChild(build_part, new_builder, out, "objects", None, objects) as child:
+            builder.merge(build_part(new_builder, out, "relations", rels, None))
+            builder.merge(child.result())
+    else:
+        builder.merge(build_part(new_builder, out, "rows", rels, objects))
+    vocab = build_vocab(builder.answer_counts["train"], answers.top_k, answers.min_count)
+    groups = {s: row_groups(builder.image_rows[s], settings.row_group_size) for s in SPLITS}
     used = {**as_dict(settings), **as_dict(split), **as_dict(answers)}
-    report = build_report(builder, meta, vg_dir, vocab, in_vocab, used)
-    report.save(out / "report.json")
-    return summary(report)
+    report = build_report(builder, meta, vg_dir, vocab, dict.fromkeys(SPLITS), used)
+    return report, vocab, groups
