@@ -45,7 +45,8 @@ BLOCK = 1 << 21  # bytes read at a time by `iter_entries`
 
 
 def json_backend() -> str:
-    """Name of the ijson backend in use ('yajl2_c' is the fast C one)."""
+    """Name of the ijson backend in use ('yajl2_c' is the fast C one): the reader of
+    entries msgspec rejects (`iter_entries`)."""
     return ijson.backend
 
 
@@ -186,8 +187,8 @@ class Ent(msgspec.Struct, gc=False):
     """A subject, object or objects.json object: name(s), box, object id.
 
     msgspec decodes one only when it is typed so; `from_dict` brings any dict to the same
-    form: `name` the string or '', `names` the strings of the list (a tuple), the box by `box_of`
-    (w = h = 0 when it has none), `object_id` as it is.
+    form: `name` the string or '', `names` the strings of the list (as a tuple), the box
+    by `box_of` (w = h = 0 when it has none), `object_id` as it is.
     """
 
     x: I64
@@ -292,13 +293,13 @@ class _Rest:
     """A file-like: the bytes `head`, then the rest of the open file `f`."""
 
     def __init__(self, head: bytes, f: BinaryIO):
-        self.head, self.f = io.BytesIO(head), f
+        self.head, self.size, self.f = io.BytesIO(head), len(head), f
 
     def read(self, n: int = -1) -> bytes:
         return self.head.read(n) or self.f.read(n)
 
-    def tell(self) -> int:
-        return self.f.tell() - len(self.head.getbuffer()) + self.head.tell()
+    def tell(self) -> int:  # in the file (approximately: `head` is partly made up)
+        return self.f.tell() - self.size + self.head.tell()
 
 
 def _cut(buf: bytearray, pos: int, sig: bytes) -> int:

@@ -552,11 +552,10 @@ def gc_paused():
             gc.enable()
 
 
-def progress(it, total: int, desc: str):
+def progress(it, total: int, desc: str, position: int = 0):
     """`it` with a tqdm bar (per image entry) when stderr is a terminal."""
-    return tqdm(
-        it, total=total, desc=desc, unit="img", mininterval=1.0, disable=not sys.stderr.isatty()
-    )
+    off = not sys.stderr.isatty()
+    return tqdm(it, desc, total, unit="img", mininterval=1.0, disable=off, position=position)
 
 
 def build_part(
@@ -568,15 +567,17 @@ def build_part(
 ) -> dict[str, Any]:
     """A builder (`new_builder(emit)`) over `relationships` then `objects` (None: skipped),
     its rows staged as `part` (`StagedWriter`); its `counts()`."""
+    bar = int(part == "objects")  # the second process's progress bar goes below
     with StagedWriter(out_dir, part) as writer, gc_paused():
         b = new_builder(writer.write)
         if relationships is not None:
-            for entry in progress(
-                vg.iter_entries(relationships, vg.RelEntry), len(b.images), "rels"
-            ):
+            entries = vg.iter_entries(relationships, vg.RelEntry)
+            for entry in progress(entries, len(b.images), "rels", bar):
                 b.add_relationships(entry)
         if objects is not None:
-            for entry in progress(vg.iter_entries(objects, vg.ObjEntry), len(b.images), "objs"):
+            for entry in progress(
+                vg.iter_entries(objects, vg.ObjEntry), len(b.images), "objs", bar
+            ):
                 b.add_objects(entry)
         b.flush()
     return b.counts()

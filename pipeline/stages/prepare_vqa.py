@@ -1,9 +1,10 @@
 """prepare_vqa: Visual Genome JSON -> relation / object QA parquet splits + answer vocabulary.
 
-Streams `relationships.json` and `objects.json` one image entry at a time into
-`out/{train,val,test}.parquet`, then writes `answers.json` (the vocabulary, counted on
-train) and `report.json` (every relationship and object read, written or skipped by
-reason). The rules of the rows are in `pipeline.formats.vg_qa`.
+Streams `relationships.json` and `objects.json` a block of image entries at a time into
+`out/{train,val,test}.parquet` (an objects.json of `APART_BYTES` or more by a second
+process, at the same time), then writes `answers.json` (the vocabulary, counted on train)
+and `report.json` (every relationship and object read, written or skipped by reason).
+The rules of the rows are in `pipeline.formats.vg_qa`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Settings:
     SECTION: ClassVar[str] = "prepare_vqa"
     dedupe_triples: bool = True  # one question per (subject, predicate, object) in an image
     max_objects_per_image: int | None = 5  # per image, largest first; null: no cap, 0: none
-    row_group_size: int = 65536  # parquet rows per row group (the unit held in memory)
+    row_group_size: int = 65536  # parquet rows per row group (held in memory when written)
     seed: int = 0  # top-level `seed`: the hash split by image
 
     def __post_init__(self) -> None:
