@@ -62,6 +62,19 @@ def test_resample_weights_are_seeded_draws_of_n():
     assert 0.5 < w.mean(axis=0).min() and w.mean(axis=0).max() < 1.5  # every item ~once
 
 
+def test_resamples_drawn_in_blocks_are_the_same_resamples(monkeypatch):
+    """Memory stays flat (a block of resamples at a time) and nothing else changes."""
+    from pipeline.metrics import bootstrap
+
+    correct = np.random.default_rng(0).random(40) < 0.6
+    metrics = {"a": mean_metric(correct), "b": mean_metric(~correct)}
+    whole = resample_weights(40, 50, seed=3), summarise(metrics, 40, 50, 0.95, 3, [("a", "b")])
+    monkeypatch.setattr(bootstrap, "BLOCK", 40 * 7)  # blocks of 7 resamples, the last of 1
+    assert [len(w) for w in bootstrap.weight_blocks(40, 50, seed=3)] == [7] * 7 + [1]
+    blocks = resample_weights(40, 50, seed=3), summarise(metrics, 40, 50, 0.95, 3, [("a", "b")])
+    assert (whole[0] == blocks[0]).all() and whole[1] == blocks[1]
+
+
 def test_bleu_and_cider_equal_the_exact_scorers_on_every_resample():
     refs, hyps = corpus(25, seed=0)
     stats, cider = bleu_stats(refs, hyps), CiderBootstrap(refs, hyps, chunk=3)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.embedding.items import ImageItem, Listing, file_stamp, source_entry
 from pipeline.errors import UserError
-from pipeline.readers import read_json, read_parquet, read_parquet_schema
+from pipeline.readers import PARQUET, parquet_file, read_json, read_parquet_schema, readable
 from pipeline.report import Report
 
 SPLITS = ("train", "val", "test")
@@ -52,6 +52,20 @@ def _box(value) -> tuple[int, int, int, int] | None:
     return tuple(int(v) for v in value)
 
 
+def _add_boxes(boxes: dict[int, set], col: dict[str, list], none: list) -> None:
+    """Each row's crop box (relation: the union box, else the subject box) into `boxes`."""
+    qtypes, unions, subjs = (
+        col.get("qtype", none),
+        col.get("union_box", none),
+        col.get("subj_box", none),
+    )
+    for iid, qtype, union, subj in zip(col["image_id"], qtypes, unions, subjs):
+        box = _box(union) if qtype == "relation" else None
+        box = box or _box(subj)
+        if box is not None:
+            boxes.setdefault(int(iid), set()).add(box)
+
+
 def list_qa(qa_dir: Path, images_root: Path, crops: bool = False) -> tuple[Listing, QATexts]:
     """Distinct images (sorted by id) of all splits, and the question / answer texts.
 
@@ -77,20 +91,22 @@ def list_qa(qa_dir: Path, images_root: Path, crops: bool = False) -> tuple[Listi
         if missing:
             raise UserError(f"{path} lacks column(s) {', '.join(sorted(missing))}")
         cols = [c for c in want if c in schema.names and (crops or not c.endswith("_box"))]
-        for row in read_parquet(path, columns=cols).to_pylist():
-            iid = int(row["image_id"])
-            if iid not in image_path or (image_path[iid] is None and row.get("image_path")):
-                image_path[iid] = row.get("image_path")
-            q = (row.get("question") or "").strip()
-            if q:
-                questions.add(q)
-            else:
-                report.skip("empty_text", row.get("qid"))
-            if crops:
-                box = _box(row.get("union_box")) if row.get("qtype") == "relation" else None
-                box = box or _box(row.get("subj_box"))
-                if box is not None:
-                    boxes.setdefault(iid, set()).add(box)
+        with readable(path, PARQUET):  # a batch at a time: the splits can hold millions of rows
+            for batch in parquet_file(path).iter_batches(batch_size=65536, columns=cols):
+                col = {c: batch.column(c).to_pylist() for c in cols}
+                none = [None] * batch.num_rows
+                qids, paths_ = col.get("qid", none), col.get("image_path", none)
+                for k, (iid, q) in enumerate(zip(col["image_id"], col["question"])):
+                    iid = int(iid)
+                    if iid not in image_path or (image_path[iid] is None and paths_[k]):
+                        image_path[iid] = paths_[k]
+                    q = (q or "").strip()
+                    if q:
+                        questions.add(q)
+                    else:
+                        report.skip("empty_text", qids[k])
+                if crops:
+                    _add_boxes(boxes, col, none)
     entries = read_json(answers_path).get("answers", [])
     if not isinstance(entries, list):
         raise UserError(f"{answers_path}: 'answers' must be a list")

@@ -24,7 +24,7 @@ scorer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,10 +34,23 @@ from pipeline.metrics.cider import NGram, ngram_counts
 Metric = Callable[[np.ndarray], np.ndarray]  # (B, n) weights -> (B,) values
 
 
+BLOCK = 1 << 22  # weights (resamples x items) made and scored at a time: 32 MB of float64
+
+
+def weight_blocks(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """The rows of `resample_weights(n, resamples, seed)`, a block of rows at a time (the
+    same draws: each row is drawn in turn from one generator), so that memory stays flat
+    however many items (277k questions at full VG: 2.2 GB of weights at once)."""
+    rng = np.random.default_rng([seed, 2024])
+    rows = max(1, BLOCK // max(n, 1))
+    for start in range(0, resamples, rows):
+        size = min(rows, resamples - start)
+        yield rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)
+
+
 def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
     """(resamples, n) float64: how often each of n items is drawn in each resample."""
-    rng = np.random.default_rng([seed, 2024])
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    return np.concatenate(list(weight_blocks(n, resamples, seed)) or [np.zeros((0, n))])
 
 
 def interval(samples: np.ndarray, level: float) -> tuple[float, float]:
@@ -54,8 +67,11 @@ def summarise(
     """Point value and interval of each metric, and of each paired difference `a - b`:
     {name: {"value", "lo", "hi"}} with names `a` and `a-b`."""
     full = np.ones((1, n))
-    w = resample_weights(n, resamples, seed)
-    samples = {k: f(w) for k, f in metrics.items()}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in metrics}
+    for w in weight_blocks(n, resamples, seed):
+        for k, f in metrics.items():
+            parts[k].append(f(w))
+    samples = {k: np.concatenate(v) for k, v in parts.items()}
     point = {k: float(f(full)[0]) for k, f in metrics.items()}
     out = {}
     for k in metrics:
