@@ -13,8 +13,8 @@ plus a tiny random CLIP (32 px, width 32, one layer per tower), then runs `pytho
 pipeline <stage>` for prepare-vqa, embed (vg, flickr30k, laion), train-vqa, evaluate-vqa,
 train-caption (ada) and evaluate-caption, each in its own process, and prints per stage:
 rows (the stage's input size), wall seconds, peak RSS (the largest single process, from
-wait4) and the peak summed RSS of its process tree (sampled every 0.2 s: DataLoader
-workers included), and the cost exponent k of time ~ rows^k: fitted over all fractions
+wait4) and the peak summed PSS of its process tree (sampled every 0.2 s: DataLoader
+workers included, shared pages split between the processes sharing them), and the cost exponent k of time ~ rows^k: fitted over all fractions
 and, the figure the target k <= 1.1 is read on, between the two largest (the smaller
 fractions carry the fixed start-up cost, which pulls the all-fractions fit down).
 
@@ -242,7 +242,6 @@ def make_world(root: Path, fraction: float) -> None:
         "laion": make_laion(root / "laion", fraction, dim),
     }
     info["seconds"] = round(time.perf_counter() - t0, 1)
-    (root / "params.yaml").write_text(json.dumps(PARAMS, indent=1))  # JSON is YAML
     (root / "world.json").write_text(json.dumps(info))
 
 
@@ -276,8 +275,10 @@ def stages(w: Path) -> list[tuple[str, list]]:
     # fmt: on
 
 
-def tree_rss(pid: int) -> int:
-    """Summed RSS (bytes) of `pid` and its descendants; 0 once it is gone."""
+def tree_pss(pid: int) -> int:
+    """Summed PSS (bytes) of `pid` and its descendants (0 once it is gone): resident memory
+    with each shared page split between the processes sharing it, so that forked
+    DataLoader workers do not count the parent's libraries again, as summed RSS would."""
     import psutil
 
     try:
@@ -288,7 +289,7 @@ def tree_rss(pid: int) -> int:
     total = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            total += q.memory_full_info().pss
         except psutil.Error:
             pass
     return total
@@ -305,7 +306,7 @@ def run_stage(args: list, params: Path, log: Path) -> dict:
 
         def sample() -> None:
             while not stop.wait(0.2):
-                peak[0] = max(peak[0], tree_rss(proc.pid))
+                peak[0] = max(peak[0], tree_pss(proc.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -317,7 +318,7 @@ def run_stage(args: list, params: Path, log: Path) -> dict:
     return {
         "seconds": round(wall, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: KiB
-        "peak_tree_rss_mb": round(peak[0] / 2**20),
+        "peak_tree_pss_mb": round(peak[0] / 2**20),
         "rc": proc.returncode,
     }
 
@@ -393,6 +394,7 @@ def main() -> None:
             if not (w / "world.json").exists():
                 worker("make-world", [w, f])
             info = json.loads((w / "world.json").read_text())
+            (w / "params.yaml").write_text(json.dumps(PARAMS, indent=1))  # JSON is YAML
             print(f"fraction {f:g}: data {info}", flush=True)
             if not args.stages:  # a subset reuses the outputs of the stages before it
                 shutil.rmtree(w / "out", ignore_errors=True)
@@ -407,7 +409,7 @@ def main() -> None:
                 r["rows"] = int(worker("rows", [name, w]))
                 results.setdefault(name, {})[f"{f:g}"] = r
                 print(f"  {name:18s}{r['rows']:>11,d} rows{r['seconds']:9.1f} s"
-                      f"{r['peak_rss_mb']:7d} MB{r['peak_tree_rss_mb']:7d} MB tree",
+                      f"{r['peak_rss_mb']:7d} MB{r['peak_tree_pss_mb']:7d} MB tree PSS",
                       flush=True)  # fmt: skip
     finally:
         if not args.keep and args.root is None:
@@ -421,7 +423,7 @@ def main() -> None:
         k_all, k_top = exponent(rows, secs), exponent(rows[-2:], secs[-2:])
         by_f["k_all"], by_f["k_top2"] = k_all, k_top
         cells = "".join(f"{by_f[k]['rows']:>10,d} {by_f[k]['seconds']:7.1f}s "
-                        f"{by_f[k]['peak_tree_rss_mb']:5d}MB" for k in fs)  # fmt: skip
+                        f"{by_f[k]['peak_tree_pss_mb']:5d}MB" for k in fs)  # fmt: skip
         print(f"{name:18s}{cells}{k_all!s:>9s}{k_top!s:>10s}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {
