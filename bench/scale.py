@@ -36,7 +36,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,6 +44,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+
+from measure import measure
 
 FLICKR30K_IMAGES = 31_783
 LAION_PAIRS = 1_000_000
@@ -275,52 +276,10 @@ def stages(w: Path) -> list[tuple[str, list]]:
     # fmt: on
 
 
-def tree_pss(pid: int) -> int:
-    """Summed PSS (bytes) of `pid` and its descendants (0 once it is gone): resident memory
-    with each shared page split between the processes sharing it, so that forked
-    DataLoader workers do not count the parent's libraries again, as summed RSS would."""
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        procs = [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for q in procs:
-        try:
-            total += q.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
-
-
 def run_stage(args: list, params: Path, log: Path) -> dict:
-    """Run one stage command; wall seconds, peak RSS (single process, tree sum), exit code."""
+    """Run one stage command: wall seconds, peak RSS (largest process), peak PSS (all), rc."""
     cmd = [sys.executable, "-m", "pipeline", *map(str, args), "--params", str(params)]
-    peak = [0]
-    with open(log, "w") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.wait(0.2):
-                peak[0] = max(peak[0], tree_pss(proc.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        stop.set()
-        sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "seconds": round(wall, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux: KiB
-        "peak_tree_pss_mb": round(peak[0] / 2**20),
-        "rc": proc.returncode,
-    }
+    return measure(cmd, REPO, log, every=0.2)
 
 
 def worker(what: str, args: list) -> str:

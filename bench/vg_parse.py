@@ -26,12 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,6 +36,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from measure import measure
 
 FULL_IMAGES = 108_077
 RELS_PER_IMAGE = 21.3  # 2.3M / 108k, as in VG v1.4
@@ -300,36 +299,14 @@ def _worker(kind: str, vg_dir: Path, out_dir: Path) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def measure(kind: str, vg_dir: Path, out_dir: Path) -> tuple[float, float, float]:
+def run_worker(kind: str, vg_dir: Path, out_dir: Path) -> tuple[float, float, float]:
     """Run one worker in a subprocess: wall seconds, peak RSS in MB of its largest process
-    (wait4), and the peak of the RSS of all its processes added up (sampled every 20 ms;
-    pages a forked child shares with its parent count twice)."""
-    import psutil
-
+    and peak PSS in MB of all its processes (`bench/measure.py`)."""
     cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(vg_dir), "--out", str(out_dir)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO)
-    done, peak_sum = threading.Event(), [0]
-
-    def sample() -> None:
-        root = psutil.Process(proc.pid)
-        while not done.wait(0.02):
-            try:
-                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-            except psutil.Error:
-                continue
-            peak_sum[0] = max(peak_sum[0], rss)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{kind} worker failed with exit code {proc.returncode}")
-    return wall, usage.ru_maxrss / 1024, peak_sum[0] / 2**20  # ru_maxrss: KiB on Linux
+    r = measure(cmd, REPO, every=0.02)
+    if r["rc"]:
+        raise SystemExit(f"{kind} worker failed with exit code {r['rc']}")
+    return r["seconds"], r["peak_rss_mb"], r["peak_tree_pss_mb"]
 
 
 def same_outputs(a: Path, b: Path) -> bool:
@@ -370,15 +347,15 @@ def main() -> None:
         from pipeline.formats.vg import json_backend
 
         print(f"ijson backend: {json_backend()}")
-        print(f"{'':28s}{'wall s':>10s}{'peak RSS MB':>14s}{'all processes MB':>18s}")
-        runs = [measure("stream", vg_dir, root / "out_stream") for _ in range(args.runs)]
+        print(f"{'':28s}{'wall s':>10s}{'peak RSS MB':>14s}{'all processes PSS MB':>22s}")
+        runs = [run_worker("stream", vg_dir, root / "out_stream") for _ in range(args.runs)]
         for sw, sr, ss in runs:
-            print(f"{'streaming (prepare_vqa)':28s}{sw:10.1f}{sr:14.0f}{ss:18.0f}")
+            print(f"{'streaming (prepare_vqa)':28s}{sw:10.1f}{sr:14.0f}{ss:22.0f}")
         sw, sr = min(r[0] for r in runs), max(r[1] for r in runs)
         if args.stream_only:
             return
-        nw, nr, ns = measure("naive", vg_dir, root / "out_naive")
-        print(f"{'naive json.load':28s}{nw:10.1f}{nr:14.0f}{ns:18.0f}")
+        nw, nr, ns = run_worker("naive", vg_dir, root / "out_naive")
+        print(f"{'naive json.load':28s}{nw:10.1f}{nr:14.0f}{ns:22.0f}")
         same = same_outputs(root / "out_stream", root / "out_naive")
         print(f"ratio streaming/naive: wall {sw / nw:.2f}x, peak RSS {sr / nr:.3f}x")
         print(f"identical outputs: {same}")
