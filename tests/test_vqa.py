@@ -677,6 +677,23 @@ def test_qa_table_formats_and_hash_split(tmp_path):
         qa_table.convert(tmp_path / "bad.csv", tmp_path / "qa4", 0, Split(), Answers())
 
 
+def test_qa_table_with_no_usable_train_row_names_the_skip_reasons(tmp_path):
+    write_images(tmp_path / "imgs", 6)
+    rows = generic_rows(6)
+    bad_ids = [{**r, "image_id": f"n{i:06d}"} for i, r in enumerate(rows)]  # GQA-style ids
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in bad_ids) + "\n")
+    with pytest.raises(UserError) as err:
+        qa_table.convert(tmp_path / "t.jsonl", tmp_path / "qa", 0, Split(), Answers())
+    msg = str(err.value)
+    assert f"no train answers: {len(rows)} rows read, skipped bad_image_id " in msg
+    assert "0 kept (train 0, val 0, test 0)" in msg and "split column" not in msg
+    # rows kept, none in train: the split column is the thing to check
+    val_only = [{**r, "split": "val"} for r in rows]
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in val_only) + "\n")
+    with pytest.raises(UserError, match="check the split column"):
+        qa_table.convert(tmp_path / "v.jsonl", tmp_path / "qa2", 0, Split(), Answers())
+
+
 def test_qa_table_cli_reads_seed_split_and_answers(tmp_path):
     write_images(tmp_path / "imgs", 12)
     rows = [{k: v for k, v in r.items() if k not in ("split", "qtype")} for r in generic_rows(12)]

@@ -238,7 +238,14 @@ def convert(
     vocab = build_vocab(counts, answers.top_k, answers.min_count)
     in_vocab = {a for a, _ in vocab}
     if not vocab:
-        raise UserError(f"{input_path}: no train answers (check the split column / fractions)")
+        kept = sum(len(v) for v in rows.values())
+        skipped = ", ".join(f"{k} {n}" for k, n in report.skipped.most_common())
+        why = f"skipped {skipped}" if skipped else "none skipped"
+        raise UserError(
+            f"{input_path}: no train answers: {report.read} rows read, {why}, "
+            f"{kept} kept ({', '.join(f'{s} {len(rows[s])}' for s in SPLITS)})"
+            + ("" if report.skipped and not kept else "; check the split column / fractions")
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     per_split = {}
     for split in SPLITS:
