@@ -354,8 +354,17 @@ def ask(
 @app.command("prepare-qa-table")
 @one_line_errors
 def prepare_qa_table(
-    input: Annotated[Path, typer.Option("--input", help="QA table: .parquet, .jsonl or .csv")],
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            help="QA table: .parquet, .jsonl, .csv, GQA questions JSON or VQA v2 questions JSON",
+        ),
+    ],
     out: Annotated[Path, _opt("output folder (data/qa layout)")],
+    annotations: Annotated[
+        Path | None, _opt("VQA v2 annotations JSON (the answers of a VQA v2 questions --input)")
+    ] = None,
     images: Annotated[Path | None, _opt("root of relative image paths")] = None,
     default_qtype: Annotated[str, _opt("question type of rows that name none")] = "other",
     params: Params = PARAMS,
@@ -366,7 +375,10 @@ def prepare_qa_table(
     """
     from pipeline.formats.qa_table import main as convert
 
-    typer.echo(convert(input, out, images=images, default_qtype=default_qtype, params=params))
+    typer.echo(
+        convert(input, out, images=images, default_qtype=default_qtype, params=params,
+                annotations=annotations)
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -643,7 +643,8 @@ def test_qa_table_formats_and_hash_split(tmp_path):
     seen: dict[int, str] = {}
     for split in ("train", "val", "test"):
         t = pq.read_table(tmp_path / "qa1" / f"{split}.parquet")
-        assert t.schema == SCHEMA
+        assert t.schema == qa_table.TABLE_SCHEMA and t.schema.remove(len(SCHEMA)) == SCHEMA
+        assert set(t.column("source_image_id").to_pylist()) == {None}  # the table gives none
         for iid, path in zip(t.column("image_id").to_pylist(), t.column("image_path").to_pylist()):
             assert seen.setdefault(iid, split) == split
             if path is not None:
@@ -680,12 +681,13 @@ def test_qa_table_formats_and_hash_split(tmp_path):
 def test_qa_table_with_no_usable_train_row_names_the_skip_reasons(tmp_path):
     write_images(tmp_path / "imgs", 6)
     rows = generic_rows(6)
-    bad_ids = [{**r, "image_id": f"n{i:06d}"} for i, r in enumerate(rows)]  # GQA-style ids
-    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in bad_ids) + "\n")
+    no_path = [{**r, "image": ""} for r in rows[:-3]] + [{**r, "question": " "} for r in rows[-3:]]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in no_path) + "\n")
     with pytest.raises(UserError) as err:
         qa_table.convert(tmp_path / "t.jsonl", tmp_path / "qa", 0, Split(), Answers())
     msg = str(err.value)
-    assert f"no train answers: {len(rows)} rows read, skipped bad_image_id " in msg
+    want = f"{len(rows)} rows read, skipped no_image_path {len(rows) - 3}, empty_question 3"
+    assert f"no train answers: {want}, " in msg
     assert "0 kept (train 0, val 0, test 0)" in msg and "split column" not in msg
     # rows kept, none in train: the split column is the thing to check
     val_only = [{**r, "split": "val"} for r in rows]

@@ -1,4 +1,5 @@
-"""A generic QA table (parquet, JSONL or CSV) -> the data/qa layout that prepare_vqa writes.
+"""A generic QA table (parquet, JSONL or CSV), or GQA / VQA v2 question files as released
+(`pipeline.formats.vqa_json`) -> the data/qa layout that prepare_vqa writes.
 
 So that any VQA dataset runs through the same embed / train_vqa / evaluate_vqa stages:
 one row per question with an image path, the question and its answer; optional columns
@@ -6,6 +7,11 @@ qtype, split, subject, object, image_id, qid, box (x,y,w,h). Relative image path
 resolved against `images` (default: the table's folder). Images are not decoded (only
 their header is read, for width and height); missing ones keep the row with a null path,
 as prepare_vqa does, so that embed counts them.
+
+Image ids are kept as given in `source_image_id` (string; null when the table has none).
+The int64 `image_id` the other stages join on is the id itself when it is an integer (or
+its canonical decimal string, as GQA's "2354786"), else a stable hash of the string (as
+GQA's "n161313"), or of the image path when no id is given.
 
 Without a split column, splits are drawn by prepare_vqa's hash of the image id (an image
 id is a hash of its path unless the table gives one) with the top-level `seed` and the
@@ -30,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.errors import UserError
+from pipeline.formats import vqa_json
 from pipeline.formats.vg_qa import SCHEMA, SPLITS, build_vocab, split_of
 from pipeline.report import Report
 from pipeline.settings import Answers, Split, load
@@ -68,11 +75,24 @@ class Settings:
 
 
 SETTINGS = (Settings, Split, Answers)
+TABLE_SCHEMA = SCHEMA.append(pa.field("source_image_id", pa.string()))
 
 
-def read_any(path: Path) -> pa.Table:
-    """Parquet, JSON lines (.jsonl/.json) or CSV/TSV by extension."""
+def read_any(path: Path, annotations: Path | None, images: Path) -> tuple[pa.Table, Counter]:
+    """Parquet, JSON lines (.jsonl/.json), CSV/TSV by extension, or GQA / VQA v2 question
+    JSON; with the questions skipped while reading, by reason."""
     suffix = path.suffix.lower()
+    kind = vqa_json.detect(path) if suffix == ".json" else None
+    if annotations is not None and kind != "vqa2":
+        raise UserError(f"--annotations is for a VQA v2 questions file; {path} is not one")
+    if kind == "gqa":
+        return vqa_json.read_gqa(path)
+    if kind == "vqa2":
+        return vqa_json.read_vqa2(path, annotations, images)
+    return _read_table(path, suffix), Counter()
+
+
+def _read_table(path: Path, suffix: str) -> pa.Table:
     try:
         if suffix in (".parquet", ".pq"):
             return pq.read_table(path)
@@ -108,8 +128,22 @@ def _columns(table: pa.Table) -> dict[str, str]:
 
 
 def stable_image_id(key: str) -> int:
-    """A non-negative int64 from an image path (the same on every machine)."""
+    """A non-negative int64 from an image path or id string (the same on every machine)."""
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def image_ids(value: Any, path: str) -> tuple[int, str | None]:
+    """(int64 id, the id as given) of a row: see the module docstring."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return stable_image_id(path), None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value, str(value)
+    given = str(value).strip()
+    if given.isdigit() and str(int(given)) == given and int(given) < 2**63:
+        return int(given), given
+    return stable_image_id(given), given
 
 
 def _norm(text: Any) -> str:
@@ -147,10 +181,11 @@ def main(
     images: Path | None = None,
     default_qtype: str = "other",
     params: Path,
+    annotations: Path | None = None,
 ) -> str:
     """`clipda prepare-qa-table`: convert the table `input` into `out`; the summary line."""
     settings, split, answers = (load(cls, params) for cls in SETTINGS)
-    report = convert(input, out, settings.seed, split, answers, images, default_qtype)
+    report = convert(input, out, settings.seed, split, answers, images, default_qtype, annotations)
     return report.summary()
 
 
@@ -162,23 +197,28 @@ def convert(
     answers: Answers,
     images: str | Path | None = None,
     default_qtype: str = "other",
+    annotations: str | Path | None = None,
 ) -> Report:
     """Convert the table at `input_path` into `out_dir/{train,val,test}.parquet` + answers.
 
     Rows without a split column are split by `split_of(image_id, seed, ...)` with
     `split_fractions`; the vocabulary keeps `answers.top_k` train answers seen at least
     `answers.min_count` times. Relative image paths resolve against `images` (default: the
-    table's folder).
+    table's folder). `annotations`: the answers of a VQA v2 questions file.
     """
     input_path, out_dir = Path(input_path), Path(out_dir)
-    if not input_path.is_file():
-        raise UserError(f"QA table not found: {input_path}")
+    for path in (input_path, annotations):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"QA table not found: {path}")
     root = Path(images) if images is not None else input_path.parent
     val_fraction, test_fraction = split_fractions.val_fraction, split_fractions.test_fraction
-    table = read_any(input_path)
+    table, skipped_on_read = read_any(input_path, annotations and Path(annotations), root)
     cols = _columns(table)
     data = {ours: table.column(theirs).to_pylist() for ours, theirs in cols.items()}
     report = Report("prepare_qa_table")
+    for reason, n in skipped_on_read.items():
+        report.read += n
+        report.skip(reason, n=n)
     sizes: dict[str, tuple] = {}
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for i in range(table.num_rows):
@@ -196,12 +236,7 @@ def convert(
         if not answer:
             report.skip("empty_answer", qid)
             continue
-        try:
-            image_id = int(get["image_id"]) if get.get("image_id") not in (None, "") else None
-        except (TypeError, ValueError):
-            report.skip("bad_image_id", qid)
-            continue
-        image_id = stable_image_id(rel) if image_id is None else image_id
+        image_id, source_image_id = image_ids(get.get("image_id"), rel)
         if "split" in get and _norm(get["split"]):
             split = SPLIT_ALIASES.get(_norm(get["split"]).lower())
             if split is None:
@@ -232,6 +267,7 @@ def convert(
                 "obj_box": None,
                 "union_box": None,
                 "split": split,
+                "source_image_id": source_image_id,
             }
         )
     counts = Counter(r["answer"] for r in rows["train"])
@@ -251,7 +287,7 @@ def convert(
     for split in SPLITS:
         for r in rows[split]:
             r["in_vocab"] = r["answer"] in in_vocab
-        out = pa.Table.from_pylist(rows[split], schema=SCHEMA)
+        out = pa.Table.from_pylist(rows[split], schema=TABLE_SCHEMA)
         with atomic_path(out_dir / f"{split}.parquet") as tmp:
             pq.write_table(out, tmp, use_compliant_nested_type=False)
         per_split[split] = {

@@ -23,6 +23,7 @@ from pipeline.readers import read_json, read_parquet, read_parquet_schema
 from pipeline.report import Report
 
 META_COLUMNS = ["qid", "image_id", "qtype", "question", "answer", "subject", "object"]
+SOURCE_ID = "source_image_id"  # the image id as the table gave it (prepare-qa-table), if any
 BOX_COLUMNS = ["subj_box", "union_box"]
 ImageSource = Literal["auto", "whole", "crop"]  # see `image_rows`
 IMAGE_SOURCES: tuple[str, ...] = get_args(ImageSource)
@@ -262,9 +263,12 @@ def load_split(
     missing = [c for c in META_COLUMNS if c not in names]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}")
-    table = read_parquet(path, columns=[c for c in META_COLUMNS + BOX_COLUMNS if c in names])
+    extra = [SOURCE_ID] if SOURCE_ID in names else []
+    table = read_parquet(
+        path, columns=[c for c in META_COLUMNS + BOX_COLUMNS + extra if c in names]
+    )
     image_idx = image_rows(table, store, image_source)
-    table = table.select(META_COLUMNS)
+    table = table.select(META_COLUMNS + extra)
     q_rows, q_texts = store.text_rows("question")
     q_pos = _lookup(pc.utf8_trim_whitespace(table.column("question")), q_texts)
     question_idx = np.where(q_pos >= 0, q_rows[np.maximum(q_pos, 0)] if len(q_rows) else -1, -1)

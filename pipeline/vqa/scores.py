@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pipeline.atomic import atomic_path
 from pipeline.metrics.bootstrap import mean_metric, summarise
 from pipeline.nn.vqa_head import VQAHead
-from pipeline.vqa.data import VQASplit
+from pipeline.vqa.data import SOURCE_ID, VQASplit
 
 TOP_K = 5
 PAD = -2  # class id of an empty ranking slot
@@ -143,10 +143,9 @@ def write_predictions(
     score: dict[str, np.ndarray],
 ) -> None:
     """One JSON line per evaluated question: the truth and each method's top answers."""
-    cols = {
-        c: data.column(c)
-        for c in ("qid", "image_id", "qtype", "question", "subject", "object", "answer")
-    }
+    names = ["qid", "image_id", "qtype", "question", "subject", "object", "answer"]
+    names += [SOURCE_ID] if SOURCE_ID in data.meta.column_names else []
+    cols = {c: data.column(c) for c in names}
 
     def names(ids: np.ndarray) -> list[str]:
         return [answers[i] for i in ids.tolist() if i >= 0]
