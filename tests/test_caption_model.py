@@ -65,8 +65,9 @@ def write_emb_folder(
     seed: int = 0,
     clip: tuple[str, str] = ("tiny", "abc"),
 ) -> None:
-    """rows: (image_id, split, caption token ids); image_emb depends on the image id only.
-    The manifest names the CLIP `clip` (model, revision) and fingerprints its `table`."""
+    """rows: (image_id, split, caption token ids or None: no caption); image_emb depends on
+    the image id only. The manifest names the CLIP `clip` (model, revision) and fingerprints
+    its `table`."""
     rng = np.random.default_rng(seed)
     vecs = {}
     for image_id, _, _ in rows:
@@ -81,7 +82,7 @@ def write_emb_folder(
             "split": [r[1] for r in rows],
             "image_emb": vector_array(emb),
             "text_emb": vector_array(emb),
-            "caption": [" ".join(map(str, r[2])) for r in rows],
+            "caption": [None if r[2] is None else " ".join(map(str, r[2])) for r in rows],
             "token_ids": pa.array([r[2] for r in rows], type=pa.list_(pa.int32())),
         }
     )
@@ -479,6 +480,31 @@ def test_keep_best_val_loss_saves_the_best_epoch(emb_dirs, tmp_path):
     training = json.loads((tmp_path / "l/config.json").read_text())["training"]
     assert (training["keep"], training["kept_epoch"]) == ("last", 1 + 1 + 4)
     assert Settings().keep == "best_val_loss"
+
+
+def test_laion_images_without_a_caption_reach_the_discriminator_only(tmp_path):
+    from pipeline.caption.data import load_training_data
+    from pipeline.embedding.files import read_dataset, vectors
+    from pipeline.stages.train_caption import main
+
+    table = torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))
+    clip = write_clip_folder(tmp_path / "clip", table)
+    laion, flickr = tmp_path / "laion", tmp_path / "flickr30k"
+    rows = random_rows(6, 1, ["train"], 1)
+    rows[2:2] = [("nocap0", "train", None)]
+    write_emb_folder(laion, rows + [("nocap1", "train", None)], table, seed=1)
+    write_emb_folder(flickr, random_rows(8, 2, ["train", "val"], 2), table, seed=2)
+    data = load_training_data(laion, flickr, clip, 10, ("train",), torch.device("cpu"))
+    assert len(data.laion) == 6 and data.laion.skipped == {"no_token_ids": 2}
+    assert not {"nocap0", "nocap1"} & set(data.laion.image_ids)
+    # the domain discriminator sees all 8 LAION images, in file order
+    stored = torch.from_numpy(vectors(read_dataset(laion).column("image_emb")).copy())
+    assert torch.equal(data.source_images, stored)
+    params = {"seed": 0, "train_caption": {**TINY, "finetune_epochs": 1}}
+    main("ada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params, clip)
+    training = json.loads((tmp_path / "m/config.json").read_text())["training"]
+    assert training["n_source_images"] == 8
+    assert training["skipped_rows"] == {"no_token_ids": 2}
 
 
 def test_the_token_table_is_the_clip_folders(emb_dirs, tmp_path):

@@ -466,9 +466,13 @@ def test_laion_webdataset_through_the_stage(tmp_path, bb):
     root = make_laion(tmp_path / "laion")
     rep = run("laion", root, tmp_path / "out", bb)
     table = read_dataset(tmp_path / "out")
-    assert table.column("id").to_pylist() == ["000000000#0", "000000003#0"]
+    assert table.column("id").to_pylist() == ["000000000#0", "000000002#0", "000000003#0"]
     assert set(table.column("split").to_pylist()) == {"train"}
     assert rep.skipped["unsafe_tar_member"] == 4 and rep.skipped["img2dataset_failed"] == 1
+    # the sample without a caption keeps its image embedding; no caption, tokens, text
+    assert table.column("caption").to_pylist()[1] is None and rep.noted["empty_caption"] == 1
+    assert table.column("token_ids").null_count == table.column("text_emb").null_count == 1
+    assert table.column("image_emb").null_count == 0
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["read"] == 10 == saved["written"] + saved["skipped_total"]
     # a sample whose image does not decode is one skipped caption row
@@ -483,8 +487,8 @@ def test_laion_webdataset_through_the_stage(tmp_path, bb):
     run("laion", tmp_path / "bad", tmp_path / "out2", bb)
     saved = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert saved["read"] == 11 == saved["written"] + saved["skipped_total"]
-    assert saved["skipped"]["not_an_image"] == 1 and saved["written"] == 2
-    assert saved["images"] == {"read": 3, "written": 2, "skipped_by_reason": {"not_an_image": 1}}
+    assert saved["skipped"]["not_an_image"] == 1 and saved["written"] == 3
+    assert saved["images"] == {"read": 4, "written": 3, "skipped_by_reason": {"not_an_image": 1}}
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "laion" / "sub").exists()
 
 
@@ -525,6 +529,29 @@ def test_precomputed_layout_is_taken_as_is(tmp_path, bb, monkeypatch):
     assert table.column("token_ids").to_pylist() == bb.tokenize(table.column("caption").to_pylist())
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["rows"] == 5 and manifest["sources"][0]["path"].endswith("img_emb_0.npy")
+
+
+@pytest.mark.parametrize("text", [True, False])
+def test_precomputed_row_without_caption_keeps_its_image(tmp_path, bb, text):
+    img, _ = _precomputed(tmp_path / "pre", bb.dim, text=text)
+    meta = pq.read_table(tmp_path / "pre/metadata/metadata_0.parquet").to_pylist()
+    meta[1]["caption"], meta[3]["caption"] = None, "  "
+    pq.write_table(pa.Table.from_pylist(meta), tmp_path / "pre/metadata/metadata_0.parquet")
+    if text:  # the text embedding of a row without a caption is not looked at
+        txt = np.load(tmp_path / "pre/text_emb/text_emb_0.npy")
+        txt[1] = 0
+        np.save(tmp_path / "pre/text_emb/text_emb_0.npy", txt)
+    rep = run("laion", tmp_path / "pre", tmp_path / "out", bb)
+    table = read_dataset(tmp_path / "out")
+    assert rep.written == 5 and not rep.skipped and rep.noted["empty_caption"] == 2
+    assert np.array_equal(vectors(table.column("image_emb")), img.astype(np.float16))
+    assert table.column("caption").to_pylist()[1::2] == [None, None]
+    for col in ("token_ids", "text_emb"):
+        assert table.column(col).is_null().to_pylist() == [False, True, False, True, False]
+    captioned = table.filter(table.column("caption").is_valid())
+    assert captioned.column("token_ids").to_pylist() == bb.tokenize(
+        captioned.column("caption").to_pylist()
+    )
 
 
 def test_precomputed_dim_mismatch_and_missing_text(tmp_path, bb):

@@ -218,11 +218,17 @@ def test_webdataset_listing(tmp_path):
     listing = laion.list_webdataset(root)
     assert [(i.id, i.member, i.captions) for i in listing.items] == [
         ("000000000", "000000000.jpg", (("000000000#0", "a red square"),)),
+        ("000000002", "000000002.jpg", (("000000002#0", None),)),  # image only: no caption
         ("000000003", "000000003.jpg", (("000000003#0", "from parquet only"),)),
     ]
     rep = listing.report.to_dict()
+    assert rep["noted"] == {"empty_caption": 1}
+    assert rep["ids"]["noted:empty_caption"] == ["000000002"]
+    # contrastive pairs need a caption: that listing skips it by the same reason
+    pairs = laion.list_webdataset(root, captionless=False)
+    assert [i.id for i in pairs.items] == ["000000000", "000000003"]
+    assert pairs.report.skipped["empty_caption"] == 1 and not pairs.report.noted
     assert rep["skipped"] == {  # one per sample (key); the 4 unsafe members are 4 keys
-        "empty_caption": 1,
         "img2dataset_failed": 1,
         "missing_image_in_tar": 1,
         "missing_tar_member": 1,
@@ -306,10 +312,12 @@ def test_precomputed_rows(tmp_path):
     assert chunks[1].text_emb is None and chunks[1].metadata is None
     rep = Report("embed")
     rows = laion.read_precomputed(chunks[0], rep)
-    assert rows.ids == ["k0#0", "k1#0"] and rows.captions == ["a", "b"]
+    # k2 has no caption: its image embedding is kept, caption None
+    assert rows.ids == ["k0#0", "k1#0", "k2#0"] and rows.captions == ["a", "b", None]
     assert np.allclose(np.linalg.norm(rows.image_emb, axis=1), 1.0, atol=1e-6)
     assert np.allclose(rows.image_emb[1], img[1] / np.linalg.norm(img[1]), atol=1e-6)
-    assert rep.skipped == {"empty_caption": 1, "bad_image_embedding": 1}
+    assert np.allclose(rows.image_emb[2], img[2] / np.linalg.norm(img[2]), atol=1e-6)
+    assert rep.skipped == {"bad_image_embedding": 1} and rep.noted["empty_caption"] == 1
     assert rep.noted["renormalized"] >= 1 and rep.read == 4
     rep2 = Report("embed")
     assert laion.read_precomputed(chunks[1], rep2).ids == []  # no metadata: mismatch

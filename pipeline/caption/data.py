@@ -175,7 +175,7 @@ class TrainingData:
     flickr30k_train: CaptionSet  # all Flickr30k train captions (they fix the finetune epoch)
     flickr30k_labelled: CaptionSet  # those of the labelled train images (finetune)
     flickr30k_val: CaptionSet  # Flickr30k val captions (validation loss)
-    source_images: torch.Tensor  # (n, d) one embedding per LAION image
+    source_images: torch.Tensor  # (n, d) one embedding per LAION train image, captioned or not
     target_images: torch.Tensor  # (m, d) one per Flickr30k image of the target splits
     token_table: torch.Tensor  # (vocab, width) float32, on the CPU
     special_ids: dict[str, int]  # bos_token_id, eos_token_id, pad_token_id
@@ -243,7 +243,8 @@ def load_training_data(
             f"no training captions (LAION {len(source)}, Flickr30k train {len(f_train)})"
         )
     f_labelled = labelled_images(f_train, labelled_fraction, labelled_seed)
-    src_images = source.images().to(device)
+    _, src_images = load_images(laion, ("train",))  # with the images that have no caption
+    src_images = src_images.to(device)
     _, tgt_images = load_images(flickr30k, tuple(target_splits))
     if len(tgt_images) == 0:
         raise UserError(f"no Flickr30k images in target_splits {list(target_splits)}")

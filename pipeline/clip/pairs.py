@@ -82,7 +82,7 @@ def load_laion(
     """The downloaded image-caption pairs of img2dataset shards, decoded to uint8 crops."""
     from pipeline.formats.laion import list_webdataset
 
-    listing = list_webdataset(Path(folder))
+    listing = list_webdataset(Path(folder), captionless=False)  # pairs need captions
     report.merge(listing.report)
     items = listing.items
     if max_pairs and len(items) > max_pairs:

@@ -121,3 +121,26 @@ def encode_token_ids(backbone, ids: list[list[int]], batch_size: int) -> np.ndar
         for s in range(0, len(ids), batch_size)
     ]
     return np.concatenate(out) if out else np.zeros((0, backbone.dim), np.float32)
+
+
+def encode_captions(
+    backbone,
+    captions: list[str | None],
+    ids: list[str],
+    report: Report,
+    batch_size: int,
+    text: np.ndarray | None = None,
+) -> tuple[list[list[int] | None], np.ndarray]:
+    """Token ids (`tokenize_checked`) and text embeddings of caption rows; a row without a
+    caption (None: an image kept for its embedding) has no token ids and a zero text row
+    (stored as null). `text`: embeddings given with the captions, computed when None."""
+    has = [i for i, c in enumerate(captions) if c is not None]
+    tok = tokenize_checked(backbone, [captions[i] for i in has], [ids[i] for i in has], report,
+                           "caption_truncated")  # fmt: skip
+    token_ids: list[list[int] | None] = [None] * len(captions)
+    for i, t in zip(has, tok):
+        token_ids[i] = t
+    if text is None:
+        text = np.zeros((len(captions), backbone.dim), np.float32)
+        text[has] = encode_token_ids(backbone, tok, batch_size)
+    return token_ids, text

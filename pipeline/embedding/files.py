@@ -19,12 +19,14 @@ from pipeline.readers import readable
 SHARD_GLOB = "part-*.arrow"
 
 
-def vector_array(mat: np.ndarray) -> pa.FixedSizeListArray:
-    """A (n, d) float array as an Arrow fixed_size_list column (no copy of the values)."""
+def vector_array(mat: np.ndarray, null: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """A (n, d) float array as an Arrow fixed_size_list column (no copy of the values);
+    rows where the boolean `null` is true are null (their values stay in the buffer)."""
     mat = np.ascontiguousarray(mat)
     if mat.ndim != 2:
         raise ValueError(f"expected a 2-d array, got shape {mat.shape}")
-    return pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
+    mask = pa.array(null, pa.bool_()) if null is not None and null.any() else None
+    return pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1], mask=mask)
 
 
 def write_table(path: str | Path, table: pa.Table) -> None:

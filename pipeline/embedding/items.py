@@ -32,7 +32,7 @@ class ImageItem:
     path: str
     member: str | None = None
     split: str = "train"
-    captions: tuple[tuple[str, str], ...] = ()
+    captions: tuple[tuple[str, str | None], ...] = ()  # (row id, caption; None: image only)
     boxes: tuple[tuple[int, int, int, int], ...] = ()
     whole: bool = True
     stamp: str = ""

@@ -2,7 +2,9 @@
 `img_emb_N.npy` (with `text_emb_N.npy` and `metadata_N.parquet`).
 
 Image embeddings are never recomputed (their dimension must match the model's); text
-embeddings are taken from text_emb_N.npy, computed only when that file is absent.
+embeddings are taken from text_emb_N.npy, computed only when that file is absent. A row
+without a caption keeps its image embedding (null text_emb and token_ids: left out of
+caption training only).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.embedding.encoders import encode_token_ids, tokenize_checked
+from pipeline.embedding.encoders import encode_captions
 from pipeline.embedding.items import Listing, file_stamp, source_entry
 from pipeline.embedding.shards import fingerprint, finished, part_path, write_part
 from pipeline.embedding.tables import caption_table
@@ -59,10 +61,10 @@ def embed_precomputed(
             continue
         report = Report("embed")
         rows = laion.read_precomputed(c, report)
-        token_ids = tokenize_checked(backbone, rows.captions, rows.ids, report, "caption_truncated")
-        text = rows.text_emb
-        if text is None:
-            text = encode_token_ids(backbone, token_ids, settings.text_batch_size)
+        token_ids, text = encode_captions(
+            backbone, rows.captions, rows.ids, report, settings.text_batch_size, rows.text_emb
+        )
+        if rows.text_emb is None:
             report.note("text_emb_computed", f"chunk {c.n}", n=len(rows.ids))
         cols = {
             "id": rows.ids,

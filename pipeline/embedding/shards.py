@@ -30,9 +30,8 @@ from pipeline.embedding.encoders import (
     ImageDataset,
     PixelNormalizer,
     collate,
+    encode_captions,
     encode_pixels,
-    encode_token_ids,
-    tokenize_checked,
 )
 from pipeline.embedding.files import write_table
 from pipeline.embedding.items import ImageItem, Listing
@@ -216,10 +215,9 @@ class ShardBuilder:
                     rows["split"].append(item.split)
                     rows["caption"].append(text)
                     image_rows.append(emb[0])
-            rows["token_ids"] = tokenize_checked(
-                backbone, rows["caption"], rows["id"], self.report, "caption_truncated"
+            rows["token_ids"], text = encode_captions(
+                backbone, rows["caption"], rows["id"], self.report, text_batch_size
             )
-            text = encode_token_ids(backbone, rows["token_ids"], text_batch_size)
             image = np.stack(image_rows) if image_rows else np.zeros((0, dim), np.float32)
             table = caption_table(rows, image, text, dim, dtype)
         else:

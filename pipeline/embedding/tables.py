@@ -10,24 +10,26 @@ from pipeline.embedding.files import vector_array
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def vectors_f(mat: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
-    """(n, d) floats as a fixed_size_list column of the stored `dtype`."""
-    return vector_array(np.asarray(mat, dtype=DTYPES[dtype]))
+def vectors_f(mat: np.ndarray, dtype: str, null: np.ndarray | None = None):
+    """(n, d) floats as a fixed_size_list column of the stored `dtype` (`vector_array`)."""
+    return vector_array(np.asarray(mat, dtype=DTYPES[dtype]), null)
 
 
 def caption_table(
     rows: dict[str, list], image: np.ndarray, text: np.ndarray, dim: int, dtype: str
 ) -> pa.Table:
-    """laion / flickr30k rows: id, image_id, split, image_emb, text_emb, caption, token_ids."""
+    """laion / flickr30k rows: id, image_id, split, image_emb, text_emb, caption, token_ids;
+    a row whose caption is None (an image without one) has null text_emb and token_ids."""
     image = image.reshape(-1, dim)
     text = text.reshape(-1, dim)
+    no_caption = np.array([c is None for c in rows["caption"]], dtype=bool)
     return pa.table(
         {
             "id": pa.array(rows["id"], pa.string()),
             "image_id": pa.array(rows["image_id"], pa.string()),
             "split": pa.array(rows["split"], pa.string()),
             "image_emb": vectors_f(image, dtype),
-            "text_emb": vectors_f(text, dtype),
+            "text_emb": vectors_f(text, dtype, no_caption),
             "caption": pa.array(rows["caption"], pa.string()),
             "token_ids": pa.array(rows["token_ids"], pa.list_(pa.int32())),
         }

@@ -149,17 +149,20 @@ def _parquet_rows(path: Path, report: Report) -> list[dict]:
     return table.select(cols).to_pylist()
 
 
-def list_webdataset(input_path: Path) -> Listing:
+def list_webdataset(input_path: Path, captionless: bool = True) -> Listing:
     """img2dataset shards -> one item per downloaded sample with its caption.
 
     `read` counts samples (keys of the parquet rows and of the tar members); each one is
     either an item or skipped once, by reason (ids = keys unless said): rows whose status
     is not "success" (`img2dataset_failed`), samples without an image member
     (`missing_image_in_tar`), successful rows without tar members (`missing_tar_member`),
-    empty captions, samples whose members are unsafe (`unsafe_tar_member`, ids
+    samples whose members are unsafe (`unsafe_tar_member`, ids
     `<tar>:<member>`), samples lost in an unreadable tar (`unreadable_tar`; a tar with no
-    known samples counts as one, id `<tar>: <error>`). Noted: duplicate members, unsafe
-    members of samples counted otherwise, unreadable tars and parquet files.
+    known samples counts as one, id `<tar>: <error>`), samples without a caption
+    (`empty_caption`) unless `captionless`. Noted: samples without a caption when
+    `captionless` (`empty_caption`: kept with caption None, for their image embedding),
+    duplicate members, unsafe members of samples counted otherwise, unreadable tars and
+    parquet files.
     """
     report = Report("embed")
     items: list[ImageItem] = []
@@ -205,11 +208,12 @@ def list_webdataset(input_path: Path) -> Listing:
                 report.note("unsafe_tar_member", member)
             if image is None:
                 continue
-            caption = _caption(listed.texts.get(key, {}), captions.get(key))
-            caption = caption.strip()
-            if not caption:
+            caption = _caption(listed.texts.get(key, {}), captions.get(key)).strip() or None
+            if caption is None and not captionless:
                 report.skip("empty_caption", key)
                 continue
+            if caption is None:  # the image is kept for its embedding; no caption training
+                report.note("empty_caption", key)
             items.append(
                 ImageItem(
                     id=key,
@@ -312,7 +316,7 @@ def npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 class PrecomputedRows:
     ids: list[str]
     image_ids: list[str]
-    captions: list[str]
+    captions: list[str | None]  # None: no caption (the image embedding is kept)
     image_emb: np.ndarray  # (n, d) float32, L2-normalised
     text_emb: np.ndarray | None
 
@@ -320,8 +324,10 @@ class PrecomputedRows:
 def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows:
     """The usable rows of one chunk; bad rows are skipped by reason (ids = keys).
 
-    Rows need a non-empty caption (from metadata) and finite, non-zero embeddings;
-    embeddings that are not unit length are normalised (noted as `renormalized`).
+    Rows need a finite, non-zero image embedding; a row with a caption (from metadata)
+    also needs such a text embedding (when the chunk has them). A row without a caption
+    keeps its image embedding, caption None (noted `empty_caption`: no caption training).
+    Embeddings that are not unit length are normalised (noted as `renormalized`).
     """
     img = np.load(chunk.img_emb, mmap_mode="r", allow_pickle=False)
     n = img.shape[0] if img.ndim else 0
@@ -340,27 +346,28 @@ def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows
     for i, row in enumerate(meta):
         key = row.get("key")
         keys.append(str(key) if key not in (None, "") else f"{chunk.n}_{i}")
-    captions = [str(row.get("caption") or "").strip() for row in meta]
+    captions = [str(row.get("caption") or "").strip() or None for row in meta]
     image = np.array(img, dtype=np.float32)  # a copy: the memory map is read-only
     text = np.array(txt, dtype=np.float32) if txt is not None else None
     keep = np.ones(n, dtype=bool)
-    for i, c in enumerate(captions):
-        if not c:
-            report.skip("empty_caption", keys[i])
-            keep[i] = False
+    captioned = np.array([c is not None for c in captions], dtype=bool)
     for name, mat in (("image", image), ("text", text)):
         if mat is None:
             continue
         norms = np.linalg.norm(mat, axis=1)
         bad = ~np.isfinite(mat).all(axis=1) | ~(norms > 0)
+        if name == "text":
+            bad &= captioned  # the text embedding of a row without a caption is unused
         for i in np.flatnonzero(bad & keep):
             report.skip(f"bad_{name}_embedding", keys[i])
         keep &= ~bad
-        off = keep & (np.abs(norms - 1.0) > 1e-2)
+        off = keep & (np.abs(norms - 1.0) > 1e-2) & (captioned if name == "text" else True)
         for i in np.flatnonzero(off):
             report.note("renormalized", keys[i])
         with np.errstate(invalid="ignore", divide="ignore"):
             mat /= np.where(norms > 0, norms, 1.0)[:, None]
+    for i in np.flatnonzero(keep & ~captioned):
+        report.note("empty_caption", keys[i])
     idx = np.flatnonzero(keep)
     return PrecomputedRows(
         ids=[f"{keys[i]}#0" for i in idx],
