@@ -167,9 +167,10 @@ def invoke(root: Path, clip: Path, *args: str, out: str = "", models=("noada", "
     return CliRunner().invoke(app, cmd)
 
 
-def one_line(res, fragment: str) -> None:
+def one_line(res, fragment: str) -> str:
     assert res.exit_code == 2, res.output
     assert fragment in res.output and len(res.output.strip().splitlines()) == 1
+    return res.output.strip()
 
 
 def test_cli_user_errors(tmp_path, clip_folder):
@@ -218,6 +219,17 @@ def test_cli_rejects_a_clip_the_embeddings_were_not_made_with(tmp_path, clip_fol
     info = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**info, "revision": weights_sha256(clip_folder)}))
     one_line(invoke(tmp_path, clip_folder, "--params", params), "caption model 'noada' not found")
+    # a decoder trained on another backbone's embeddings: one line naming both
+    from pipeline.nn.caption_decoder import load_caption_model, save_caption_model
+
+    for seed, variant in enumerate(("noada", "ada")):
+        _save_tiny_decoder(tmp_path / "models" / variant, clip_folder, seed)
+    other = {"model": "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "revision": "abc123"}
+    save_caption_model(load_caption_model(tmp_path / "models/ada"), tmp_path / "models/ada",
+                       {"clip": other})  # fmt: skip
+    msg = one_line(invoke(tmp_path, clip_folder, "--params", params), "one backbone per run")
+    assert "models/ada was trained on embeddings of CLIP laion/CLIP-ViT-B-32" in msg
+    assert f"(abc123), but {tmp_path / 'emb'} holds those of" in msg
 
 
 def _save_tiny_decoder(folder: Path, clip: Path, seed: int) -> None:

@@ -83,6 +83,19 @@ def test_broken_manifest_train_vqa(world):
     one_error(train_vqa_cli(root, qa, emb), "manifest.json", "not valid JSON")
 
 
+def test_vqa_head_of_another_backbone(world):
+    """A head trained on one CLIP's embeddings, scored on another's: one line."""
+    root, qa, emb = world
+    assert train_vqa_cli(root, qa, emb).exit_code == 0
+    info = json.loads((emb / "manifest.json").read_text())
+    (emb / "manifest.json").write_text(json.dumps({**info, "model": "b", "revision": "r1"}))
+    args = ["evaluate-vqa", "--qa", str(qa), "--emb", str(emb), "--model", str(root / "m")]
+    args += ["--clip", "b", "--metrics", str(root / "vqa.json"), "--detail", str(root / "d.json")]
+    args += ["--predictions", str(root / "vqa.jsonl")]
+    out = one_error(CliRunner().invoke(app, args), "one backbone per run")
+    assert "was trained on embeddings of CLIP fake-clip (r0)" in out and "b (r1)" in out
+
+
 def test_broken_manifest_evaluate_caption(tmp_path):
     emb = tmp_path / "emb"
     emb.mkdir()

@@ -21,6 +21,7 @@ from pipeline.embedding.shards import (
     finished,
     part_path,
 )
+from pipeline.errors import UserError
 from pipeline.report import Report
 
 
@@ -108,3 +109,15 @@ def finalize(
         del manifest["texts_rows"]
     write_json(out_dir / MANIFEST, manifest)
     return report
+
+
+def check_trained_on(trained: dict, manifest: dict, model: Path, emb: Path) -> None:
+    """A `UserError` (one line) when the model in `model`, trained on the embeddings of the
+    CLIP `trained` ({model, revision}), meets the embeddings in `emb` (`manifest`) of
+    another CLIP; not checked when either names no revision."""
+    have, want = trained.get("revision"), manifest.get("revision")
+    if have and want and have != want:
+        raise UserError(
+            f"{model} was trained on embeddings of CLIP {trained.get('model')} ({have}), but "
+            f"{emb} holds those of {manifest.get('model')} ({want}): one backbone per run"
+        )

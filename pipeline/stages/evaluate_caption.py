@@ -45,6 +45,7 @@ from pipeline.caption.evaluation import (
     write_predictions,
 )
 from pipeline.embedding.files import read_dataset
+from pipeline.embedding.manifest import check_trained_on
 from pipeline.errors import UserError
 from pipeline.metrics import (
     BLEU_DETAIL,
@@ -55,6 +56,7 @@ from pipeline.metrics import (
     TOKENIZATION,
     TOKENIZATION_DETAIL,
 )
+from pipeline.nn.caption_decoder import read_model_info
 from pipeline.report import Report
 from pipeline.settings import Bootstrap, check, load
 
@@ -98,11 +100,13 @@ def main(
     emb, predictions = Path(emb), Path(predictions)
     if not emb.is_dir():
         raise UserError(f"embeddings folder not found: {emb}")
-    check_clip(clip, read_manifest(emb), emb)
+    manifest = read_manifest(emb)
+    check_clip(clip, manifest, emb)
     for name, folder in systems.items():
         if not (folder / "config.json").is_file():
             raise UserError(f"caption model '{name}' not found: {folder}/config.json "
                             "(run `clipda train-caption` first)")  # fmt: skip
+        check_trained_on(read_model_info(folder).get("clip") or {}, manifest, folder, emb)
 
     report = Report("evaluate_caption")
     table = read_dataset(emb)

@@ -27,6 +27,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from pipeline.atomic import write_json
+from pipeline.embedding.manifest import check_trained_on
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import load_head
 from pipeline.report import Report
@@ -100,6 +101,8 @@ def main(
     store = open_embeddings(emb)
     vocab = load_vocab(qa, store)
     head, answer_emb, head_cfg = load_head(model)
+    made_with = {"model": head_cfg.get("clip"), "revision": head_cfg.get("clip_revision")}
+    check_trained_on(made_with, store.manifest, model, emb)
     answer_emb = answer_emb.numpy()
     if head_cfg.get("answers") != vocab.answers:
         raise UserError(f"{model} was trained on another answer vocabulary than "
