@@ -351,6 +351,24 @@ def ask(
     typer.echo(format_result(result, model))
 
 
+@app.command()
+@one_line_errors
+def export(
+    emb: Annotated[Path, _opt("embeddings folder (data/emb/<name>)")],
+    out: Annotated[Path, _opt("output folder: img_emb/, text_emb/, metadata/ + a faiss index")],
+    rows_per_file: Annotated[int, _opt("rows per npy / parquet file")] = 1_000_000,
+    dtype: Annotated[str, _opt("npy dtype: keep (the stored one), float16 or float32")] = "keep",
+    index: Annotated[
+        str, _opt("faiss index: auto (Flat to 100k rows, else IVF-PQ), flat or a factory string")
+    ] = "auto",
+    overwrite: Annotated[bool, _opt("replace a previous export in --out")] = False,
+):
+    """Export embeddings to the clip-retrieval layout (npy + parquet) with a faiss index."""
+    from pipeline.embedding.export import main as export_embeddings
+
+    typer.echo(export_embeddings(emb, out, rows_per_file, dtype, index, overwrite))
+
+
 @app.command("prepare-qa-table")
 @one_line_errors
 def prepare_qa_table(

@@ -290,14 +290,16 @@ def _number(path: Path, prefix: str) -> int | None:
 
 
 def precomputed_chunks(input_path: Path) -> list[PrecomputedChunk]:
-    """The img_emb_N.npy files (numeric order) with their text_emb / metadata siblings."""
+    """The img_emb_N.npy files (numeric order) with their text_emb / metadata siblings,
+    which carry the same N as written (clip-retrieval pads it: `img_emb_07.npy`)."""
     chunks = []
     for f in (input_path / "img_emb").glob("img_emb_*.npy"):
         n = _number(f, "img_emb")
         if n is None:
             continue
-        text = input_path / "text_emb" / f"text_emb_{n}.npy"
-        meta = input_path / "metadata" / f"metadata_{n}.parquet"
+        digits = f.stem.removeprefix("img_emb_")
+        text = input_path / "text_emb" / f"text_emb_{digits}.npy"
+        meta = input_path / "metadata" / f"metadata_{digits}.parquet"
         chunks.append(
             PrecomputedChunk(n, f, text if text.exists() else None, meta if meta.exists() else None)
         )
@@ -322,7 +324,8 @@ class PrecomputedRows:
 
 
 def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows:
-    """The usable rows of one chunk; bad rows are skipped by reason (ids = keys).
+    """The usable rows of one chunk; bad rows are skipped by reason (ids = keys). Row ids
+    are the metadata's `id` where it has one, else `<key>#0`; image ids are the keys.
 
     Rows need a finite, non-zero image embedding; a row with a caption (from metadata)
     also needs such a text embedding (when the chunk has them). A row without a caption
@@ -342,10 +345,12 @@ def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows
             [], [], [], np.zeros((0, img.shape[-1] if img.ndim else 0), np.float32), None
         )
     report.read += n
-    keys = []
+    keys, row_ids = [], []
     for i, row in enumerate(meta):
         key = row.get("key")
         keys.append(str(key) if key not in (None, "") else f"{chunk.n}_{i}")
+        row_id = row.get("id")  # `clipda export` writes it: several captions per image
+        row_ids.append(str(row_id) if row_id not in (None, "") else f"{keys[-1]}#0")
     captions = [str(row.get("caption") or "").strip() or None for row in meta]
     image = np.array(img, dtype=np.float32)  # a copy: the memory map is read-only
     text = np.array(txt, dtype=np.float32) if txt is not None else None
@@ -370,7 +375,7 @@ def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows
         report.note("empty_caption", keys[i])
     idx = np.flatnonzero(keep)
     return PrecomputedRows(
-        ids=[f"{keys[i]}#0" for i in idx],
+        ids=[row_ids[i] for i in idx],
         image_ids=[keys[i] for i in idx],
         captions=[captions[i] for i in idx],
         image_emb=image[idx],
