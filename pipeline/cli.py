@@ -109,6 +109,36 @@ def clip_standin(
     typer.echo(stage.main(out=out, params=params))
 
 
+@app.command("convert-open-clip")
+@one_line_errors
+def convert_open_clip(
+    checkpoint: Annotated[
+        Path, _opt("open_clip checkpoint: .safetensors or a weights-only torch file (.pt, .bin)")
+    ],
+    tokenizer: Annotated[
+        str, _opt("Hugging Face CLIP folder or hub id whose tokenizer the model uses")
+    ],
+    out: Annotated[Path, _opt("output folder (Hugging Face CLIP layout)")],
+    model_config: Annotated[
+        Path | None,
+        _opt(
+            "open_clip model config JSON (model_configs/<name>.json or a hub "
+            "open_clip_config.json; default: inferred from the weights' shapes)"
+        ),
+    ] = None,
+    quick_gelu: Annotated[
+        bool, _opt("the model uses QuickGELU (OpenAI weights, open_clip's *-quickgelu)")
+    ] = False,
+):
+    """Convert an open_clip ViT checkpoint to a Hugging Face CLIP folder (+ open_clip.json)."""
+    from pipeline.clip.open_clip import main as convert
+
+    typer.echo(
+        convert(checkpoint, out, tokenizer=tokenizer, model_config=model_config,
+                quick_gelu=quick_gelu)
+    )  # fmt: skip
+
+
 @app.command("prepare-vqa")
 @one_line_errors
 def prepare_vqa(
