@@ -554,6 +554,24 @@ def test_precomputed_row_without_caption_keeps_its_image(tmp_path, bb, text):
     )
 
 
+def test_manifest_names_where_the_checkpoint_came_from(tmp_path, clip_dir):
+    """A converted open_clip checkpoint (open_clip.json) passed through clip_bootstrap
+    (clip_source.json): the manifest carries both records; a plain folder neither."""
+    clip = tmp_path / "clip"
+    shutil.copytree(clip_dir, clip)
+    made = {"source": "open_clip_model.safetensors", "sha256": "sha256:ab", "quick_gelu": False}
+    (clip / "open_clip.json").write_text(json.dumps(made))
+    source = {"mode": "passthrough", "pretrained": "models/laion-b32", "seed": 0}
+    (clip / "clip_source.json").write_text(json.dumps(source))
+    _precomputed(tmp_path / "pre", bb_dim := load_backbone(clip).dim)
+    run("laion", tmp_path / "pre", tmp_path / "out", load_backbone(clip))
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["origin"] == {"clip_source": source, "open_clip": made}
+    assert manifest["dim"] == bb_dim
+    run("laion", tmp_path / "pre", tmp_path / "plain", load_backbone(clip_dir))
+    assert "origin" not in json.loads((tmp_path / "plain/manifest.json").read_text())
+
+
 def test_precomputed_dim_mismatch_and_missing_text(tmp_path, bb):
     _precomputed(tmp_path / "wrong", bb.dim + 1)
     with pytest.raises(UserError, match="dim"):

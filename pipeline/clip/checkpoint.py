@@ -31,6 +31,7 @@ CHECKPOINT_FILES = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "preprocessor_config.json",
+    "open_clip.json",  # provenance of a converted open_clip checkpoint (convert-open-clip)
 )  # fmt: skip
 
 

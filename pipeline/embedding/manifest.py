@@ -1,9 +1,11 @@
 """manifest.json + report.json of an embeddings folder, written by whichever process sees
 every shard (and texts.arrow) finished.
 
-The manifest names the CLIP (model, revision) and the facts of its token table (size,
-special ids, `sha256`: `pipeline.clip.token_table.table_sha256`); the table itself is in
-the CLIP folder."""
+The manifest names the CLIP (model, revision), where that checkpoint came from (`origin`:
+the folder's `clip_source.json` from clip_bootstrap and `open_clip.json` from
+convert-open-clip, where present) and the facts of its token table (size, special ids,
+`sha256`: `pipeline.clip.token_table.table_sha256`); the table itself is in the CLIP
+folder."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from pipeline.atomic import write_json
 from pipeline.clip.token_table import table_sha256
 from pipeline.embedding.items import Listing
+from pipeline.embedding.provenance import checkpoint_origin
 from pipeline.embedding.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -21,7 +24,6 @@ from pipeline.embedding.shards import (
     finished,
     part_path,
 )
-from pipeline.errors import UserError
 from pipeline.report import Report
 
 
@@ -83,6 +85,7 @@ def finalize(
     manifest = {
         "model": backbone.model_id,
         "revision": backbone.revision,
+        **({"origin": origin} if (origin := checkpoint_origin(backbone.model_id)) else {}),
         "dataset": dataset,
         "dim": backbone.dim,
         "dtype": dtype,
@@ -109,15 +112,3 @@ def finalize(
         del manifest["texts_rows"]
     write_json(out_dir / MANIFEST, manifest)
     return report
-
-
-def check_trained_on(trained: dict, manifest: dict, model: Path, emb: Path) -> None:
-    """A `UserError` (one line) when the model in `model`, trained on the embeddings of the
-    CLIP `trained` ({model, revision}), meets the embeddings in `emb` (`manifest`) of
-    another CLIP; not checked when either names no revision."""
-    have, want = trained.get("revision"), manifest.get("revision")
-    if have and want and have != want:
-        raise UserError(
-            f"{model} was trained on embeddings of CLIP {trained.get('model')} ({have}), but "
-            f"{emb} holds those of {manifest.get('model')} ({want}): one backbone per run"
-        )

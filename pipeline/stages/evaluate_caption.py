@@ -45,7 +45,7 @@ from pipeline.caption.evaluation import (
     write_predictions,
 )
 from pipeline.embedding.files import read_dataset
-from pipeline.embedding.manifest import check_trained_on
+from pipeline.embedding.provenance import check_trained_on
 from pipeline.errors import UserError
 from pipeline.metrics import (
     BLEU_DETAIL,

@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from pipeline.atomic import write_json
-from pipeline.embedding.manifest import check_trained_on
+from pipeline.embedding.provenance import check_trained_on
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import load_head
 from pipeline.report import Report
