@@ -417,7 +417,8 @@ def prepare_qa_table(
     default_qtype: Annotated[str, _opt("question type of rows that name none")] = "other",
     params: Params = PARAMS,
 ):
-    """Convert a generic QA table (image path, question, answer) into the data/qa layout.
+    """Convert a QA table (image path, question, answer), or GQA / VQA v2 question files, into
+    the data/qa layout.
 
     Reads the `seed`, `split` and `answers` settings, as prepare-vqa does.
     """
