@@ -253,12 +253,20 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1).cpu()
 
 
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files transformers loads from a folder: `model.safetensors`, else its
+    shards (`model-*.safetensors`), else `pytorch_model*.bin`. Other files (the token table
+    `clip_bootstrap` writes, LAION's `open_clip_model.safetensors`) are not the model's."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("model-*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+
+
 def weights_sha256(folder: str | Path) -> str:
-    """`sha256:<hex>` over the folder's safetensors files (sorted by name), the token table
-    that `clip_bootstrap` writes beside the weights (`TOKEN_TABLE_FILE`) left out."""
-    files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name != TOKEN_TABLE_FILE)
-    if not files:
-        files = sorted(Path(folder).glob("*.bin"))
+    """`sha256:<hex>` over the folder's `weight_files` (the same for a copy of the folder
+    with only those)."""
+    files = weight_files(folder)
     h = hashlib.sha256()
     for f in files:
         if len(files) > 1:

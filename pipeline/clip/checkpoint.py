@@ -23,6 +23,7 @@ from pipeline.clip.backbone import (
     OPENAI_CLIP_STD,
     Backbone,
     quiet_transformers,
+    weight_files,
 )
 from pipeline.settings import check
 
@@ -30,7 +31,7 @@ from pipeline.settings import check
 CHECKPOINT_FILES = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "preprocessor_config.json",
+    "added_tokens.json", "preprocessor_config.json", "pytorch_model.bin.index.json",
     "open_clip.json",  # provenance of a converted open_clip checkpoint (convert-open-clip)
 )  # fmt: skip
 
@@ -168,8 +169,8 @@ def copy_checkpoint(src: str | Path, folder: str | Path) -> None:
     for name in CHECKPOINT_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, folder / name)
-    for shard in sorted(src.glob("model-*.safetensors")):
-        shutil.copy2(shard, folder / shard.name)
+    for weights in weight_files(src):
+        shutil.copy2(weights, folder / weights.name)
 
 
 @contextlib.contextmanager
