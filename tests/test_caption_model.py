@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +441,15 @@ def test_cli_train_caption(emb_dirs, tmp_path):
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
     assert bad.output.startswith(f"error: CLIP {other} (xyz) is not the one the embeddings in ")
     assert "(tiny, abc)" in bad.output
+    # LAION and Flickr30k embeddings of two backbones in one run: one line naming both
+    info = json.loads((laion / "manifest.json").read_text())
+    mixed = tmp_path / "laion_b"
+    shutil.copytree(laion, mixed)
+    (mixed / "manifest.json").write_text(json.dumps({**info, "model": "b", "revision": "r9"}))
+    bad = invoke(mixed)
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1
+    assert "LAION and Flickr30k embeddings come from different CLIP models" in bad.output
+    assert "'revision': 'r9'" in bad.output and "'revision': 'abc'" in bad.output
 
 
 def test_load_captions_reads_several_shards_like_one(tmp_path):
