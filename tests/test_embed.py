@@ -548,6 +548,9 @@ def test_precomputed_row_without_caption_keeps_its_image(tmp_path, bb, text):
     assert table.column("caption").to_pylist()[1::2] == [None, None]
     for col in ("token_ids", "text_emb"):
         assert table.column(col).is_null().to_pylist() == [False, True, False, True, False]
+    assert not vectors(table.column("text_emb"))[1::2].any()  # nothing kept under the nulls
+    if not text:  # computed for the 3 captioned rows only
+        assert rep.noted["text_emb_computed"] == 3
     captioned = table.filter(table.column("caption").is_valid())
     assert captioned.column("token_ids").to_pylist() == bb.tokenize(
         captioned.column("caption").to_pylist()

@@ -43,7 +43,8 @@ def make_captions(folder: Path, n: int = 300, dtype: str = "float16", per_image:
         keys = [f"{i // per_image:09d}" for i in range(a, b)]
         captions = [None if i == 5 else f"a red circle {i}" for i in range(a, b)]
         rows = {"id": [f"{key}#{i % per_image}" for key, i in zip(keys, range(a, b))],
-                "image_id": keys, "split": ["train"] * len(keys), "caption": captions,
+                "image_id": keys, "split": [("train", "val", "test")[int(k) % 3] for k in keys],
+                "caption": captions,
                 "token_ids": [None if c is None else [1, 5, 2] for c in captions]}  # fmt: skip
         table = caption_table(rows, unit(rng, b - a), unit(rng, b - a), DIM, dtype)
         write_table(folder / f"part-{k:05d}.arrow", table)
@@ -91,7 +92,10 @@ def test_round_trip_through_the_laion_reader(tmp_path, dtype, per_image):
     assert names == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_2.npy"]  # 128 + 128 + 44 rows
     assert max(p.name for p in (out / "metadata").iterdir()) == "metadata_2.parquet"
     table = read_dataset(src)
-    stored = {c: vectors(table.column(c)) for c in ("image_emb", "text_emb")}
+    stored = {c: vectors(table.column(c)).copy() for c in ("image_emb", "text_emb")}
+    no_text = table.column("text_emb").is_null().to_numpy(zero_copy_only=False)
+    assert no_text.sum() == 1 and stored["text_emb"][no_text].any()  # values under the null
+    stored["text_emb"][no_text] = 0  # written as a zero vector: no text
     for kind, col in (("img_emb", "image_emb"), ("text_emb", "text_emb")):
         mats = [np.load(out / kind / f"{kind}_{i}.npy") for i in range(3)]
         assert all(m.dtype == np.dtype(dtype) for m in mats)  # the stored dtype is kept
@@ -101,6 +105,13 @@ def test_round_trip_through_the_laion_reader(tmp_path, dtype, per_image):
     assert [i for r in rows for i in r.ids] == table.column("id").to_pylist()
     assert [i for r in rows for i in r.image_ids] == table.column("image_id").to_pylist()
     assert [c for r in rows for c in r.captions] == table.column("caption").to_pylist()
+    assert [x for r in rows for x in r.splits] == table.column("split").to_pylist()
+    # another tool's folder (no export.json): its `id` / `split` columns are not ours
+    (out / "export.json").rename(tmp_path / "export.json")
+    foreign, _ = read_back(out)
+    assert [i for r in foreign for i in r.ids] == [f"{k}#0" for k in table["image_id"].to_pylist()]
+    assert {x for r in foreign for x in r.splits} == {"train"}
+    (tmp_path / "export.json").rename(out / "export.json")
     captioned = np.array([c is not None for c in table.column("caption").to_pylist()])
     for got, col in ((np.concatenate([r.image_emb for r in rows]), "image_emb"),
                      (np.concatenate([r.text_emb for r in rows]), "text_emb")):  # fmt: skip
@@ -219,8 +230,13 @@ def test_embed_takes_the_export_as_precomputed_input(tmp_path):
     report = embed_dataset("laion", tmp_path / "x", tmp_path / "again", bb, settings, Split())
     assert report.written == 40
     before, after = read_dataset(src), read_dataset(tmp_path / "again")
-    for col in ("id", "image_id", "caption"):
+    for col in ("id", "image_id", "caption"):  # (the fixture's token ids are made up)
         assert after.column(col).to_pylist() == before.column(col).to_pylist()
+    for col in ("token_ids", "text_emb"):  # the row without a caption: null both ways
+        assert after.column(col).is_null().to_pylist() == before.column(col).is_null().to_pylist()
+    captioned = before.column("caption").is_valid().to_numpy(zero_copy_only=False)
     for col in ("image_emb", "text_emb"):  # renormalised in float32, stored in float16 again
         a, b = (vectors(t.column(col)).astype(np.float32) for t in (after, before))
-        assert np.abs(a - b).max() <= 1e-3
+        rows = captioned if col == "text_emb" else slice(None)
+        assert np.abs(a[rows] - b[rows]).max() <= 1e-3
+    assert not vectors(after.column("text_emb"))[~captioned].any()  # zeros under the null

@@ -243,7 +243,7 @@ def test_convert_open_clip_without_quick_gelu_embeds_the_same(laion_clip, bb, tm
     assert "gelu" in res.output and "quick_gelu" not in res.output
     text = json.loads((out / "config.json").read_text())["text_config"]
     assert (text["hidden_act"], text["bos_token_id"], text["eos_token_id"]) == ("gelu", 641, 642)
-    assert json.loads((out / "open_clip.json").read_text())["eos_is_last_id"] is True
+    assert json.loads((out / "open_clip.json").read_text())["text_pooling"] == "eos"
     conv = load_backbone(out, device="cpu")
     assert conv.model.text_model.eos_token_id == 642  # the non-legacy pooling
     assert conv.tokenize(TEXTS) == bb.tokenize(TEXTS)

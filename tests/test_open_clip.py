@@ -47,13 +47,15 @@ OPEN_CLIP_KEYS_1_LAYER = {
     "visual.transformer.resblocks.0.mlp.c_proj.bias",
 }  # fmt: skip
 
-# open_clip's model config of the tiny CLIP (tests/tiny_clip.py): heads 2 = width 32 / 16
+# open_clip's model config of the tiny CLIP (tests/tiny_clip.py): heads 2 = width 32 / 16; it
+# pools its text at the EOS (id 3, not the tokenizer's highest id), as transformers does
 TINY_CONFIG = {
     "embed_dim": 16,
     "quick_gelu": True,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 213, "width": 32, "heads": 2, "layers": 2},
-}
+    "text_cfg": {"context_length": 16, "vocab_size": 213, "width": 32, "heads": 2, "layers": 2,
+                 "pool_type": "eos", "eos_id": 3},
+}  # fmt: skip
 
 
 def invoke(*args):
@@ -92,13 +94,14 @@ def wide(tmp_path_factory) -> Path:
         return build_scratch_checkpoint(texts, model, tmp_path_factory.mktemp("wide"), seed=0)
 
 
-def assert_same_embeddings(a: Path, b: Path) -> None:
+def assert_same_embeddings(a: Path, b: Path, texts: bool = True) -> None:
     x, y = load_backbone(a, device="cpu"), load_backbone(b, device="cpu")
     pixels = torch.randn(
         3, 3, x.image_size, x.image_size, generator=torch.Generator().manual_seed(0)
     )
     torch.testing.assert_close(x.encode_images(pixels), y.encode_images(pixels), atol=1e-6, rtol=0)
-    torch.testing.assert_close(x.encode_texts(TEXTS), y.encode_texts(TEXTS), atol=1e-6, rtol=0)
+    if texts:
+        torch.testing.assert_close(x.encode_texts(TEXTS), y.encode_texts(TEXTS), atol=1e-6, rtol=0)
     assert (x.image_size, x.mean, x.std, x.context_length) == (
         y.image_size, y.mean, y.std, y.context_length)  # fmt: skip
     assert x.tokenize(TEXTS) == y.tokenize(TEXTS)
@@ -132,16 +135,31 @@ def _block(w: dict, prefix: str, x, heads: int, causal: bool = False):
     return x + lin("mlp.c_proj", h * torch.sigmoid(1.702 * h))
 
 
-def test_open_clips_own_forward_gives_the_same_embeddings(tiny, tmp_path):
+@pytest.mark.parametrize("pool_type", ["eos", "argmax"])
+def test_open_clips_own_forward_gives_the_same_embeddings(tiny, tmp_path, pool_type):
     """The open_clip-layout weights, run as open_clip's CLIP runs them (VisionTransformer and
-    CLIP.encode_text, re-read here), embed as the converted Hugging Face model does."""
+    CLIP.encode_text with its text_global_pool, re-read here), embed as the converted Hugging
+    Face model does; with either pooling, though the tiny tokenizer's EOS (3) is not its
+    highest id (212): argmax pooling gets the legacy config ids."""
     F, w = torch.nn.functional, open_clip_weights(tiny)
     ckpt = tmp_path / "tiny.safetensors"
     save_file(w, str(ckpt))
-    config = write_json(tmp_path / "c.json", TINY_CONFIG)
+    text_cfg = {
+        k: v for k, v in TINY_CONFIG["text_cfg"].items() if k not in ("pool_type", "eos_id")
+    }
+    if pool_type == "eos":
+        text_cfg |= {"pool_type": "eos", "eos_id": 3}
+    config = write_json(tmp_path / "c.json", {**TINY_CONFIG, "text_cfg": text_cfg})
     out = tmp_path / "hf"
-    assert invoke("--checkpoint", ckpt, "--tokenizer", tiny, "--out", out,
-                  "--model-config", config).exit_code == 0  # fmt: skip
+    res = invoke("--checkpoint", ckpt, "--tokenizer", tiny, "--out", out, "--model-config", config)
+    assert res.exit_code == 0, res.output
+    pooled = "the highest id" if pool_type == "argmax" else "EOS"
+    assert f"text pooled at {pooled}" in res.output
+    record = json.loads((out / "open_clip.json").read_text())
+    assert record["text_pooling"] == pool_type
+    text_config = json.loads((out / "config.json").read_text())["text_config"]
+    want = (0, 1, 2) if pool_type == "argmax" else (2, 0, 3)  # bos, pad, eos
+    assert tuple(text_config[f"{k}_token_id"] for k in ("bos", "pad", "eos")) == want
     bb = load_backbone(out, device="cpu")
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     x = F.conv2d(pixels, w["visual.conv1.weight"], stride=8).flatten(2).transpose(1, 2)
@@ -160,11 +178,14 @@ def test_open_clips_own_forward_gives_the_same_embeddings(tiny, tmp_path):
     for i in range(2):
         x = _block(w, f"transformer.resblocks.{i}.", x, heads=2, causal=True)
     x = F.layer_norm(x, (32,), w["ln_final.weight"], w["ln_final.bias"])
-    # pooled at the EOS (open_clip: the highest id, the same token for OpenAI's BPE)
-    x = x[0, ids[0].tolist().index(bb.eos_token_id)]
+    # open_clip's text_global_pool: at the highest token id, or at the first EOS
+    at = ids[0].argmax() if pool_type == "argmax" else ids[0].tolist().index(bb.eos_token_id)
+    assert (ids[0].argmax() != ids[0].tolist().index(bb.eos_token_id)).item()  # they differ
+    x = x[0, at]
     with torch.inference_mode():
         hf = bb.model.get_text_features(input_ids=ids).pooler_output[0]
     torch.testing.assert_close(x @ w["text_projection"], hf, atol=1e-5, rtol=1e-5)
+    assert bb.eos_token_id == 3  # the project's ids come from the tokenizer, either way
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -194,7 +215,10 @@ def test_the_inferred_config_is_the_given_one(wide, tmp_path):
     save_file(open_clip_weights(wide), str(ckpt))
     res = invoke("--checkpoint", ckpt, "--tokenizer", wide, "--out", tmp_path / "a", "--quick-gelu")
     assert res.exit_code == 0, res.output
-    assert_same_embeddings(wide, tmp_path / "a")
+    # inferred: open_clip's default argmax pooling, which this tokenizer (EOS 3 of 300) makes
+    # another token than the original's EOS pooling: the images embed the same, texts not
+    assert_same_embeddings(wide, tmp_path / "a", texts=False)
+    assert "heads 1/1, quick_gelu, text pooled at the highest id" in res.output
     inferred = json.loads((tmp_path / "a" / "open_clip.json").read_text())["model_config"]
     assert inferred["vision_cfg"]["head_width"] == 64 and inferred["text_cfg"]["heads"] == 1
     config = write_json(tmp_path / "wide.json", inferred)

@@ -87,6 +87,7 @@ def test_image_ids_kept_as_given():
         assert qa_table.image_ids(given, "x.jpg") == (qa_table.stable_image_id(given), given)
     assert qa_table.image_ids(None, "a/b.jpg") == (qa_table.stable_image_id("a/b.jpg"), None)
     assert qa_table.image_ids(" ", "a/b.jpg")[1] is None
+    assert qa_table.image_ids("²", "x.jpg") == (qa_table.stable_image_id("²"), "²")  # not ASCII
 
 
 def test_detect_and_reader_errors(tmp_path):
@@ -103,6 +104,25 @@ def test_detect_and_reader_errors(tmp_path):
         convert(gqa["input"], tmp_path / "o2", 0, Split(), Answers(), annotations=vqa["input"])
     with pytest.raises(UserError, match="not a VQA v2 annotations file"):
         convert(vqa["input"], tmp_path / "o3", 0, Split(), Answers(), annotations=gqa["input"])
+    with pytest.raises(UserError, match="is a VQA v2 annotations file: pass the questions"):
+        convert(tmp_path / "v/a.json", tmp_path / "o5", 0, Split(), Answers())
+    # JSON lines named .json with GQA's column name, and a JSON array: generic tables
+    rows = [{"image": f"images/{r['imageId']}.jpg", "imageId": r["imageId"],
+             "question": r["question"], "answer": r["answer"]}
+            for r in json.loads(gqa["input"].read_text()).values() if r["answer"]]  # fmt: skip
+    (tmp_path / "g/lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "g/array.json").write_text(json.dumps(rows))
+    assert vqa_json.detect(tmp_path / "g/lines.json") is None
+    assert vqa_json.detect(tmp_path / "g/array.json") == "array"
+    for name in ("lines", "array"):
+        rep = convert(tmp_path / f"g/{name}.json", tmp_path / name, 0, Split(), Answers())
+        assert (rep.read, rep.written, dict(rep.skipped), dict(rep.noted)) == (6, 6, {}, {})
+    for split in ("train", "val", "test"):
+        a, b = (pq.read_table(tmp_path / n / f"{split}.parquet") for n in ("lines", "array"))
+        assert a.equals(b)
+    (tmp_path / "bad.json").write_text('[{"image": "a.jpg"}, 3]')
+    with pytest.raises(UserError, match="not a JSON array of row objects"):
+        convert(tmp_path / "bad.json", tmp_path / "o6", 0, Split(), Answers())
     broken = tmp_path / "broken.json"
     broken.write_text('{"1": {"imageId": "n1", "question": "q?", "answer": ')
     with pytest.raises(UserError, match="malformed JSON"):

@@ -62,12 +62,6 @@ class CaptionSet:
             skipped=dict(self.skipped),
         )
 
-    def images(self) -> torch.Tensor:
-        """(n_images, d): one embedding per unique image."""
-        first = torch.zeros(len(self.image_ids), dtype=torch.long)
-        first[self.image_index.flip(0)] = torch.arange(len(self) - 1, -1, -1)
-        return self.image_emb[first]
-
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "manifest.json"
@@ -118,7 +112,8 @@ def load_captions(
     in_split = np.isin(split, list(splits))
     bad_null, bad_short = in_split & null, in_split & ~null & (lens < 2)
     rows = np.flatnonzero(in_split & ~bad_null & ~bad_short)
-    skipped = {k: int(v.sum()) for k, v in (("no_token_ids", bad_null), ("too_short", bad_short))}
+    # null token ids: a row without a caption (embed keeps its image, noted empty_caption)
+    skipped = {k: int(v.sum()) for k, v in (("empty_caption", bad_null), ("too_short", bad_short))}
     ids, lengths, cut = _pad_token_ids(tok, rows, max_len, pad_id, eos_id)
     emb = vectors(table.column("image_emb"))
     image_ids = table.column("image_id").take(pa.array(rows)).to_pylist()

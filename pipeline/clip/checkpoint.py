@@ -29,7 +29,7 @@ from pipeline.settings import check
 
 # What a checkpoint folder may hold; a pass-through copies these (plus weight shards).
 CHECKPOINT_FILES = (
-    "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+    "config.json", "model.safetensors.index.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "preprocessor_config.json", "pytorch_model.bin.index.json",
     "open_clip.json",  # provenance of a converted open_clip checkpoint (convert-open-clip)
@@ -164,7 +164,8 @@ def save_backbone(bb: Backbone, folder: str | Path, image_settings_from: str) ->
 
 
 def copy_checkpoint(src: str | Path, folder: str | Path) -> None:
-    """Copy the checkpoint files of folder `src` (unchanged bytes) into `folder`."""
+    """Copy the checkpoint files of folder `src` (unchanged bytes) into `folder`: its
+    `weight_files` and the CHECKPOINT_FILES beside them."""
     src, folder = Path(src), Path(folder)
     for name in CHECKPOINT_FILES:
         if (src / name).is_file():

@@ -15,9 +15,15 @@ image towers of ViT-H/g/bigG/e, which have 16 heads in all of open_clip's config
 
 Images: open_clip's `PreprocessCfg` default (OpenAI mean/std, bicubic resize of the shortest
 side, center crop) is what CLIP's processor does, except that torchvision's crop rounds an odd
-margin half to even where transformers floors it (one pixel at most). Text: open_clip pools at
-the highest token id, Hugging Face at the first EOS: the same token when EOS is the last id
-(OpenAI's BPE: 49407); `open_clip.json` says whether it is.
+margin half to even where transformers floors it (one pixel at most).
+
+Text pooling: open_clip pools at the highest token id (`pool_type: argmax`, its default) or at
+the first EOS (`pool_type: eos`); transformers at the first EOS, or at the highest id when the
+text config's `eos_token_id` is 2 (its legacy path, as in LAION's own Hugging Face exports).
+The two are the same token when EOS is the tokenizer's highest id (OpenAI's BPE: 49407): the
+config then carries the tokenizer's ids. An argmax model with another tokenizer gets the
+legacy ids 0/1/2, so that transformers pools as open_clip does (the project reads special ids
+from the tokenizer, never from these). `open_clip.json` records which (`text_pooling`).
 """
 
 from __future__ import annotations
@@ -233,14 +239,31 @@ def _tower(c: dict, heads: int, act: str, embed_dim: int) -> dict:
     }
 
 
-def hf_config(cfg: dict, tokenizer, act: str):
-    """The `CLIPConfig` of open_clip model config `cfg` with the tokenizer's special ids (not
-    `checkpoint.hf_clip_config`: open_clip's towers differ in width, depth and heads)."""
+LEGACY_IDS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}  # transformers: argmax
+
+
+def text_pooling(cfg: dict, tokenizer) -> str:
+    """How the converted text tower must pool (module docstring): "eos" (at the tokenizer's
+    EOS) or "argmax" (the legacy config ids); a `UserError` when transformers cannot."""
+    eos, highest = tokenizer.eos_token_id, max(tokenizer.get_vocab().values())
+    if cfg["text_cfg"].get("pool_type", "argmax") == "argmax":
+        return "eos" if eos == highest else "argmax"
+    if eos == LEGACY_IDS["eos_token_id"] and eos != highest:
+        raise UserError("text_cfg.pool_type eos with EOS id 2: transformers would pool that "
+                        "text tower at the highest token id")  # fmt: skip
+    return "eos"
+
+
+def hf_config(cfg: dict, tokenizer, act: str, pooling: str = "eos"):
+    """The `CLIPConfig` of open_clip model config `cfg` with the tokenizer's special ids, or
+    the legacy ones for `pooling` "argmax" (`text_pooling`); not `checkpoint.hf_clip_config`:
+    open_clip's towers differ in width, depth and heads."""
     from transformers import CLIPConfig
 
     v, t, embed, eos = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"], tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+    ids = LEGACY_IDS if pooling == "argmax" else ids
     try:
         text = _tower(t, t["heads"], act, embed) | ids
         text |= {"vocab_size": t["vocab_size"], "max_position_embeddings": t["context_length"]}
@@ -305,7 +328,9 @@ def main(
             f"text_cfg.eos_id={t['eos_id']} is not the tokenizer's EOS {tok.eos_token_id}"
         )
     act = "quick_gelu" if cfg["quick_gelu"] else "gelu"
-    model = checked_model(hf_config(cfg, tok, act), open_clip_to_hf(sd, t["layers"], v["layers"]))
+    pooling = text_pooling(cfg, tok)
+    config = hf_config(cfg, tok, act, pooling)
+    model = checked_model(config, open_clip_to_hf(sd, t["layers"], v["layers"]))
     with open(checkpoint, "rb") as fh:
         sha = "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
     record = {
@@ -316,7 +341,7 @@ def main(
         "quick_gelu": cfg["quick_gelu"],
         "image_mean": list(mean),
         "image_std": list(std),
-        "eos_is_last_id": tok.eos_token_id == len(tok) - 1,  # argmax pooling == EOS pooling
+        "text_pooling": pooling,  # "argmax": the config carries the legacy ids 0/1/2
     }
     with staged_folder(out) as tmp:
         save_checkpoint(model, lambda f: tok.save_pretrained(str(f)), tmp, v["image_size"])
@@ -326,5 +351,7 @@ def main(
     return (
         f"convert-open-clip: {checkpoint.name} -> {out} (ViT {v['layers']}x{v['width']}/"
         f"{v['patch_size']} at {v['image_size']} px, text {t['layers']}x{t['width']}, "
-        f"embed {cfg['embed_dim']}, {act}; {weights_sha256(out)[:19]})"
+        f"embed {cfg['embed_dim']}, heads {v['width'] // v['head_width']}/{t['heads']}, {act}, "
+        f"text pooled at {'the highest id' if pooling == 'argmax' else 'EOS'}; "
+        f"{weights_sha256(out)[:19]})"
     )

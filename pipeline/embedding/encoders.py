@@ -143,4 +143,7 @@ def encode_captions(
     if text is None:
         text = np.zeros((len(captions), backbone.dim), np.float32)
         text[has] = encode_token_ids(backbone, tok, batch_size)
+    elif len(has) < len(captions):  # given with the captions: nothing kept under a null row
+        text = np.array(text, dtype=np.float32)
+        text[[i for i, c in enumerate(captions) if c is None]] = 0.0
     return token_ids, text

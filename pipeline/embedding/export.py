@@ -5,7 +5,7 @@ The layout is what `clip-retrieval inference` writes (clip_inference/writer.py) 
 as an index folder (clip_back.py reads `image.index`, `text.index`, `metadata/*.parquet`):
 
     img_emb/img_emb_{N}.npy           (rows, d) in the stored dtype, already L2-normalised
-    text_emb/text_emb_{N}.npy         caption datasets only
+    text_emb/text_emb_{N}.npy         caption datasets only; zeros where a row has no caption
     metadata/metadata_{N}.parquet     caption rows: key (= image_id), caption, id, split;
                                       vg rows: key (= id), image_id, box ("x,y,w,h" or null)
     image.index, text.index           faiss, inner product; faiss id = row number
@@ -192,6 +192,10 @@ def main(
         for kind, col in kinds.items():
             mat = vectors(sl.column(col))
             mat = mat if dtype == "keep" else mat.astype(dtype)
+            null = sl.column(col).is_null().to_numpy(zero_copy_only=False)
+            if null.any():  # a row without a caption has no text: a zero vector
+                mat = np.array(mat)
+                mat[null] = 0
             _save_npy(out / kind / f"{kind}_{num}.npy", mat)
         meta = _metadata(sl, caption)
         with atomic_path(out / "metadata" / f"metadata_{num}.parquet") as tmp:

@@ -65,11 +65,12 @@ def embed_precomputed(
             backbone, rows.captions, rows.ids, report, settings.text_batch_size, rows.text_emb
         )
         if rows.text_emb is None:
-            report.note("text_emb_computed", f"chunk {c.n}", n=len(rows.ids))
+            captioned = sum(caption is not None for caption in rows.captions)
+            report.note("text_emb_computed", f"chunk {c.n}", n=captioned)
         cols = {
             "id": rows.ids,
             "image_id": rows.image_ids,
-            "split": ["train"] * len(rows.ids),
+            "split": rows.splits,
             "caption": rows.captions,
             "token_ids": token_ids,
         }

@@ -272,12 +272,15 @@ def _caption(texts: dict[str, str], parquet_caption) -> str:
 
 @dataclass(frozen=True)
 class PrecomputedChunk:
-    """One `N` of the precomputed layout: its three files (text may be absent)."""
+    """One `N` of the precomputed layout: its three files (text may be absent); `exported`:
+    written by `clipda export` (its `export.json` beside), whose metadata `id` and `split`
+    columns are this project's row ids and splits."""
 
     n: int
     img_emb: Path
     text_emb: Path | None
     metadata: Path | None
+    exported: bool = False
 
 
 def is_precomputed(input_path: Path) -> bool:
@@ -293,6 +296,7 @@ def precomputed_chunks(input_path: Path) -> list[PrecomputedChunk]:
     """The img_emb_N.npy files (numeric order) with their text_emb / metadata siblings,
     which carry the same N as written (clip-retrieval pads it: `img_emb_07.npy`)."""
     chunks = []
+    exported = (input_path / "export.json").is_file()
     for f in (input_path / "img_emb").glob("img_emb_*.npy"):
         n = _number(f, "img_emb")
         if n is None:
@@ -300,9 +304,8 @@ def precomputed_chunks(input_path: Path) -> list[PrecomputedChunk]:
         digits = f.stem.removeprefix("img_emb_")
         text = input_path / "text_emb" / f"text_emb_{digits}.npy"
         meta = input_path / "metadata" / f"metadata_{digits}.parquet"
-        chunks.append(
-            PrecomputedChunk(n, f, text if text.exists() else None, meta if meta.exists() else None)
-        )
+        text, meta = (p if p.exists() else None for p in (text, meta))
+        chunks.append(PrecomputedChunk(n, f, text, meta, exported))
     if not chunks:
         raise UserError(f"{input_path}/img_emb holds no img_emb_N.npy files")
     return sorted(chunks, key=lambda c: c.n)
@@ -318,14 +321,16 @@ def npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 class PrecomputedRows:
     ids: list[str]
     image_ids: list[str]
+    splits: list[str]  # "train", or the split `clipda export` recorded
     captions: list[str | None]  # None: no caption (the image embedding is kept)
     image_emb: np.ndarray  # (n, d) float32, L2-normalised
     text_emb: np.ndarray | None
 
 
 def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows:
-    """The usable rows of one chunk; bad rows are skipped by reason (ids = keys). Row ids
-    are the metadata's `id` where it has one, else `<key>#0`; image ids are the keys.
+    """The usable rows of one chunk; bad rows are skipped by reason (ids = keys). Image ids
+    are the keys; row ids are `<key>#0` and splits "train", except in a `clipda export`
+    folder (`chunk.exported`), whose metadata `id` and `split` are taken back.
 
     Rows need a finite, non-zero image embedding; a row with a caption (from metadata)
     also needs such a text embedding (when the chunk has them). A row without a caption
@@ -342,15 +347,16 @@ def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows
         report.read += lost
         report.skip("precomputed_chunk_mismatch", label, n=lost)
         return PrecomputedRows(
-            [], [], [], np.zeros((0, img.shape[-1] if img.ndim else 0), np.float32), None
+            [], [], [], [], np.zeros((0, img.shape[-1] if img.ndim else 0), np.float32), None
         )
     report.read += n
-    keys, row_ids = [], []
+    keys, row_ids, splits = [], [], []
     for i, row in enumerate(meta):
         key = row.get("key")
         keys.append(str(key) if key not in (None, "") else f"{chunk.n}_{i}")
-        row_id = row.get("id")  # `clipda export` writes it: several captions per image
+        row_id, split = (row.get(c) if chunk.exported else None for c in ("id", "split"))
         row_ids.append(str(row_id) if row_id not in (None, "") else f"{keys[-1]}#0")
+        splits.append(split if split in ("train", "val", "test") else "train")
     captions = [str(row.get("caption") or "").strip() or None for row in meta]
     image = np.array(img, dtype=np.float32)  # a copy: the memory map is read-only
     text = np.array(txt, dtype=np.float32) if txt is not None else None
@@ -377,6 +383,7 @@ def read_precomputed(chunk: PrecomputedChunk, report: Report) -> PrecomputedRows
     return PrecomputedRows(
         ids=[row_ids[i] for i in idx],
         image_ids=[keys[i] for i in idx],
+        splits=[splits[i] for i in idx],
         captions=[captions[i] for i in idx],
         image_emb=image[idx],
         text_emb=text[idx] if text is not None else None,

@@ -1,4 +1,4 @@
-"""A generic QA table (parquet, JSONL or CSV), or GQA / VQA v2 question files as released
+"""A generic QA table (parquet, JSONL, a JSON array or CSV), or GQA / VQA v2 question files as released
 (`pipeline.formats.vqa_json`) -> the data/qa layout that prepare_vqa writes.
 
 So that any VQA dataset runs through the same embed / train_vqa / evaluate_vqa stages:
@@ -79,12 +79,18 @@ TABLE_SCHEMA = SCHEMA.append(pa.field("source_image_id", pa.string()))
 
 
 def read_any(path: Path, annotations: Path | None, images: Path) -> tuple[pa.Table, Counter]:
-    """Parquet, JSON lines (.jsonl/.json), CSV/TSV by extension, or GQA / VQA v2 question
-    JSON; with the questions skipped while reading, by reason."""
+    """Parquet, JSON lines (.jsonl/.json), a JSON array of rows (.json), CSV/TSV by
+    extension, or GQA / VQA v2 question JSON; with the questions skipped while reading, by
+    reason."""
     suffix = path.suffix.lower()
     kind = vqa_json.detect(path) if suffix == ".json" else None
+    if kind == "vqa2_annotations":
+        raise UserError(f"{path} is a VQA v2 annotations file: pass the questions file as "
+                        "--input and this one as --annotations")  # fmt: skip
     if annotations is not None and kind != "vqa2":
         raise UserError(f"--annotations is for a VQA v2 questions file; {path} is not one")
+    if kind == "array":
+        return vqa_json.read_array(path), Counter()
     if kind == "gqa":
         return vqa_json.read_gqa(path)
     if kind == "vqa2":
@@ -141,7 +147,7 @@ def image_ids(value: Any, path: str) -> tuple[int, str | None]:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value, str(value)
     given = str(value).strip()
-    if given.isdigit() and str(int(given)) == given and int(given) < 2**63:
+    if given.isascii() and given.isdigit() and str(int(given)) == given and int(given) < 2**63:
         return int(given), given
     return stable_image_id(given), given
 

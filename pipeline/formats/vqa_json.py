@@ -19,6 +19,7 @@ Questions without an answer are skipped by reason (`no_annotation`, `empty_answe
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -64,16 +65,30 @@ class VQAAnnotations(msgspec.Struct):
 
 
 def detect(path: Path) -> str | None:
-    """The kind of a .json file from its first bytes: "gqa", "vqa2", or None (other JSON)."""
+    """The kind of a .json file from its first bytes: "gqa", "vqa2" (questions),
+    "vqa2_annotations", "array" (a JSON array of row objects), or None (JSON lines)."""
     with open(path, "rb") as fh:
         head = fh.read(4096).lstrip()
+    if head.startswith(b"["):
+        return "array"
     if not head.startswith(b"{"):
         return None
-    if b'"questions"' in head or b'"data_subtype"' in head or b'"task_type"' in head:
+    if b'"annotations"' in head and b'"questions"' not in head:
+        return "vqa2_annotations"
+    if b'"questions"' in head or b'"task_type"' in head or b'"data_subtype"' in head:
         return "vqa2"
-    if b'"imageId"' in head:
-        return "gqa"
+    if re.match(rb'\{\s*"[^"]*"\s*:\s*\{', head) and b'"imageId"' in head:
+        return "gqa"  # {qid: {...}}; a JSON line has a value, not an object, after its key
     return None
+
+
+def read_array(path: Path) -> pa.Table:
+    """A JSON array of row objects (`[{"image": ..., "question": ..., ...}, ...]`)."""
+    rows = _decode(path, list[dict], "JSON array of row objects")
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise UserError(f"{path}: rows of different types ({exc})".splitlines()[0]) from None
 
 
 def _decode(path: Path, kind: type, what: str):

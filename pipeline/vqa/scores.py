@@ -143,9 +143,9 @@ def write_predictions(
     score: dict[str, np.ndarray],
 ) -> None:
     """One JSON line per evaluated question: the truth and each method's top answers."""
-    names = ["qid", "image_id", "qtype", "question", "subject", "object", "answer"]
-    names += [SOURCE_ID] if SOURCE_ID in data.meta.column_names else []
-    cols = {c: data.column(c) for c in names}
+    columns = ["qid", "image_id", "qtype", "question", "subject", "object", "answer"]
+    columns += [SOURCE_ID] if SOURCE_ID in data.meta.column_names else []
+    cols = {c: data.column(c) for c in columns}
 
     def names(ids: np.ndarray) -> list[str]:
         return [answers[i] for i in ids.tolist() if i >= 0]
