@@ -346,7 +346,7 @@ def main() -> None:
             print(f"generated replica in {time.perf_counter() - t0:.1f}s: {info}")
         from pipeline.formats.vg import json_backend
 
-        print(f"ijson backend: {json_backend()}")
+        print(f"JSON readers: {json_backend()}")
         print(f"{'':28s}{'wall s':>10s}{'peak RSS MB':>14s}{'all processes PSS MB':>22s}")
         runs = [run_worker("stream", vg_dir, root / "out_stream") for _ in range(args.runs)]
         for sw, sr, ss in runs:

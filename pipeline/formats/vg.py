@@ -45,9 +45,9 @@ BLOCK = 1 << 21  # bytes read at a time by `iter_entries`
 
 
 def json_backend() -> str:
-    """Name of the ijson backend in use ('yajl2_c' is the fast C one): the reader of
-    entries msgspec rejects (`iter_entries`)."""
-    return ijson.backend
+    """The JSON readers in use: msgspec, and the ijson backend ('yajl2_c' is the fast C
+    one) that reads the blocks msgspec rejects (`iter_entries`)."""
+    return f"msgspec {msgspec.__version__}; ijson {ijson.backend} for blocks msgspec rejects"
 
 
 def _check_array(path: str | Path) -> Path:
