@@ -14,8 +14,8 @@ pipeline <stage>` for prepare-vqa, embed (vg, flickr30k, laion), train-vqa, eval
 train-caption (ada) and evaluate-caption, each in its own process, and prints per stage:
 rows (the stage's input size), wall seconds, peak RSS (the largest single process, from
 wait4) and the peak summed PSS of its process tree (sampled every 0.2 s: DataLoader
-workers included, shared pages split between the processes sharing them), and the cost exponent k of time ~ rows^k: fitted over all fractions
-and, the figure the target k <= 1.1 is read on, between the two largest (the smaller
+workers included, shared pages split between the processes sharing them), and the cost
+exponent k of time ~ rows^k: fitted over all fractions and, the figure the target k <= 1.1 is read on, between the two largest (the smaller
 fractions carry the fixed start-up cost, which pulls the all-fractions fit down).
 
 Training runs one epoch per phase (the cost of one epoch is what scales); the settings

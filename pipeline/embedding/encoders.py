@@ -145,5 +145,5 @@ def encode_captions(
         text[has] = encode_token_ids(backbone, tok, batch_size)
     elif len(has) < len(captions):  # given with the captions: nothing kept under a null row
         text = np.array(text, dtype=np.float32)
-        text[[i for i, c in enumerate(captions) if c is None]] = 0.0
+        text[[t is None for t in token_ids]] = 0.0
     return token_ids, text

@@ -1,5 +1,5 @@
-"""A generic QA table (parquet, JSONL, a JSON array or CSV), or GQA / VQA v2 question files as released
-(`pipeline.formats.vqa_json`) -> the data/qa layout that prepare_vqa writes.
+"""A generic QA table (parquet, JSONL, a JSON array or CSV), or GQA / VQA v2 question files
+as released (`pipeline.formats.vqa_json`) -> the data/qa layout that prepare_vqa writes.
 
 So that any VQA dataset runs through the same embed / train_vqa / evaluate_vqa stages:
 one row per question with an image path, the question and its answer; optional columns
