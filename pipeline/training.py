@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -50,6 +51,13 @@ def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA when `enabled`; on the CPU a no-op (fp32, same code path)."""
     on = enabled and device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def spare_cores(busy: int) -> int:
+    """The CPU cores this process may use (its affinity), less `busy` ones, at least 1: torch
+    threads beside `busy` worker processes without oversubscribing the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - busy)
 
 
 @contextlib.contextmanager

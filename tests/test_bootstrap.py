@@ -319,7 +319,7 @@ def probe_set(tmp_path_factory):
     from pipeline.synth.webdata import write_probes
 
     out = tmp_path_factory.mktemp("probes") / "probes"
-    write_probes(out, 44, 0, (96, 72), (2, 3))
+    write_probes(out, 44, 0, (96, 72), (2, 3), n_scenes=8)
     return out
 
 
@@ -338,6 +338,10 @@ def test_probes_of_the_written_clip_go_to_the_metrics(shard, flickr30k, probe_se
     assert metrics["zs_col"]["crop"] == crop["colour"]["zeroshot"]
     assert metrics["lp_cat"]["crop"] == crop["category"]["linear"]
     assert detail["probe_templates"]["category"][0] == "a photo of a {}."
+    scenes = detail["scene_probes"]
+    assert set(scenes) == {"clipart_scene", "photo_scene"}
+    assert scenes["photo_scene"]["object"]["n_test"] == 4 and detail["scene_probes_how"]
+    assert metrics["scene_rk"] == {k: v["recall_at_k"] for k, v in scenes["photo_scene"].items()}
 
 
 def test_no_probe_set_no_probe_keys(scratch):

@@ -774,3 +774,32 @@ def test_bad_params_are_one_line_errors(tmp_path, clip_dir):
     res = invoke(flickr30k_opts(tmp_path / "none", clip_dir, tmp_path / "o", params))
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "embed.batch_size" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_default_threads_leave_the_decode_workers_their_cores(monkeypatch):
+    """embed.threads 0: torch threads = cores - num_workers (at least 1), no oversubscription."""
+    import pipeline.stages.embed as stage
+    from pipeline import training
+
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert training.spare_cores(2) == 1 and training.spare_cores(0) == 2
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert training.spare_cores(2) == 14
+    seen = []
+    monkeypatch.setattr(stage, "cpu_threads", lambda n: seen.append(n) or _Stop())
+    with pytest.raises(_Halt):
+        stage.main("flickr30k", Path("."), Path("."), "clip", Path("out"), None,
+                   {"embed": {"num_workers": 3}})  # fmt: skip
+    assert seen == [13]
+
+
+class _Halt(Exception):
+    pass
+
+
+class _Stop:
+    def __enter__(self):
+        raise _Halt
+
+    def __exit__(self, *exc):
+        return False

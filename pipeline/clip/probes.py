@@ -110,6 +110,10 @@ def run_probes(bb: Backbone, rows: list[dict], pixels: torch.Tensor) -> dict:
     from pipeline.synth.scene import CATEGORIES, COLOURS
 
     classes = {"category": list(CATEGORIES), "colour": list(COLOURS)}
+    keep = [i for i, r in enumerate(rows) if r["kind"] != "scene"]  # scenes: scene_probes
+    rows, pixels = [rows[i] for i in keep], pixels[keep]
+    if not rows:
+        return {}
     emb = embed_pixels(bb, pixels)
     prompts = {k: class_embeddings(bb, classes[k], TEMPLATES[k]) for k in classes}
     out: dict = {}
@@ -136,16 +140,20 @@ def run_probes(bb: Backbone, rows: list[dict], pixels: torch.Tensor) -> dict:
     return out
 
 
-def headline(probes: dict) -> dict:
+def headline(probes: dict, scenes: dict | None = None) -> dict:
     """The short keys of `metrics/clip.json`: zero-shot category and colour top-1 on photo
-    crops and single images, linear-probe category on photo crops."""
+    crops and single images, linear-probe category on photo crops; with `scenes`
+    (`scene_probes.run_scene_probes`), the scene probes' recall@k on photo-style scenes."""
 
     def get(group, label, how):
         return probes.get(group, {}).get(label, {}).get(how)
 
-    return {
+    out = {
         "zs_cat": {"crop": get("photo_crop", "category", "zeroshot"),
                    "single": get("photo_single", "category", "zeroshot")},
         "zs_col": {"crop": get("photo_crop", "colour", "zeroshot")},
         "lp_cat": {"crop": get("photo_crop", "category", "linear")},
     }  # fmt: skip
+    if scenes and "photo_scene" in scenes:
+        out["scene_rk"] = {k: v["recall_at_k"] for k, v in scenes["photo_scene"].items()}
+    return out

@@ -21,7 +21,8 @@ Image->text / text->image recall@1/@5 on held-out LAION pairs (a seeded split ne
 trained on), before and after training, and the probes of the CLIP it writes
 (`pipeline.clip.probes` on `--probes`, the sample world's probe set: zero-shot and
 linear-probe top-1 for object category and colour, single images and object crops, both
-styles) go to `--metrics` (headline keys) and `--detail` (everything).
+styles; and `pipeline.clip.scene_probes` on its whole scenes: what a linear read-out of a
+scene's embedding carries) go to `--metrics` (headline keys) and `--detail` (everything).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main(
     from pipeline.clip.probes import HOW as PROBES_HOW
     from pipeline.clip.probes import TEMPLATES, headline
     from pipeline.clip.retrieval import HOW, evaluate
+    from pipeline.clip.scene_probes import HOW as SCENE_HOW
     from pipeline.training import cpu_threads, seed_everything, write_plot
 
     s, split = load(Settings, params), load(Split, params)
@@ -114,12 +116,12 @@ def main(
         _save(mode, pretrained, bb, tmp, data if rows else None, s.seed)
         report.extra.update({"mode": mode, "threads": torch.get_num_threads()})
         report.save(tmp / "report.json")  # no timings inside the model: its hash stays stable
-        probe_scores, probe_seconds = _probe(bb, probes)
+        probe_scores, scene_scores, probe_seconds = _probe(bb, probes)
 
     n, n_flickr30k = len(held), data.count("flickr30k")
     head = {"after": _recalls(after), "before": _recalls(before), "chance_r1": round(1 / n, 6)}
     if probe_scores:
-        head.update(headline(probe_scores))
+        head.update(headline(probe_scores, scene_scores))
     write_json(metrics, head)
     write_json(detail, {
         "mode": mode,
@@ -139,6 +141,8 @@ def main(
         "how": HOW.format(fraction=s.heldout_fraction, seed=s.seed),
         "probes": probe_scores,
         "probes_how": PROBES_HOW if probe_scores else None,
+        "scene_probes": scene_scores,
+        "scene_probes_how": SCENE_HOW if scene_scores else None,
         "probe_templates": {k: list(v) for k, v in TEMPLATES.items()},
         "tokenizer": TOKENIZER if mode == "scratch" else f"from {pretrained}",
         "vocab_size": int(bb.model.config.text_config.vocab_size),
@@ -159,17 +163,20 @@ def main(
     )
 
 
-def _probe(bb, probes: Path | None) -> tuple[dict | None, float | None]:
-    """The probe scores of `bb` on the probe set `probes` (None: not measured), seconds."""
+def _probe(bb, probes: Path | None) -> tuple[dict | None, dict | None, float | None]:
+    """The crop / single-object probe scores and the scene probe scores of `bb` on the
+    probe set `probes` (None: not measured), seconds."""
     from pipeline.clip.probes import load_probe_set, run_probes
+    from pipeline.clip.scene_probes import scene_probe_scores
 
     if probes is None:
-        return None, None
+        return None, None, None
     t = time.perf_counter()
     rows, pixels = load_probe_set(Path(probes), bb)
     if not rows:
-        return None, None
-    return run_probes(bb, rows, pixels), round(time.perf_counter() - t, 1)
+        return None, None, None
+    crops, scenes = run_probes(bb, rows, pixels), scene_probe_scores(bb, rows, pixels)
+    return crops, scenes or None, round(time.perf_counter() - t, 1)
 
 
 def _open(

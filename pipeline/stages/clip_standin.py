@@ -48,6 +48,7 @@ class Settings:
     grad_clip: float = 1.0  # gradient norm clip (0 = none)
     augment_shift: int = 4  # random translation of training images by up to this many pixels
     val_probes: int = 88  # validation probe images per style x kind group
+    val_scenes: int = 300  # validation probe scenes per style (half fit, half scored)
     eval_every: int = 1000  # steps between validation probe scores
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     threads: int = 1  # torch CPU threads (0 = torch default); 1 keeps CPU runs bit-identical
@@ -57,7 +58,7 @@ class Settings:
         for key in ("weight_decay", "warmup_steps", "grad_clip", "augment_shift",
                     "colour_groups", "threads"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
-        for key in ("images", "steps", "batch_size", "eval_every"):
+        for key in ("images", "steps", "batch_size", "eval_every", "val_scenes"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.val_probes >= 44, "val_probes", "must be >= 44 (2 per category: train, test)")
         for key in ("single_share", "crop_share", "photo_share", "crop_margin"):
@@ -83,6 +84,8 @@ def main(out: Path, params: Path) -> str:
     from pipeline.clip.backbone import load_backbone
     from pipeline.clip.checkpoint import build_scratch_checkpoint, save_backbone, staged_folder
     from pipeline.clip.probes import HOW, TEMPLATES, headline, run_probes
+    from pipeline.clip.scene_probes import HOW as SCENE_HOW
+    from pipeline.clip.scene_probes import scene_probe_scores
     from pipeline.clip.standin import decode, train_steps, training_pairs
     from pipeline.synth.captions import vocabulary_text
     from pipeline.synth.webdata import probe_items
@@ -101,15 +104,19 @@ def main(out: Path, params: Path) -> str:
         texts = [c for caps in captions for c in caps] + vocabulary_text() * 20
         build_scratch_checkpoint(texts, s.model, tmp, s.seed)
         bb = load_backbone(tmp, s.device)
-        val = list(probe_items(s.val_probes, s.seed, s.canvas, s.objects_per_image, VAL_TAG))
+        val = list(probe_items(s.val_probes, s.seed, s.canvas, s.objects_per_image, VAL_TAG,
+                               n_scenes=s.val_scenes))  # fmt: skip
         val_rows = [{"category": d.category, "colour": d.colour, "style": d.style,
-                     "kind": d.kind, "split": split} for d, split in val]  # fmt: skip
+                     "kind": d.kind, "split": split, "objects": d.objects,
+                     "canvas": list(s.canvas)} for d, split in val]  # fmt: skip
         val_px = torch.from_numpy(np.stack([decode(d, s.model.image_size) for d, _ in val]))
         t_data = time.perf_counter() - t0
 
         def evaluate() -> dict:
             probes = run_probes(bb, val_rows, val_px)
-            flat = {f"{k}_{g}": v for k, d in headline(probes).items() for g, v in d.items()}
+            scenes = scene_probe_scores(bb, val_rows, val_px)
+            head = headline(probes, scenes)
+            flat = {f"{k}_{g}": v for k, d in head.items() for g, v in d.items()}
             return {**flat, "zs_cat_clip_single": probes["clipart_single"]["category"]["zeroshot"]}
 
         t1 = time.perf_counter()
@@ -122,13 +129,16 @@ def main(out: Path, params: Path) -> str:
         )  # fmt: skip
         t_train = time.perf_counter() - t1
         probes = run_probes(bb, val_rows, val_px)
+        scenes = scene_probe_scores(bb, val_rows, val_px)
         save_backbone(bb, tmp, str(tmp))
         write_plot(tmp / "train_curve.tsv", rows)
         write_json(tmp / "standin.json", {
             "what": "the sample world's stand-in CLIP (pipeline/stages/clip_standin.py)",
             "validation_probes": probes,
-            "validation_headline": headline(probes),
+            "validation_scene_probes": scenes,
+            "validation_headline": headline(probes, scenes),
             "probes_how": HOW,
+            "scene_probes_how": SCENE_HOW,
             "probe_templates": {k: list(v) for k, v in TEMPLATES.items()},
             "train_images": {k: kinds.count(k) for k in ("single", "crop", "scene")},
             "data_seconds": round(t_data, 1),
@@ -138,10 +148,12 @@ def main(out: Path, params: Path) -> str:
             "device": str(bb.device),
             "settings": as_dict(s),
         })  # fmt: skip
-    h = headline(probes)
+    h = headline(probes, scenes)
     return (
         f"clip_standin: {s.steps} steps on {s.images} images in {t_train:.0f}s "
         f"(data {t_data:.0f}s); validation zero-shot category photo crops "
         f"{h['zs_cat']['crop']:.3f}, single {h['zs_cat']['single']:.3f}; colour "
-        f"{h['zs_col']['crop']:.3f}; linear category {h['lp_cat']['crop']:.3f} -> {out}"
+        f"{h['zs_col']['crop']:.3f}; linear category {h['lp_cat']['crop']:.3f}; photo scenes "
+        f"recall@k shape {h['scene_rk']['shape']:.3f}, object {h['scene_rk']['object']:.3f} "
+        f"-> {out}"
     )

@@ -19,7 +19,7 @@ from pipeline.embedding.dataset import check_dataset, embed_dataset
 from pipeline.embedding.shards import parse_shard
 from pipeline.errors import UserError
 from pipeline.settings import Split, check, check_device, load
-from pipeline.training import cpu_threads, seed_everything
+from pipeline.training import cpu_threads, seed_everything, spare_cores
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Settings:
     vg_crops: bool = True  # vg: also embed the question boxes (object box, union box)
     draft: bool = True  # JPEG draft mode for images >= 2x the model's input size
     device: str = "auto"  # auto | cpu | cuda | cuda:N (e.g. one GPU per --shard process)
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    threads: int = 0  # torch CPU threads (0: the cores left beside the decode workers, >= 1)
     seed: int = 0  # top-level `seed`
 
     def __post_init__(self) -> None:
@@ -65,7 +65,7 @@ def main(
         raise UserError(f"--images: {dataset} images are read from --input; pass {input} again")
     seed_everything(settings.seed)
     t0 = time.perf_counter()
-    with cpu_threads(settings.threads):
+    with cpu_threads(settings.threads or spare_cores(settings.num_workers)):
         backbone = load_backbone(clip, device=settings.device)
         report = embed_dataset(
             dataset, input, out, backbone, settings, split, images=images, shard=rank_world

@@ -70,7 +70,8 @@ def main(
            f"{captions.get('n_images', '?')}; VQA test questions: "
            f"{(vqa or {}).get('overall', {}).get('n', '?')}")  # fmt: skip
     page = Environment(autoescape=True).from_string(PAGE).render(
-        run=run, clip_rows=content.clip_rows(clip), vqa=content.vqa_tables(vqa),
+        run=run, clip_rows=content.clip_rows(clip), scene_rows=content.scene_rows(clip),
+        vqa=content.vqa_tables(vqa),
         caption=captions, charts=content.curves(metrics / "plots"),
         caption_gallery=cap_items, vqa_gallery=vqa_items,
     )  # fmt: skip

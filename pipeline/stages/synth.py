@@ -33,10 +33,12 @@ class Settings:
     )
     quirks: bool = True  # plant the real releases' flaws (see pipeline.synth.world)
     probe_images: int = 440  # CLIP probe set: images per style x kind (single, crop); 0 = none
+    probe_scenes: int = 600  # CLIP scene probes: whole scenes per style (half train, half test)
     seed: int = 0  # top-level `seed`: the world is a pure function of it
 
     def __post_init__(self) -> None:
-        for key in ("vg_images", "laion_samples", "flickr30k_images", "probe_images"):
+        for key in ("vg_images", "laion_samples", "flickr30k_images", "probe_images",
+                    "probe_scenes"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
         check(self.laion_shard_size >= 1, "laion_shard_size", "must be >= 1")
         check(0 <= self.laion_fail_rate <= 1, "laion_fail_rate", "must be in [0, 1]")

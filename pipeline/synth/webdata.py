@@ -79,6 +79,7 @@ class Drawn:
     colour: str
     style: str
     kind: str
+    objects: list[dict] | None = None  # scenes: every object's category, colour and box
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -112,7 +113,8 @@ def draw(
             alt_text(rng, objs, rels),
             *sentences(rng, objs, rels, 2),
         ]
-        return Drawn(_jpeg(img), None, caps, objs[0].category, objs[0].colour, style, kind)
+        every = [{"category": o.category, "colour": o.colour, "box": list(o.box)} for o in objs]
+        return Drawn(_jpeg(img), None, caps, objs[0].category, objs[0].colour, style, kind, every)
     pick = [o for o in objs if category is None or o.category == category] or objs
     o = rng.choice(pick)
     x, y, w, h = o.box
@@ -123,11 +125,13 @@ def draw(
 
 def probe_items(
     n_per_group: int, seed: int, canvas: tuple[int, int], objects: tuple[int, int],
-    tag: str = "probes",
+    tag: str = "probes", n_scenes: int = 0,
 ):  # fmt: skip
     """The probe set: for each style and kind (single, crop), `n_per_group` images with
     categories in turn (balanced) and colours at random; every other round of the 22
-    categories is `train`, the rest `test`. `tag` seeds it (another tag: another set)."""
+    categories is `train`, the rest `test`. Then, per style, `n_scenes` whole scenes laid
+    out as the sample world's (`make_scene`), alternately `train` and `test`. `tag` seeds
+    it (another tag: another set)."""
     rng = random.Random(f"{seed}-{tag}")
     nrng = np.random.default_rng([seed, 8, sum(map(ord, tag))])
     for style in STYLES:
@@ -136,16 +140,24 @@ def probe_items(
                 cat = CATEGORIES[i % len(CATEGORIES)]
                 split = "train" if (i // len(CATEGORIES)) % 2 == 0 else "test"
                 yield draw(rng, nrng, kind, style, canvas, objects, category=cat), split
+    for style in STYLES:
+        for i in range(n_scenes):
+            split = "train" if i % 2 == 0 else "test"
+            yield draw(rng, nrng, "scene", style, canvas, objects), split
 
 
 def write_probes(
-    out: Path, n_per_group: int, seed: int, canvas: tuple[int, int], objects: tuple[int, int]
-) -> dict:
-    """Write `out/images/*.jpg` and `out/labels.json`; return counts."""
+    out: Path, n_per_group: int, seed: int, canvas: tuple[int, int], objects: tuple[int, int],
+    n_scenes: int = 0,
+) -> dict:  # fmt: skip
+    """Write `out/images/*.jpg` and `out/labels.json`; return counts. A scene row's
+    `objects` lists every object (category, colour, box); its `category` and `colour` are
+    its first object's."""
     from pipeline.atomic import atomic_path, write_text
 
     rows = []
-    for i, (d, split) in enumerate(probe_items(n_per_group, seed, canvas, objects)):
+    items = probe_items(n_per_group, seed, canvas, objects, n_scenes=n_scenes)
+    for i, (d, split) in enumerate(items):
         name = f"images/{i:05d}.jpg"
         (out / "images").mkdir(parents=True, exist_ok=True)
         with atomic_path(out / name) as tmp:
@@ -153,6 +165,7 @@ def write_probes(
         rows.append({
             "file": name, "box": list(d.box) if d.box else None, "category": d.category,
             "colour": d.colour, "style": d.style, "kind": d.kind, "split": split,
+            **({"objects": d.objects, "canvas": list(canvas)} if d.objects else {}),
         })  # fmt: skip
     write_text(out / LABELS, json.dumps({"items": rows}))
-    return {"images": len(rows), "per_group": n_per_group}
+    return {"images": len(rows), "per_group": n_per_group, "scenes_per_style": n_scenes}

@@ -10,8 +10,8 @@
   separator as in the real file) and `dataset_flickr30k.json` (Karpathy splits), five
   sentences per image, photo-style images: a real domain shift from the LAION-like source.
 - `probes/`: the CLIP probe set (`pipeline.synth.webdata.write_probes`): single-object
-  images and object crops in both styles with their category and colour, read by
-  `clip_bootstrap` to measure what the CLIP sees.
+  images and object crops in both styles with their category and colour, and whole
+  scenes with every object, read by `clip_bootstrap` to measure what the CLIP sees.
 
 Everything is a pure function of the settings (`pipeline.stages.synth.Settings`): the
 seed and the sizes.
@@ -367,6 +367,7 @@ def generate(out: Path, settings: Settings) -> dict[str, Any]:
             settings.seed,
             settings.image_size,
             settings.objects_per_image,
+            settings.probe_scenes,
         ),
     }
     write_json(out / MARKER, info)

@@ -1,0 +1,172 @@
+"""What a CLIP's embedding of a *whole scene* carries: multi-label linear probes.
+
+A caption decoder reads one embedding of the whole image, so whatever a linear read-out
+of that embedding cannot recover, a decoder rarely names. For each held-out scene of the
+probe set (`kind: scene`, both drawing styles, `train` / `test` halves) the labels present
+are, per label set:
+
+- `shape`: the categories of its objects (22 labels);
+- `colour`: their colours (11);
+- `object`: the (colour, category) pairs (242);
+- `relation`: (category, direction) for direction in left of / right of / above / below:
+  an object of that category whose box lies wholly on that side of another object's box
+  (its right edge left of the other's left edge, and so on; 88 labels). It asks whether
+  the embedding binds a shape to where it is relative to the others.
+
+Only what the CLIP can see counts: an object is present when at least half of its box
+width and height lies inside the centre square that the preprocessing keeps (whole images
+are resized and center-cropped).
+
+The probe: one logistic regression per label on the L2-normalised image embeddings, fit
+jointly (binary cross-entropy, L2 penalty, L-BFGS) on the style's `train` half, scored on
+its `test` half: recall@k (the top-k labels by score, k = the number present; the mean
+over images of the share found) and micro precision / recall of the labels scored above
+0.5. Chance recall@k: k / the number of labels, averaged over images (a random ranking).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.synth.scene import CATEGORIES, COLOURS
+
+DIRECTIONS = ("left of", "right of", "above", "below")
+LABEL_SETS = ("shape", "colour", "object", "relation")
+LP_L2 = 1e-4  # L2 penalty on the mean loss, fixed, not tuned
+LP_ITERS = 300  # L-BFGS iterations
+HOW = (
+    "multi-label linear probe per label set on L2-normalised embeddings of whole scenes "
+    f"(one logistic regression per label, BCE, L2 {LP_L2} on the mean loss, L-BFGS "
+    f"{LP_ITERS} iterations), fit on each style's train half, scored on its test half: "
+    "recall@k = share of the k present labels among the k top-scored (k = number present, "
+    "mean over images); precision / recall at score > 0.5 (micro); chance = mean k / labels; "
+    "present = at least half the box's width and height inside the centre square kept by "
+    "the preprocessing; relation label (category, d), d in left of / right of / above / "
+    "below: an object of that category whose box lies wholly on side d of another object's "
+    "box (e.g. left of: its right edge <= the other's left edge)"
+)
+
+
+def vocabulary() -> dict[str, list[str]]:
+    """Every label of each label set, in a fixed order."""
+    cats, cols = list(CATEGORIES), list(COLOURS)
+    return {
+        "shape": cats,
+        "colour": cols,
+        "object": [f"{c} {k}" for c in cols for k in cats],
+        "relation": [f"{k} {d}" for k in cats for d in DIRECTIONS],
+    }
+
+
+def visible(box: list[int], canvas: tuple[int, int]) -> bool:
+    """At least half of the box's width and height inside the centre square of `canvas`."""
+    w, h = canvas
+    side = min(w, h)
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    x, y, bw, bh = box
+    vis_w = min(x + bw, x0 + side) - max(x, x0)
+    vis_h = min(y + bh, y0 + side) - max(y, y0)
+    return vis_w >= 0.5 * bw and vis_h >= 0.5 * bh
+
+
+def _side(a: list[int], b: list[int]) -> list[str]:
+    """The directions in which box `a` lies wholly beside box `b`."""
+    out = []
+    if a[0] + a[2] <= b[0]:
+        out.append("left of")
+    if b[0] + b[2] <= a[0]:
+        out.append("right of")
+    if a[1] + a[3] <= b[1]:
+        out.append("above")
+    if b[1] + b[3] <= a[1]:
+        out.append("below")
+    return out
+
+
+def scene_labels(objects: list[dict], canvas: tuple[int, int]) -> dict[str, set[str]]:
+    """The labels of each set present in a scene (objects: category, colour, box)."""
+    seen = [o for o in objects if visible(o["box"], canvas)]
+    rel = {f"{a['category']} {d}" for a in seen for b in seen if a is not b
+           for d in _side(a["box"], b["box"])}  # fmt: skip
+    return {
+        "shape": {o["category"] for o in seen},
+        "colour": {o["colour"] for o in seen},
+        "object": {f"{o['colour']} {o['category']}" for o in seen},
+        "relation": rel,
+    }
+
+
+def fit_multilabel(x: torch.Tensor, y: torch.Tensor, seed: int = 0):
+    """(w, b) of per-label logistic regressions fit jointly on (x, y in {0, 1})."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(x.shape[1], y.shape[1], generator=gen) * 0.01).requires_grad_()
+    b = torch.zeros(y.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=LP_ITERS, line_search_fn="strong_wolfe")
+    scale = 10.0  # unit-norm features: a fixed gain keeps the logits in a workable range
+
+    def closure():
+        opt.zero_grad()
+        logits = scale * x @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        loss = loss + LP_L2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach() * scale, b.detach()
+
+
+def score_multilabel(scores: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """recall@k (k = labels present), micro precision / recall above 0.5, chance."""
+    k = y.sum(1).astype(int)
+    keep = k > 0
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hits = [y[i, order[i, : k[i]]].sum() / k[i] for i in np.flatnonzero(keep)]
+    pred = scores > 0
+    tp = float((pred & (y > 0)).sum())
+    return {
+        "recall_at_k": round(float(np.mean(hits)) if hits else 0.0, 4),
+        "precision": round(tp / max(1, int(pred.sum())), 4),
+        "recall": round(tp / max(1, int(y.sum())), 4),
+        "chance_recall_at_k": round(float(np.mean(k[keep] / y.shape[1])) if keep.any() else 0, 4),
+        "mean_present": round(float(k[keep].mean()) if keep.any() else 0.0, 3),
+    }
+
+
+def scene_probe_scores(bb, rows: list[dict], pixels: torch.Tensor) -> dict:
+    """`run_scene_probes` on the rows of kind `scene` ({} if none), embedded by `bb`."""
+    from pipeline.clip.probes import embed_pixels
+
+    keep = [i for i, r in enumerate(rows) if r["kind"] == "scene"]
+    if not keep:
+        return {}
+    return run_scene_probes(embed_pixels(bb, pixels[keep]), [rows[i] for i in keep])
+
+
+def run_scene_probes(emb: torch.Tensor, rows: list[dict]) -> dict:
+    """`{style_scene: {label_set: scores, n_train, n_test}}` over the rows of kind `scene`
+    (`emb`: their L2-normalised embeddings, row for row)."""
+    vocab = vocabulary()
+    out: dict = {}
+    for style in sorted({r["style"] for r in rows if r["kind"] == "scene"}):
+        idx = [i for i, r in enumerate(rows) if r["kind"] == "scene" and r["style"] == style]
+        tr = [i for i in idx if rows[i]["split"] == "train"]
+        te = [i for i in idx if rows[i]["split"] == "test"]
+        if not tr or not te:
+            continue
+        labels = {i: scene_labels(rows[i]["objects"], tuple(rows[i]["canvas"])) for i in idx}
+        res = {}
+        for name in LABEL_SETS:
+            pos = {lab: j for j, lab in enumerate(vocab[name])}
+            y = np.zeros((len(rows), len(pos)), dtype=np.float32)
+            for i in idx:
+                for lab in labels[i][name]:
+                    y[i, pos[lab]] = 1.0
+            w, b = fit_multilabel(emb[tr].float(), torch.from_numpy(y[tr]))
+            s = (emb[te].float() @ w + b).numpy()
+            res[name] = {**score_multilabel(s, y[te]), "labels": len(pos),
+                         "n_train": len(tr), "n_test": len(te)}  # fmt: skip
+        out[f"{style}_scene"] = res
+    return out

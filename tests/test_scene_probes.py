@@ -1,0 +1,85 @@
+"""Scene probes: labels of a whole scene and the multi-label linear read-out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.clip import scene_probes as SP
+
+
+def test_labels_of_a_hand_made_scene():
+    objs = [
+        {"category": "star", "colour": "red", "box": [40, 20, 30, 30]},  # left of the circle
+        {"category": "circle", "colour": "blue", "box": [100, 10, 30, 30]},
+        {"category": "heart", "colour": "red", "box": [100, 90, 20, 20]},  # below the circle
+        {"category": "kite", "colour": "green", "box": [0, 60, 20, 20]},  # outside the square
+    ]
+    got = SP.scene_labels(objs, (192, 144))  # centre square: x in [24, 168]
+    assert got["shape"] == {"star", "circle", "heart"}
+    assert got["colour"] == {"red", "blue"}
+    assert got["object"] == {"red star", "blue circle", "red heart"}
+    assert {"star left of", "circle right of", "heart below", "circle above"} <= got["relation"]
+    assert not any(r.startswith("kite") for r in got["relation"])
+
+
+def test_visible_needs_half_the_box_inside_the_centre_square():
+    assert SP.visible([10, 10, 30, 30], (192, 144))  # 16 of 30 px inside
+    assert not SP.visible([0, 10, 30, 30], (192, 144))  # 6 of 30 px inside
+    assert SP.visible([0, 0, 10, 10], (100, 100))  # square canvas: everything is kept
+
+
+def _rows(n: int, seed: int):
+    """Scenes of 2-3 random objects, alternately train / test."""
+    from pipeline.synth.scene import CATEGORIES, COLOURS
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        objs = [{"category": CATEGORIES[rng.integers(22)], "colour": list(COLOURS)[rng.integers(11)],
+                 "box": [30 + 40 * j, 50, 20, 20]} for j in range(rng.integers(2, 4))]  # fmt: skip
+        rows.append({"kind": "scene", "style": "photo", "split": ("train", "test")[i % 2],
+                     "objects": objs, "canvas": [192, 144]})  # fmt: skip
+    return rows
+
+
+def test_linearly_coded_labels_are_read_out_and_random_features_are_at_chance():
+    rows = _rows(600, 0)
+    vocab = SP.vocabulary()["shape"]
+    y = np.zeros((len(rows), len(vocab)), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for o in r["objects"]:
+            y[i, vocab.index(o["category"])] = 1
+    gen = torch.Generator().manual_seed(0)
+    proj = torch.randn(len(vocab), 64, generator=gen)
+    coded = torch.nn.functional.normalize(torch.from_numpy(y) @ proj, dim=1)
+    good = SP.run_scene_probes(coded, rows)["photo_scene"]["shape"]
+    assert good["recall_at_k"] > 0.95 and good["n_test"] == 300 and good["labels"] == 22
+    noise = torch.nn.functional.normalize(torch.randn(len(rows), 64, generator=gen), dim=1)
+    bad = SP.run_scene_probes(noise, rows)["photo_scene"]["shape"]
+    assert bad["recall_at_k"] < bad["chance_recall_at_k"] + 0.08
+    assert abs(bad["chance_recall_at_k"] - good["chance_recall_at_k"]) < 1e-9
+
+
+def test_score_multilabel_by_hand():
+    y = np.array([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=np.float32)
+    s = np.array([[2.0, 1.0, -1.0, -3.0], [-1.0, 0.5, 0.2, -2.0]])
+    got = SP.score_multilabel(s, y)
+    assert got["recall_at_k"] == 0.75  # image 0: top-2 {0, 1} holds 1 of 2; image 1: 1 of 1
+    assert got["precision"] == round(2 / 4, 4) and got["recall"] == round(2 / 3, 4)
+    assert got["chance_recall_at_k"] == round((2 / 4 + 1 / 4) / 2, 4)
+
+
+def test_probe_set_holds_scenes_with_their_objects(tmp_path):
+    import json
+
+    from pipeline.synth.webdata import write_probes
+
+    info = write_probes(tmp_path, 44, 0, (96, 72), (2, 3), n_scenes=6)
+    rows = json.loads((tmp_path / "labels.json").read_text())["items"]
+    scenes = [r for r in rows if r["kind"] == "scene"]
+    assert info["scenes_per_style"] == 6 and len(scenes) == 12
+    assert {r["style"] for r in scenes} == {"clipart", "photo"}
+    assert [r["split"] for r in scenes[:4]] == ["train", "test", "train", "test"]
+    assert all(2 <= len(r["objects"]) <= 3 and r["box"] is None for r in scenes)
+    assert scenes[0]["objects"][0]["category"] == scenes[0]["category"]
