@@ -35,6 +35,13 @@ def _opt(text: str):
 
 
 Params = Annotated[Path, typer.Option("--params", help="params file (settings of the stage)")]
+
+
+def _decode_opt(text: str, key: str):
+    """An option of `caption` whose default is evaluate_caption's setting `key`."""
+    return typer.Option(help=text, show_default=f"evaluate_caption.{key}")
+
+
 PARAMS = Path("params.yaml")
 
 
@@ -347,13 +354,29 @@ def caption(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     model: Annotated[Path, _opt("caption model folder")] = Path("models/caption/ada"),
     clip: Annotated[str | None, _opt("CLIP checkpoint (default: the model's)")] = None,
-    beam: Annotated[int, _opt("beam size (1: greedy)")] = 3,
-    max_len: Annotated[int, _opt("most tokens per caption")] = 30,
+    beam: Annotated[int | None, _decode_opt("beam size (1: greedy)", "beam_size")] = None,
+    max_len: Annotated[int | None, _decode_opt("most tokens per caption", "max_len")] = None,
+    no_repeat_ngram: Annotated[
+        int | None, _decode_opt("no token may repeat an n-gram (0: off)", "no_repeat_ngram_size")
+    ] = None,
+    length_penalty: Annotated[
+        float | None, _decode_opt("rank beams by log-score / length**this", "length_penalty")
+    ] = None,
 ):
-    """Print one caption per image (`path<TAB>caption`) with CLIP + a trained decoder."""
+    """Print one caption per image (`path<TAB>caption`) with CLIP + a trained decoder,
+    decoded as evaluate_caption decodes (its settings' defaults where an option is not given)."""
     from pipeline.caption.decode import caption_images
+    from pipeline.stages.evaluate_caption import Settings
 
-    for path, text in caption_images(images, model, clip, beam, max_len):
+    s = Settings()
+    texts = caption_images(
+        images, model, clip,
+        s.beam_size if beam is None else beam,
+        s.max_len if max_len is None else max_len,
+        s.no_repeat_ngram_size if no_repeat_ngram is None else no_repeat_ngram,
+        s.length_penalty if length_penalty is None else length_penalty,
+    )  # fmt: skip
+    for path, text in texts:
         typer.echo(f"{path}\t{text}")
 
 

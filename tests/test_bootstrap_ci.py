@@ -100,6 +100,11 @@ def test_accuracy_and_ratio_metrics():
     hits = np.array([1, 0, 1, 1])
     w = np.array([[1, 1, 1, 1], [0, 2, 0, 2], [4, 0, 0, 0]], dtype=float)
     assert mean_metric(hits)(w).tolist() == [0.75, 0.5, 1.0]
+    # masked: the mean over the items the mask keeps (item 1 left out); NaN if none drawn
+    kept = mean_metric(np.array([0.5, np.nan, 1.0, 0.0]), np.array([1, 0, 1, 1], dtype=bool))
+    got = kept(np.vstack([w, [[0, 3, 0, 0]]]))
+    assert got[:3].tolist() == pytest.approx([0.5, 0.0, 0.5]) and np.isnan(got[3])
+    assert interval(np.array([1.0, np.nan, 3.0]), 0.0) == (2.0, 2.0)  # NaN left out
     counts = np.array([[1, 2, 0, 0], [1, 1, 1, 4]], dtype=float)  # true, named, recalled, scene
     metric = ratio_metric(counts, [(0, 1), (2, 3)])
     # all: (2/3 + 1/4) / 2; the first image only: (1/2 + 0 (0 of 0)) / 2

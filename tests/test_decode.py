@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline.caption.decode import (
+    banned_tokens,
     beam_search,
     caption_images,
     generate,
@@ -94,6 +95,91 @@ def test_beam_size_one_equals_greedy(loss):
     assert len({tuple(s) for s in greedy}) > 1  # not one repeated caption
 
 
+def _repeats(seq: list[int], n: int) -> bool:
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def test_banned_tokens_are_those_that_complete_an_ngram_already_there():
+    assert banned_tokens([5, 6, 7, 5, 6], 3) == {7}
+    assert banned_tokens([5, 6, 7, 5, 6, 9, 5, 6], 3) == {7, 9}
+    assert banned_tokens([5, 6, 7, 5, 6], 2) == {7}  # after 6: "6 7" is there
+    assert banned_tokens([5, 6, 7], 1) == {5, 6, 7}
+    assert banned_tokens([5, 6, 7, 5, 6], 0) == set()  # 0: the rule is off
+    assert banned_tokens([5], 3) == set() and banned_tokens([], 2) == set()
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_no_repeat_ngram_stops_a_looping_decoder(beam):
+    """A random tiny decoder loops ("11 8 11 8 ..."); with no_repeat_ngram_size 3 no
+    caption repeats a 3-gram, and captions the rule never touches stay the same."""
+    model = tiny_model(seed=0, max_len=24).eval()
+    img = torch.randn(8, DIM, generator=torch.Generator().manual_seed(0))
+    off = generate(model, img, beam_size=beam, max_len=23)
+    on = generate(model, img, beam_size=beam, max_len=23, no_repeat_ngram_size=3)
+    assert all(_repeats(seq, 3) for seq in off)  # the model's own looping
+    assert not any(_repeats(seq, 3) for seq in on)
+    assert all(seq and EOS not in seq and BOS not in seq for seq in on)
+    assert generate(model, img, beam_size=beam, max_len=23, no_repeat_ngram_size=24) == off
+    calm = tiny_model(seed=2, max_len=24).eval()  # writes 6 tokens, no repeated 3-gram
+    assert not any(_repeats(seq, 3) for seq in generate(calm, img, beam_size=beam, max_len=23))
+    assert generate(calm, img, beam_size=beam, max_len=23, no_repeat_ngram_size=3) == generate(
+        calm, img, beam_size=beam, max_len=23
+    )
+
+
+def test_greedy_with_the_rule_takes_the_nearest_token_not_banned():
+    model = tiny_model(seed=0, max_len=24).eval()
+    img = torch.randn(4, DIM, generator=torch.Generator().manual_seed(1))
+    out = greedy_search(model, img, max_len=20, no_repeat_ngram_size=2)
+    index = token_index(model)
+    with torch.no_grad():  # replay: every candidate in order, the first that repeats no 2-gram
+        for b, seq in enumerate(out):
+            tokens: list[int] = []
+            for _ in range(20):
+                pred = model(img[b : b + 1], torch.tensor([[BOS, *tokens]]))[:, -1]
+                ranked = index.search(pred, index.size)[1][0].tolist()
+                tok = next(t for t in ranked if not _repeats([*tokens, t], 2))
+                if tok == EOS:
+                    break
+                tokens.append(tok)
+            assert seq == tokens
+    assert beam_search(model, img, beam_size=1, max_len=20, no_repeat_ngram_size=2) == out
+
+
+def _sequence_score(model: CaptionDecoder, emb: torch.Tensor, seq: list[int], steps: int):
+    """(summed log-score, length) of `seq` as beam search scores it (module doc): each
+    step's log_softmax(sims / T) over the 32 nearest tokens, EOS counted where it ended."""
+    index, temp = token_index(model), model.config.ce_temperature
+    tokens = seq + ([EOS] if len(seq) < steps else [])
+    total = 0.0
+    with torch.no_grad():
+        for t, tok in enumerate(tokens):
+            pred = model(emb[None], torch.tensor([[BOS, *tokens[:t]]]))[:, -1]
+            sims, ids = index.search(pred, min(32, index.size))
+            logp = torch.log_softmax(sims[0].double() / temp, dim=-1)
+            total += float(logp[ids[0].tolist().index(tok)])
+    return total, len(tokens)
+
+
+def test_length_penalty_ranks_finished_captions_by_score_over_length_power():
+    model = tiny_model("ce", seed=6, max_len=16).eval()
+    img = 10 * torch.randn(16, DIM, generator=torch.Generator().manual_seed(6))
+    penalties = (0.0, 1.0, 3.0)
+    outs = {lp: beam_search(model, img, beam_size=4, max_len=15, length_penalty=lp)
+            for lp in penalties}  # fmt: skip
+    lengths = {lp: [len(s) for s in out] for lp, out in outs.items()}
+    # the finished set does not depend on the penalty: a larger one never picks a shorter
+    # caption, and here it picks longer ones
+    assert all(a <= b <= c for a, b, c in zip(*lengths.values()))
+    assert sum(lengths[0.0]) < sum(lengths[1.0]) < sum(lengths[3.0])
+    for b in range(len(img)):  # each pick is the best of all picks by its own ranking
+        scored = {lp: _sequence_score(model, img[b], outs[lp][b], 15) for lp in penalties}
+        for lp in penalties:
+            own = scored[lp][0] / scored[lp][1] ** lp
+            assert all(own >= s / n**lp - 1e-6 for s, n in scored.values()), (b, lp)
+
+
 def _memorising_model(loss: str):
     """A tiny decoder trained until it reproduces 3 captions of 3 images exactly."""
     model = tiny_model(loss, seed=2)
@@ -177,6 +263,7 @@ def test_cli_caption_prints_one_decoded_caption_per_image(tmp_path):
     from typer.testing import CliRunner
 
     from pipeline.cli import app
+    from pipeline.stages.evaluate_caption import Settings as Decoding
 
     clip, bb, model, paths = _tiny_clip_and_decoder(tmp_path)
     args = ["caption", *map(str, paths), "--model", str(tmp_path / "m"), "--clip", str(clip)]
@@ -187,13 +274,29 @@ def test_cli_caption_prints_one_decoded_caption_per_image(tmp_path):
     for p in paths:
         with Image.open(p) as img:
             pixels.append(bb.image_transform()(img))
-    ids = generate(model, bb.encode_images(torch.stack(pixels)), beam_size=2)
-    texts = [" ".join(bb.tokenizer.decode(i, skip_special_tokens=True).split()) for i in ids]
-    assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, texts)]
+    emb = bb.encode_images(torch.stack(pixels))
+
+    def texts(**decoding) -> list[str]:
+        ids = generate(model, emb, **decoding)
+        return [" ".join(bb.tokenizer.decode(i, skip_special_tokens=True).split()) for i in ids]
+
+    # evaluate_caption's defaults for what is not given
+    d = Decoding()
+    want = texts(beam_size=2, max_len=d.max_len, no_repeat_ngram_size=d.no_repeat_ngram_size,
+                 length_penalty=d.length_penalty)  # fmt: skip
+    assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, want)]
+    given = ["--no-repeat-ngram", "1", "--length-penalty", "2.5", "--beam", "3"]
+    res = CliRunner().invoke(app, [*args, *given])
+    assert res.exit_code == 0, res.output
+    other = texts(beam_size=3, max_len=d.max_len, no_repeat_ngram_size=1, length_penalty=2.5)
+    assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, other)]
+    assert all(len(set(t.split())) == len(t.split()) for t in other)  # no word twice
+    bad = CliRunner().invoke(app, [*args, "--no-repeat-ngram", "-1"])
+    assert bad.exit_code == 2 and bad.output == "error: no_repeat_ngram_size must be >= 0, got -1\n"
     # without --clip: the CLIP named in the model's config.json
     res = CliRunner().invoke(app, [arg for arg in args if arg not in ("--clip", str(clip))])
     assert res.exit_code == 0, res.output
-    assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, texts)]
+    assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, want)]
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     bad = CliRunner().invoke(app, [*args[:1], str(tmp_path / "bad.jpg"), *args[3:]])
     assert bad.exit_code == 2 and bad.output.startswith("error: cannot use image")

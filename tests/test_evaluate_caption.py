@@ -21,8 +21,9 @@ from pipeline.caption.evaluation import (
 from pipeline.cli import app
 from pipeline.embedding.files import read_dataset, vector_array, write_table
 from pipeline.metrics import cider_d, corpus_bleu_1to4, tokenize
+from pipeline.stages.evaluate_caption import Settings
 
-DIM = 8
+DIM = 16  # the tiny CLIP's: CLIPScore compares its text embeddings with these image embeddings
 N_TRAIN, N_TEST = 12, 6
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -52,12 +53,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_embeddings(folder: Path, clip: Path, revision: str | None = None) -> dict:
+def make_embeddings(folder: Path, clip: Path, revision: str | None = None, dim=DIM) -> dict:
     """Two shards; test image i lies next to train image 2*i (its nearest neighbour)."""
     rng = np.random.default_rng(0)
-    train_emb = _unit(rng.normal(size=(N_TRAIN, DIM)))
+    train_emb = _unit(rng.normal(size=(N_TRAIN, dim)))
     test_emb = _unit(
-        train_emb[[2 * i for i in range(N_TEST)]] + 0.01 * rng.normal(size=(N_TEST, DIM))
+        train_emb[[2 * i for i in range(N_TEST)]] + 0.01 * rng.normal(size=(N_TEST, dim))
     )
     rows = []  # (image_id, split, emb, caption); rows of an image are not contiguous
     for j in range(N_TRAIN):
@@ -83,7 +84,7 @@ def make_embeddings(folder: Path, clip: Path, revision: str | None = None) -> di
             }
         )
         write_table(folder / f"part-{s:05d}.arrow", table)
-    manifest = {"model": str(clip), "dim": DIM}
+    manifest = {"model": str(clip), "dim": dim}
     if revision:
         manifest["revision"] = revision
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -116,8 +117,8 @@ def test_test_images_baseline_and_scores(tmp_path, clip_folder):
         "bleu4": 1.0,
     }
     assert ada["cider"] == pytest.approx(cider_d(refs, [r[0] for r in refs])[0], abs=1e-6)
-    assert ada["n_distinct"] == N_TEST
-    assert score(["a photo of a thing"] * N_TEST, test.captions)["n_distinct"] == 1
+    assert ada["n_pred_under4"] == 0
+    assert score(["a photo"] * N_TEST, test.captions)["n_pred_under4"] == N_TEST
 
     # the baseline answers the first caption of train image 2*i
     preds, neighbours = nearest_neighbour_captions(train, test)
@@ -193,6 +194,11 @@ def test_cli_user_errors(tmp_path, clip_folder):
         invoke(tmp_path, clip_folder, "--params", str(bad)),
         "params evaluate_caption.beam_size: must be >= 1",
     )
+    bad = _write_params(tmp_path / "bad.yaml", no_repeat_ngram_size=-1)
+    one_line(
+        invoke(tmp_path, clip_folder, "--params", str(bad)),
+        "params evaluate_caption.no_repeat_ngram_size: must be >= 0 (0: off)",
+    )
     typo = _write_params(tmp_path / "typo.yaml", beam=3)
     one_line(
         invoke(tmp_path, clip_folder, "--params", str(typo)),
@@ -203,7 +209,19 @@ def test_cli_user_errors(tmp_path, clip_folder):
         invoke(tmp_path, clip_folder, "--params", params, models=("ada", "nn")),
         "model folder name 'nn' is reserved",
     )
+    one_line(invoke(tmp_path, clip_folder, "--params", params, models=("ada", "references")),
+             "model folder name 'references' is reserved")  # fmt: skip
     assert not (tmp_path / "m.json").exists()
+
+
+def test_cli_rejects_a_clip_whose_text_embeddings_do_not_match_the_images(tmp_path, clip_folder):
+    make_embeddings(tmp_path / "emb", clip_folder, dim=8)  # CLIPScore needs the same space
+    for v in ("noada", "ada"):
+        (tmp_path / "models" / v).mkdir(parents=True)
+        (tmp_path / "models" / v / "config.json").write_text("{}")
+    params = str(_write_params(tmp_path / "params.yaml"))
+    one_line(invoke(tmp_path, clip_folder, "--params", params),
+             "gives 16-d text embeddings; the image embeddings are 8-d")  # fmt: skip
 
 
 def test_cli_rejects_a_clip_the_embeddings_were_not_made_with(tmp_path, clip_folder):
@@ -278,24 +296,29 @@ def test_end_to_end_with_saved_decoders(tmp_path, clip_folder):
         assert list(headline) == ["noada", "ada", "nn", "ada-noada", "noada-nn", "ada-nn"]
         # the metrics file: headline numbers only, the same as in the detail file
         for system in ("noada", "ada", "nn"):
-            want = {"bleu4": details[k][system]["bleu4"], "cider": details[k][system]["cider"]}
-            assert headline[system] == want
+            assert list(headline[system])[:4] == ["bleu4", "cider", "clipscore", "refclipscore"]
+            assert headline[system] == {m: details[k][system][m] for m in headline[system]}
         for pair in ("ada-noada", "noada-nn", "ada-nn"):
             a, b = pair.split("-")
-            for metric in ("bleu4", "cider"):
+            assert list(headline[pair]) == ["bleu4", "cider", "clipscore", "refclipscore"]
+            for metric in headline[pair]:
                 diff = details[k][a][metric] - details[k][b][metric]
                 assert headline[pair][metric] == pytest.approx(diff, abs=2e-6)
     assert details[0] == details[1]
     detail = details[0]
     # a 95% bootstrap interval around every score and every paired difference
     ci = detail["intervals"]
-    assert set(ci) == {"noada", "ada", "nn", "ada-noada", "noada-nn", "ada-nn"}
+    assert set(ci) == {"noada", "ada", "nn", "ada-noada", "noada-nn", "ada-nn", "references"}
+    clip_metrics = {"clipscore", "refclipscore"}
     for name, metrics in ci.items():
-        assert set(metrics) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
+        want = clip_metrics | (set() if name == "references" else {f"bleu{n}" for n in range(1, 5)}
+                               | {"cider"})  # fmt: skip
+        assert set(metrics) == want
         for metric, v in metrics.items():
             assert v["lo"] <= v["value"] <= v["hi"], (name, metric, v)
             if "-" not in name:
-                assert v["value"] == pytest.approx(detail[name][metric], abs=2e-6)
+                point = detail["clipscore"][name] if name == "references" else detail[name]
+                assert v["value"] == pytest.approx(point[metric], abs=2e-6)
     assert "1000 resamples" in detail["method"]["intervals"]
     for system, file in (("noada", "noada"), ("ada", "ada"), ("nn", "nn_baseline")):
         assert set(detail[system]) >= {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}
@@ -310,7 +333,51 @@ def test_end_to_end_with_saved_decoders(tmp_path, clip_folder):
     test_emb = torch.from_numpy(embs["test_emb"].astype(np.float16).astype(np.float32))
     tok = AutoTokenizer.from_pretrained(str(clip_folder))
     model = load_caption_model(tmp_path / "models" / "ada")
-    assert [r["prediction"] for r in rows] == caption_embeddings(model, test_emb, tok, 2, 8)
+    d = Settings()  # params.yaml here names neither: the defaults
+    want = caption_embeddings(model, test_emb, tok, 2, 8, length_penalty=d.length_penalty,
+                              no_repeat_ngram_size=d.no_repeat_ngram_size)  # fmt: skip
+    assert [r["prediction"] for r in rows] == want
+    # CLIPScore: 2.5 * max(cos, 0) of the --clip CLIP's embedding of "A photo depicts " +
+    # each caption and its image's embedding; RefCLIPScore with the best reference
+    from pipeline.clip.backbone import load_backbone
+
+    bb = load_backbone(clip_folder, "cpu")
+    image = torch.nn.functional.normalize(test_emb.double(), dim=1)
+
+    def embed(texts):
+        return bb.encode_texts(["A photo depicts " + t for t in texts]).double()
+
+    text = embed([r["prediction"] for r in rows])
+    refs = [embed(_test_captions(i)) for i in range(N_TEST)]
+    cs = 2.5 * (text * image).sum(1).clamp(min=0)
+    best = torch.stack([(refs[i] @ text[i]).max().clamp(min=0) for i in range(N_TEST)])
+    assert detail["ada"]["clipscore"] == pytest.approx(cs.mean().item(), abs=1e-5)
+    ref_cs = (2 * cs * best / (cs + best)).nan_to_num()
+    assert detail["ada"]["refclipscore"] == pytest.approx(ref_cs.mean().item(), abs=1e-5)
+    own = torch.stack([2.5 * (refs[i] @ image[i]).clamp(min=0).mean() for i in range(N_TEST)])
+    refs_score = detail["clipscore"]["references"]
+    assert refs_score["clipscore"] == pytest.approx(own.mean().item(), abs=1e-5)
+    loo = []  # each reference against the image's other references
+    for i in range(N_TEST):
+        r_cs = 2.5 * (refs[i] @ image[i]).clamp(min=0)
+        sim = (refs[i] @ refs[i].T).fill_diagonal_(-2).max(1).values.clamp(min=0)
+        loo.append((2 * r_cs * sim / (r_cs + sim)).nan_to_num().mean())
+    assert refs_score["refclipscore"] == pytest.approx(torch.stack(loo).mean().item(), abs=1e-5)
+    assert refs_score["n_images_leave_one_out"] == N_TEST
+    assert (detail["clipscore"]["prompt"], detail["clipscore"]["w"]) == ("A photo depicts ", 2.5)
+
+    # texts longer than the CLIP's context (16 tokens here) are counted: they are cut
+    def n_long(texts):
+        return sum(len(tok("A photo depicts " + t)["input_ids"]) > 16 for t in texts)
+
+    truncated = detail["clipscore"]["truncated"]
+    assert set(truncated) == {"noada", "ada", "nn", "references"}
+    assert truncated["ada"] == n_long([r["prediction"] for r in rows])
+    assert truncated["references"] == n_long([c for r in rows for c in r["references"]])
+    from pipeline.caption.evaluation import TextEncoder
+
+    assert TextEncoder(str(clip_folder), DIM).count_truncated(["a red circle", "a dog " * 8]) == 1
+    assert "2104.08718" in detail["method"]["clipscore"]
 
     s = detail["settings"]
     assert (s["n_images"], s["n_references"], s["split"]) == (N_TEST, 4 * N_TEST, "test")
@@ -356,10 +423,25 @@ def test_grounding_where_the_scene_truth_exists(tmp_path, clip_folder):
     assert "nn: bleu4=" in res.output and "ground_p=" in res.output
     headline = json.loads((tmp_path / "mg.json").read_text())
     detail = json.loads((tmp_path / "dg.json").read_text())
+    kinds = ("colours", "shapes", "objects", "relations")
     for system in ("noada", "ada", "nn"):
-        assert list(headline[system]) == ["bleu4", "cider", "ground_p", "ground_r"]
+        assert list(headline[system])[:6] == ["bleu4", "cider", "clipscore", "refclipscore",
+                                              "ground_p", "ground_r"]  # fmt: skip
         assert headline[system]["ground_p"] == detail[system]["ground_p"]
-        assert set(detail[system]["grounding"]) >= {"colours", "shapes", "objects", "relations"}
+        assert set(detail[system]["grounding"]) >= set(kinds)
+        # an interval for each kind's precision and recall, of the systems and differences
+        for kind in kinds:
+            for pr in ("p", "r"):
+                v = detail["intervals"][system][f"{kind}_{pr}"]
+                assert v["value"] == detail[system]["grounding"][kind][pr]
+                assert v["lo"] <= v["value"] <= v["hi"]
+    for pair in ("ada-noada", "noada-nn", "ada-nn"):
+        a, b = pair.split("-")
+        for kind in kinds:
+            v = detail["intervals"][pair][f"{kind}_p"]
+            want_diff = detail[a]["grounding"][kind]["p"] - detail[b]["grounding"][kind]["p"]
+            assert v["value"] == pytest.approx(want_diff, abs=2e-6)
+            assert v["lo"] <= v["value"] <= v["hi"]
     # the baseline's grounding: its predictions against the scenes of images 0..4
     truth = load_scenes(scenes)
     ids = [f"te{i}" for i in range(N_TEST - 1)]
@@ -383,16 +465,98 @@ def test_grounding_where_the_scene_truth_exists(tmp_path, clip_folder):
     assert plain.exit_code == 0, plain.output
     plain_detail = json.loads((tmp_path / "dp.json").read_text())
     for system in ("noada", "ada", "nn"):
-        for key in ("bleu1", "bleu4", "cider", "n_distinct"):
+        for key in ("bleu1", "bleu4", "cider", "repeat4"):
             assert plain_detail[system][key] == detail[system][key]
     # a scenes file that does not exist (real Flickr30k): no grounding, not an error
     res = invoke(tmp_path, clip_folder, "--params", params, "--scenes",
                  str(tmp_path / "nope.json"), out="n")  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert list(json.loads((tmp_path / "mn.json").read_text())["nn"]) == ["bleu4", "cider"]
+    nn = json.loads((tmp_path / "mn.json").read_text())["nn"]
+    assert not {"ground_p", "ground_r"} & set(nn) and "clipscore" in nn  # CLIPScore: no truth
     why = json.loads((tmp_path / "dn.json").read_text())["grounding"]
     assert why["scored"] is False and "nope.json does not exist" in why["why"]
     # a malformed one is a one-line error
     scenes.write_text('{"images": [{"filename": "te0.jpg"}]}')
     one_line(invoke(tmp_path, clip_folder, "--params", params, "--scenes", str(scenes)),
              "images[0] is malformed")  # fmt: skip
+
+
+def test_form_of_the_captions_and_the_decode_with_the_rule_off(tmp_path, clip_folder):
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.caption.decode import caption_embeddings, load_caption_model
+    from pipeline.metrics.form import form
+    from pipeline.synth.grammar import parses
+
+    embs = make_embeddings(tmp_path / "emb", clip_folder)
+    for seed, variant in enumerate(("noada", "ada")):
+        _save_tiny_decoder(tmp_path / "models" / variant, clip_folder, seed)
+    params = _write_params(tmp_path / "params.yaml", no_repeat_ngram_size=2, length_penalty=0.5)
+    scenes = tmp_path / "scenes.json"
+    _write_scenes(scenes, N_TEST)  # two objects in every scene
+    res = invoke(tmp_path, clip_folder, "--params", str(params), "--scenes", str(scenes), out="f")
+    assert res.exit_code == 0, res.output
+    headline = json.loads((tmp_path / "mf.json").read_text())
+    detail = json.loads((tmp_path / "df.json").read_text())
+    s = detail["settings"]
+    assert (s["no_repeat_ngram_size"], s["length_penalty"]) == (2, 0.5)
+    tok = AutoTokenizer.from_pretrained(str(clip_folder))
+    test_emb = torch.from_numpy(embs["test_emb"].astype(np.float16).astype(np.float32))
+    looped = False
+    for name in ("noada", "ada"):
+        # the captions scored: with the rule; beside them the same decode with it off
+        model = load_caption_model(tmp_path / "models" / name)
+        on, off = (caption_embeddings(model, test_emb, tok, 2, 8, no_repeat_ngram_size=n,
+                                      length_penalty=0.5) for n in (2, 0))  # fmt: skip
+        rows = _jsonl(tmp_path / "evalf" / f"caption_{name}.jsonl")
+        assert [r["prediction"] for r in rows] == on
+        assert [r["prediction_rule_off"] for r in rows] == off
+        looped |= on != off
+        want = form(on, parses, [2] * N_TEST) | {"repeat4_rule_off": form(off)["repeat4"]}
+        got = detail[name]["form"] | {k: detail[name][k] for k in ("wellformed", "repeat4")}
+        assert got == want
+        assert headline[name]["wellformed"] == want["wellformed"]
+        assert headline[name]["repeat4"] == want["repeat4"]
+    assert looped  # the rule changed some caption of these tiny decoders
+    # the baseline: its form, no second decode; the references: a row of their own
+    nn = [r["prediction"] for r in _jsonl(tmp_path / "evalf" / "caption_nn_baseline.jsonl")]
+    assert detail["nn"]["form"] == {k: v for k, v in form(nn, parses, [2] * N_TEST).items()
+                                    if k not in ("wellformed", "repeat4")}  # fmt: skip
+    refs = [c for i in range(N_TEST) for c in _test_captions(i)]
+    assert detail["form"]["scored"] is True
+    assert detail["form"]["references"] == form(refs, parses, [2] * len(refs))
+    assert detail["form"]["references"]["wellformed"] == 0.0  # not the sample world's style
+    assert "repeat4" in detail["method"]["form"]
+    # real data (no scene truth): no grammar, no counts, and the detail file says why
+    res = invoke(tmp_path, clip_folder, "--params", str(params), out="r")
+    assert res.exit_code == 0, res.output
+    headline = json.loads((tmp_path / "mr.json").read_text())
+    detail = json.loads((tmp_path / "dr.json").read_text())
+    assert "wellformed" not in headline["ada"] and "repeat4" in headline["ada"]
+    assert "count_right" not in detail["ada"]["form"]
+    assert "repeat4_rule_off" in detail["ada"]["form"]
+    assert detail["form"]["scored"] is False and "--scenes" in detail["form"]["why"]
+    assert detail["form"]["references"] == form(refs)
+
+
+def test_form_counts_shapes_against_each_image_scene():
+    from pipeline.caption.evaluation import SceneTruth, form_scores, form_summary
+    from pipeline.metrics.grounding import Scene
+
+    obj = {"category": "circle", "colour": "red", "box": (0, 0, 5, 5)}
+    scenes = [Scene({0: obj, 1: obj}, []), Scene({0: obj, 1: obj, 2: obj}, []), None]
+    two = "There are 2 shapes : a red circle and a small red circle ."
+    three = "There are 3 shapes : a red circle , a large red circle and a small red circle ."
+    truth = SceneTruth(scenes, [[two], [two, three], [three]], source="scenes.json")
+    out = form_scores([two, two, three], truth, rule_off=[two, two, two])
+    # image 0: right; image 1: wrong; image 2: no scene to check against
+    assert out["wellformed"] == 1.0 and out["repeat4"] == 0.0
+    assert (out["form"]["count_stated"], out["form"]["count_right"]) == (2, 0.5)
+    assert out["form"]["repeat4_rule_off"] == 0.0
+    refs = form_summary(truth)["references"]
+    assert (refs["n_captions"], refs["wellformed"]) == (4, 1.0)
+    assert (refs["count_stated"], refs["count_right"]) == (3, pytest.approx(2 / 3))
+    absent = SceneTruth([], [[two]], absent="no scene truth given (--scenes)")
+    assert set(form_scores([two], absent)) == {"repeat4", "form"}
+    assert "count_stated" not in form_scores([two], absent)["form"]

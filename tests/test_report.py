@@ -30,11 +30,18 @@ def world(tmp: Path) -> dict[str, Path]:
         "probes": {"photo_crop": {"category": group, "colour": group}},
     }))  # fmt: skip
     scores = {"bleu1": 0.6, "bleu2": 0.5, "bleu3": 0.4, "bleu4": 0.3, "cider": 0.7,
-              "n_distinct": 2}  # fmt: skip
+              "clipscore": 0.61, "refclipscore": 0.62, "wellformed": 0.5, "repeat4": 0.25,
+              "form": {"n_captions": 2, "n_distinct": 2, "mean_len": 9.0,
+                       "repeat4_rule_off": 0.75}}  # fmt: skip
     (metrics / "caption_detail.json").write_text(json.dumps({
         "noada": scores, "ada": scores, "nn": scores,
         "intervals": {"noada": {"bleu4": {"value": 0.3, "lo": 0.25, "hi": 0.35}},
-                      "ada-noada": {"bleu4": {"value": -0.05, "lo": -0.08, "hi": -0.01}}},
+                      "ada-noada": {"bleu4": {"value": -0.05, "lo": -0.08, "hi": -0.01}},
+                      "references": {"clipscore": {"value": 0.71, "lo": 0.69, "hi": 0.73}}},
+        "clipscore": {"references": {"clipscore": 0.71, "refclipscore": 0.72}},
+        "form": {"references": {"n_captions": 10, "wellformed": 1.0, "repeat4": 0.0,
+                                "n_distinct": 9, "mean_len": 12.34, "count_stated": 4,
+                                "count_right": 1.0}},
         "settings": {"n_images": 2}, "method": {"intervals": "95% percentile bootstrap"},
     }))  # fmt: skip
     (metrics / "vqa_detail.json").write_text(json.dumps({
@@ -89,6 +96,19 @@ def test_page_is_self_contained_with_tables_intervals_and_galleries(tmp_path):
     assert "<script" not in html
     assert '0.300 <span class="ci">[0.250, 0.350]</span>' in html  # value and interval
     assert 'class="sig">-0.050' in html  # a difference whose interval excludes 0
+    # CLIPScore beside BLEU and CIDEr; the references' own, with its interval where it has one
+    assert "<th>clipscore</th>" in html and "<th>refclipscore</th>" in html
+    refs_row = re.search(r"<tr><td>references</td>.*?</tr>", html, re.DOTALL).group(0)
+    assert '0.710 <span class="ci">[0.690, 0.730]</span>' in refs_row and "0.720" in refs_row
+    # the form of each system's captions and of the references, in the same table
+    heads = ["well-formed", "repeats a 4-gram", "... rule off", "distinct", "mean words",
+             "count right"]  # fmt: skip
+    assert "".join(f"<th>{h}</th>" for h in heads) in html
+    noada = re.search(r"<tr><td>noada</td>.*?</tr>", html, re.DOTALL).group(0)
+    cells = ["50.0%", "25.0%", "75.0%", "2/2", "9.0", "–"]
+    assert "".join(f"<td>{c}</td>" for c in cells) in noada
+    cells = ["100.0%", "0.0%", "–", "9/10", "12.3", "100.0% of 4"]
+    assert "".join(f"<td>{c}</td>" for c in cells) in refs_row
     assert "&lt;b&gt;ada&lt;/b&gt;" in html  # captions are escaped
     assert html.count("✔") == 3 and html.count("✘") == 3  # head right once, prior twice
     assert html.count("<svg") == 1  # the one plot TSV given

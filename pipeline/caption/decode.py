@@ -15,8 +15,19 @@ makes the per-step scores comparable log-probabilities: a step where one token i
 closer than the rest costs almost nothing, an ambiguous step costs ~log(#close tokens),
 and the tail beyond `n_cand` neighbours carries negligible mass at the small T used
 (T = ce_temperature, i.e. the temperature of the `ce` loss; times target_scale² for L2).
-Finished hypotheses are ranked by total score / length**length_penalty. With beam size 1
-the search reduces to greedy decoding.
+Finished hypotheses are ranked by total score / length**length_penalty (length in tokens,
+EOS counted, as Hugging Face `generate`): 0 ranks by the summed log-scores (short
+captions win), 1 by the mean per token, above 1 favours longer ones still; it changes
+only which finished hypothesis is returned, never the search itself. With beam size 1 the
+search reduces to greedy decoding (where length_penalty has no effect).
+
+Repetition (`no_repeat_ngram_size` n, as Hugging Face `generate`): a token that would
+complete an n-gram already in the hypothesis is never proposed (its score is -inf); 0
+turns the rule off. The search takes as many extra neighbours as the hypothesis has
+banned tokens, so a banned one is skipped, never left as a hole: greedy takes the
+nearest token not banned; beam search the best 2 * beam not banned, their log-scores
+normalised over the `n_cand` nearest as without the rule (so hypotheses the rule does
+not touch score exactly as without it).
 
 `caption_embeddings` turns image embeddings into caption texts (evaluate_caption);
 `caption_images` captions image files end to end (`clipda caption`).
@@ -61,6 +72,7 @@ class TokenIndex:
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
         index.add(vecs)
         self.index = index
+        self.size = len(self.ids)  # tokens it can propose
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (similarity, token id) per query, best first; similarity is the cosine
@@ -89,11 +101,20 @@ def _max_steps(model: CaptionDecoder, max_len: int) -> int:
     return max(1, min(int(max_len), model.config.max_len - 1))
 
 
+def banned_tokens(seq: Sequence[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already in `seq` (none when n <= 0)."""
+    if n <= 0 or len(seq) < n - 1:
+        return set()
+    tail = tuple(seq[len(seq) - n + 1 :])
+    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == tail}
+
+
 @torch.no_grad()
 def greedy_search(
-    model: CaptionDecoder, image_emb: torch.Tensor, max_len: int = 30
+    model: CaptionDecoder, image_emb: torch.Tensor, max_len: int = 30, no_repeat_ngram_size: int = 0
 ) -> list[list[int]]:
-    """Nearest token at every step until EOS or `max_len` tokens."""
+    """Nearest token (not banned by `no_repeat_ngram_size`) at every step until EOS or
+    `max_len` tokens."""
     cfg, index, dev = model.config, token_index(model), _device(model)
     bos, eos = cfg.bos_token_id, cfg.eos_token_id
     n = len(image_emb)
@@ -105,7 +126,11 @@ def greedy_search(
         cache = None
         for _ in range(_max_steps(model, max_len)):
             pred, cache = model.decode_step(prefix if cache is None else None, last, cache)
-            nxt = index.search(pred, 1)[1][:, 0].to(dev)
+            bans = [banned_tokens(out[row], no_repeat_ngram_size) for row in alive.tolist()]
+            ids = index.search(pred, min(1 + max(map(len, bans)), index.size))[1].tolist()
+            nxt = torch.tensor(  # EOS is never banned: some candidate is always left
+                [next(t for t in row if t not in ban) for row, ban in zip(ids, bans)], device=dev
+            )
             for row, tok in zip(alive.tolist(), nxt.tolist()):
                 if tok != eos:
                     out[row].append(tok)
@@ -126,15 +151,17 @@ def beam_search(
     temperature: float | None = None,
     length_penalty: float = 1.0,
     n_cand: int = 32,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
-    """Beam search with softmax-over-neighbours step scores (see module doc)."""
+    """Beam search with softmax-over-neighbours step scores, `length_penalty` and
+    `no_repeat_ngram_size` (see module doc)."""
     cfg, index, dev = model.config, token_index(model), _device(model)
     bos, eos, k = cfg.bos_token_id, cfg.eos_token_id, int(beam_size)
     if temperature is None:
         temperature = cfg.ce_temperature
         if model.search_space == "l2":
             temperature *= float(cfg.target_scale) ** 2
-    n_cand = max(n_cand, 2 * k)
+    n_cand = min(max(n_cand, 2 * k), index.size)
     n = len(image_emb)
     beams: list[list[tuple[list[int], float]]] = [[([], 0.0)] for _ in range(n)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n)]
@@ -156,15 +183,16 @@ def beam_search(
                 cache = reorder_cache(cache, torch.tensor([parent[r] for r in rows], device=dev))
                 tokens = torch.tensor([[beams[b][h][0][-1]] for b, h in rows], device=dev)
                 pred, cache = model.decode_step(None, tokens, cache)
-            sims, ids = index.search(pred, n_cand)
-            logp = torch.log_softmax(sims.double() / temperature, dim=-1)[:, : 2 * k].tolist()
-            ids = ids[:, : 2 * k].tolist()
+            bans = [banned_tokens(beams[b][h][0], no_repeat_ngram_size) for b, h in rows]
+            sims, ids = index.search(pred, min(n_cand + max(map(len, bans)), index.size))
+            scaled = sims.double() / temperature
+            logp = (scaled - torch.logsumexp(scaled[:, :n_cand], dim=-1, keepdim=True)).tolist()
+            ids = ids.tolist()
             by_image: dict[int, list[tuple[float, int, int, int]]] = {b: [] for b in active}
             for r, (b, h) in enumerate(rows):
-                base = beams[b][h][1]
-                by_image[b].extend(
-                    (base + lp, h, j, t) for j, (lp, t) in enumerate(zip(logp[r], ids[r]))
-                )
+                base, ban = beams[b][h][1], bans[r]
+                allowed = [(j, t) for j, t in enumerate(ids[r]) if t not in ban][: 2 * k]
+                by_image[b].extend((base + logp[r][j], h, j, t) for j, t in allowed)
             still, row_of = [], {bh: r for r, bh in enumerate(rows)}
             for b in active:
                 cands = sorted(by_image[b], key=lambda c: (-c[0], c[1], c[2]))
@@ -196,10 +224,14 @@ def generate(
     beam_size: int = 1,
     max_len: int = 30,
     batch_size: int = 256,
+    no_repeat_ngram_size: int = 0,
+    length_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Token ids (no BOS/EOS) of one caption per image embedding (n, d)."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
@@ -207,9 +239,11 @@ def generate(
         for start in range(0, len(image_emb), batch_size):
             chunk = image_emb[start : start + batch_size].float()
             if beam_size == 1:
-                out.extend(greedy_search(model, chunk, max_len))
+                out.extend(greedy_search(model, chunk, max_len, no_repeat_ngram_size))
             else:
-                out.extend(beam_search(model, chunk, beam_size, max_len))
+                out.extend(beam_search(model, chunk, beam_size, max_len,
+                                       length_penalty=length_penalty,
+                                       no_repeat_ngram_size=no_repeat_ngram_size))  # fmt: skip
     finally:
         model.train(was_training)
     return out
@@ -239,6 +273,8 @@ def caption_embeddings(
     max_len: int,
     batch_size: int = 256,
     label: str = "",
+    no_repeat_ngram_size: int = 0,
+    length_penalty: float = 1.0,
 ) -> list[str]:
     """One caption (text) per row of `image_emb`, decoded `batch_size` rows at a time."""
     from tqdm import tqdm
@@ -246,7 +282,9 @@ def caption_embeddings(
     texts: list[str] = []
     starts = range(0, len(image_emb), batch_size)
     for start in tqdm(starts, desc=f"caption {label}".strip(), disable=not sys.stderr.isatty()):
-        out = generate(model, image_emb[start : start + batch_size], beam_size, max_len)
+        out = generate(model, image_emb[start : start + batch_size], beam_size, max_len,
+                       no_repeat_ngram_size=no_repeat_ngram_size,
+                       length_penalty=length_penalty)  # fmt: skip
         texts.extend(ids_to_text(tokenizer, ids) for ids in out)
     return texts
 
@@ -257,9 +295,11 @@ def caption_images(
     clip: str | None = None,
     beam: int = 3,
     max_len: int = 30,
+    no_repeat_ngram_size: int = 0,
+    length_penalty: float = 1.0,
 ) -> Iterator[tuple[str | Path, str]]:
     """(path, caption) for each image file: CLIP `clip` embeds it (decoded as `embed`
-    decodes images), the decoder in folder `model` captions it.
+    decodes images), the decoder in folder `model` captions it (`generate`'s settings).
 
     `clip` None: the CLIP recorded in the model's config.json. A CLIP whose embedding size
     differs from the model's is a `UserError`; one with another revision than the model
@@ -272,6 +312,8 @@ def caption_images(
         raise UserError(f"beam must be >= 1, got {beam}")
     if max_len < 1:
         raise UserError(f"max_len must be >= 1, got {max_len}")
+    if no_repeat_ngram_size < 0:
+        raise UserError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     decoder = load_caption_model(model)
     trained_on = read_model_info(model).get("clip") or {}
     if clip is None:
@@ -286,5 +328,7 @@ def caption_images(
         was = f"{trained_on.get('model')} ({trained_on.get('revision')})"
         print(f"warning: {model} was trained on {was}, not {bb.revision}", file=sys.stderr)
     emb = torch.cat([embed_image(bb, path) for path in images])
-    texts = caption_embeddings(decoder, emb, bb.tokenizer, beam, max_len)
+    texts = caption_embeddings(decoder, emb, bb.tokenizer, beam, max_len,
+                               no_repeat_ngram_size=no_repeat_ngram_size,
+                               length_penalty=length_penalty)  # fmt: skip
     yield from zip(images, texts)

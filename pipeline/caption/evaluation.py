@@ -7,7 +7,9 @@ the image's first row; its references are all captions of that image. The baseli
 answers with the first caption (first row in the embedding files) of the training image
 whose CLIP image embedding is closest by cosine (faiss `IndexFlatIP` on L2-normalised
 vectors). `SceneTruth` holds the scenes of the scored images for the grounding scores
-(`pipeline.metrics.grounding`), or why there are none.
+(`pipeline.metrics.grounding`), or why there are none; with them, `form_scores` also
+reads the captions against the sample world's grammar (`pipeline.synth.grammar`) and the
+scenes' object counts (`pipeline.metrics.form`).
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ from pipeline.metrics.bootstrap import (
     Metric,
     bleu_metric,
     bleu_stats,
+    mean_metric,
     ratio_metric,
     summarise,
 )
-from pipeline.metrics.grounding import Scene, Vocabulary, counts, headline_parts
+from pipeline.metrics.form import form
+from pipeline.metrics.grounding import Scene, Vocabulary, counts, headline_parts, kind_parts
 from pipeline.report import Report
+from pipeline.synth.grammar import parses
 
 BASELINE = "nn"  # the baseline's name among the systems (metrics keys)
 BASELINE_FILE = "caption_nn_baseline.jsonl"  # ... and its predictions file
+REFERENCES = "references"  # the references' own CLIPScore among the intervals
 # The source paper reports one "BLEU" without its n-gram order; bleu1..bleu4 are recorded
 # so a reader can compare with whichever order it was.
 PAPER_BLEU = {"paper_bleu_noada": 0.2805, "paper_bleu_ada": 0.4116}
@@ -119,14 +125,12 @@ def nearest_neighbour_captions(train: ImageSet, test: ImageSet) -> tuple[list[st
 
 
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """BLEU-1..4, CIDEr-D and a few shape statistics of one system's captions."""
+    """BLEU-1..4, CIDEr-D and the number of captions under 4 words (BLEU-4 scores them 0)."""
     hyps = [tokenize(p) for p in predictions]
     refs = [[tokenize(r) for r in rs] for rs in references]
     out = corpus_bleu_1to4(refs, hyps)
     out["cider"] = cider_d(refs, hyps)[0]
     out = {k: round(float(v), 6) for k, v in out.items()}
-    out["mean_len"] = round(float(np.mean([len(h) for h in hyps])), 3)
-    out["n_distinct"] = len({" ".join(h) for h in hyps})
     out["n_pred_under4"] = sum(len(h) < 4 for h in hyps)
     return out
 
@@ -212,6 +216,44 @@ class SceneTruth:
         }
 
 
+def _form_inputs(truth: SceneTruth) -> tuple[Any, list[int | None] | None]:
+    """The grammar and each scored image's object count (None without a scene): only the
+    sample world has them (both None where `truth` is absent)."""
+    if truth.absent:
+        return None, None
+    return parses, [None if sc is None else len(sc.objects) for sc in truth.scenes]
+
+
+def form_scores(
+    predictions: Sequence[str], truth: SceneTruth, rule_off: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """`wellformed` (the sample world only) and `repeat4` of one system's captions and the
+    rest of their form (`form`, `pipeline.metrics.form`), with `repeat4_rule_off`: the
+    share of `rule_off` (the same images decoded without the repetition rule) that repeat
+    a 4-gram, where given."""
+    out = form(predictions, *_form_inputs(truth))
+    if rule_off is not None:
+        out["repeat4_rule_off"] = form(rule_off)["repeat4"]
+    head = {k: out.pop(k) for k in ("wellformed", "repeat4") if k in out}
+    return {**head, "form": out}
+
+
+def form_summary(truth: SceneTruth) -> dict[str, Any]:
+    """For the detail file: the form of the references themselves (every reference of every
+    scored image) and whether the grammar and the counts were scored, or why not."""
+    grammar, n_objects = _form_inputs(truth)
+    refs = [r for rs in truth.references for r in rs]
+    per_ref = None
+    if n_objects is not None:
+        per_ref = [k for rs, k in zip(truth.references, n_objects) for _ in rs]
+    if truth.absent:
+        scored = {"scored": False, "why": f"grammar and counts: {truth.absent}"}
+    else:
+        scored = {"scored": True, "grammar": "pipeline.synth.grammar (the sentences synth "
+                  "writes as Flickr30k references)", "scenes": truth.source}  # fmt: skip
+    return {**scored, "references": form(refs, grammar, per_ref)}
+
+
 def comparisons(systems: Sequence[str]) -> list[tuple[str, str]]:
     """The paired differences that matter: each later model - the first (ada - noada),
     each model - the nearest-neighbour baseline."""
@@ -222,10 +264,15 @@ def comparisons(systems: Sequence[str]) -> list[tuple[str, str]]:
 def intervals(
     predictions: dict[str, Sequence[str]], references: Sequence[Sequence[str]],
     truth: SceneTruth, resamples: int, level: float, seed: int,
+    per_image: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
     """Bootstrap intervals over the images (`pipeline.metrics.bootstrap`: corpus BLEU-1..4
-    and CIDEr-D recomputed on each resample, grounding where scored) of every system and
-    of each `comparisons` difference: {system or "a-b": {metric: {value, lo, hi}}}."""
+    and CIDEr-D recomputed on each resample; grounding where scored: `ground_p`,
+    `ground_r` and each kind's precision and recall, `colours_p` ... `relations_r`) of
+    every system and of each `comparisons` difference: {system or "a-b": {metric: {value,
+    lo, hi}}}. `per_image` adds means of per-image scores ({name: {metric: (n,) values}},
+    NaN: not scored), e.g. CLIPScore; a name that is not a system (the references) gets
+    intervals but no differences."""
     refs = [[tokenize(r) for r in rs] for rs in references]
     by_metric: dict[str, dict[str, Metric]] = {}
     for name, preds in predictions.items():
@@ -236,8 +283,14 @@ def intervals(
         by_metric.setdefault("cider", {})[name] = CiderBootstrap(refs, hyps)
         rows = truth.count_rows(preds)
         if rows is not None:
-            for metric, parts in headline_parts(rows[0]).items():
+            for metric, parts in (headline_parts(rows[0]) | kind_parts(rows[0])).items():
                 by_metric.setdefault(metric, {})[name] = ratio_metric(rows[1], parts)
+    for name, scores in (per_image or {}).items():
+        for metric, values in scores.items():
+            scored = ~np.isnan(values)
+            if scored.any():
+                mask = None if scored.all() else scored
+                by_metric.setdefault(metric, {})[name] = mean_metric(values, mask)
     pairs = comparisons(list(predictions))
     out: dict[str, dict[str, dict[str, float]]] = {}
     for metric, systems in by_metric.items():
@@ -248,14 +301,18 @@ def intervals(
 
 
 def write_predictions(
-    path: Path, test: ImageSet, predictions: Sequence[str], neighbours: Sequence[str] | None = None
-) -> None:
-    """One JSON line per image: image_id, prediction, references (+ the baseline's neighbour)."""
+    path: Path, test: ImageSet, predictions: Sequence[str], neighbours: Sequence[str] | None = None,
+    rule_off: Sequence[str] | None = None,
+) -> None:  # fmt: skip
+    """One JSON line per image: image_id, prediction, references (+ the baseline's neighbour;
+    + `prediction_rule_off`, the caption decoded without the repetition rule)."""
     lines = []
     for k, (image_id, pred, refs) in enumerate(zip(test.image_ids, predictions, test.captions)):
         rec: dict[str, Any] = {"image_id": image_id, "prediction": pred, "references": refs}
         if neighbours is not None:
             rec["neighbour_id"] = neighbours[k]
+        if rule_off is not None:
+            rec["prediction_rule_off"] = rule_off[k]
         lines.append(json.dumps(rec, ensure_ascii=False))
     write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
@@ -265,8 +322,8 @@ def system_names(models: Sequence[Path]) -> dict[str, Path]:
     systems: dict[str, Path] = {}
     for folder in map(Path, models):
         name = folder.name
-        if name in (BASELINE, "nn_baseline"):  # the baseline's key and file name
-            raise UserError(f"model folder name '{name}' is reserved for the baseline: {folder}")
+        if name in (BASELINE, "nn_baseline", REFERENCES):  # the baseline's names, the refs'
+            raise UserError(f"model folder name '{name}' is reserved: {folder}")
         if name in systems:
             raise UserError(f"two caption models named '{name}': {systems[name]} and {folder}")
         systems[name] = folder
@@ -287,6 +344,30 @@ def load_tokenizer(clip: str):
     except OSError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot load the tokenizer of '{clip}': {msg}") from None
+
+
+class TextEncoder:
+    """The text encoder of CLIP `clip` (`pipeline.clip.backbone`): texts -> (n, d) numpy,
+    a `pipeline.metrics.clipscore.Encoder`. A CLIP whose embeddings are not `dim`-d (the
+    image embeddings') is a `UserError`."""
+
+    def __init__(self, clip: str, dim: int):
+        from pipeline.clip.backbone import load_backbone
+
+        self.backbone = load_backbone(clip)
+        self.context_length = self.backbone.context_length
+        if self.backbone.dim != dim:
+            raise UserError(f"CLIP {clip} gives {self.backbone.dim}-d text embeddings; the "
+                            f"image embeddings are {dim}-d (not made with this CLIP)")  # fmt: skip
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.backbone.encode_texts(list(texts)).numpy()
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        """How many of `texts` are longer than the CLIP's context (cut when encoded)."""
+        n = self.context_length
+        ids = self.backbone.tokenizer(list(texts), truncation=True, max_length=n + 1)
+        return sum(len(x) > n for x in ids["input_ids"])
 
 
 def check_clip(clip: str, manifest: dict[str, Any], emb: Path) -> None:

@@ -4,7 +4,8 @@ A resample draws n of the n test items (images, questions) with replacement; it 
 as a row of `weights`: how often each item was drawn. Every metric here is a function of
 per-item statistics and the weights, so 1,000 resamples cost a few matrix products:
 
-- accuracy: the weighted mean of per-item correctness;
+- accuracy, CLIPScore, RefCLIPScore: the weighted mean of per-item values (correctness,
+  per-image scores);
 - corpus BLEU-n (`bleu_stats` / `bleu_from_sums`): the clipped n-gram matches, n-gram
   counts, hypothesis and closest-reference lengths are summed with the weights, then
   combined as nltk's `corpus_bleu` does (see `pipeline.metrics.bleu`);
@@ -54,9 +55,10 @@ def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def interval(samples: np.ndarray, level: float) -> tuple[float, float]:
-    """The percentile interval of bootstrap `samples` at `level` (0.95: 2.5%, 97.5%)."""
+    """The percentile interval of bootstrap `samples` at `level` (0.95: 2.5%, 97.5%);
+    NaN samples (a masked mean's resample without items) are left out."""
     tail = (1.0 - level) / 2 * 100
-    lo, hi = np.percentile(samples, [tail, 100 - tail])
+    lo, hi = np.nanpercentile(samples, [tail, 100 - tail])
     return round(float(lo), 6), round(float(hi), 6)
 
 
@@ -83,10 +85,20 @@ def summarise(
     return out
 
 
-def mean_metric(values: np.ndarray) -> Metric:
-    """The weighted mean of per-item `values` (accuracy from 0/1 correctness)."""
+def mean_metric(values: np.ndarray, mask: np.ndarray | None = None) -> Metric:
+    """The weighted mean of per-item `values` (accuracy from 0/1 correctness); with `mask`,
+    over the items where it is true only (NaN for a resample that drew none of them)."""
     v = np.asarray(values, dtype=np.float64)
-    return lambda w: (w @ v) / w.sum(axis=1)
+    if mask is None:
+        return lambda w: (w @ v) / w.sum(axis=1)
+    m = np.asarray(mask, dtype=np.float64)
+    vm = np.where(m > 0, v, 0.0)
+
+    def metric(w: np.ndarray) -> np.ndarray:
+        den = w @ m
+        return np.where(den > 0, (w @ vm) / np.where(den > 0, den, 1.0), np.nan)
+
+    return metric
 
 
 # --- BLEU -------------------------------------------------------------------------------

@@ -257,6 +257,17 @@ def headline_parts(keys: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
     }
 
 
+def kind_parts(keys: Sequence[str]) -> dict[str, list[tuple[int, int]]]:
+    """Column pairs of `keys` behind each kind's own precision and recall (`colours_p`,
+    `colours_r`, ..., `relations_r`: the breakdown's `p` and `r`)."""
+    col = {k: i for i, k in enumerate(keys)}
+    out = {}
+    for kind in ALL_KINDS:
+        out[f"{kind}_p"] = [(col[f"{kind}_true"], col[f"{kind}_named"])]
+        out[f"{kind}_r"] = [(col[f"{kind}_recalled"], col[f"{kind}_scene"])]
+    return out
+
+
 def _ratio(num: int, den: int) -> float:
     return round(num / den, 6) if den else 0.0
 

@@ -1,19 +1,30 @@
 """evaluate_caption: caption the Flickr30k test images with each trained decoder and a
-nearest-neighbour baseline; score them with BLEU-1..4, CIDEr-D and, where the scene
-truth exists (the sample world's `scenes.json`), grounding.
+nearest-neighbour baseline; score them with BLEU-1..4, CIDEr-D, CLIPScore and
+RefCLIPScore (`pipeline.metrics.clipscore`; text embeddings from `clip`, image embeddings
+from `emb`) and, where the scene truth exists (the sample world's `scenes.json`), grounding.
 
 Each `--model` folder is one system, named by its folder name (`noada`, `ada`); the
 baseline is `nn` (see `pipeline.caption.evaluation`). Outputs: `metrics` (headline only:
-{system: {bleu4, cider, ground_p, ground_r}} and the paired differences {"ada-noada",
-"noada-nn", "ada-nn": {bleu4, cider, ground_p}}), `detail` (every score, the 95%
-bootstrap intervals of every score and difference (`intervals`), the grounding
-breakdown, the references' own grounding, the settings, how it was computed),
+{system: {bleu4, cider, clipscore, refclipscore, ground_p, ground_r}} and the paired
+differences {"ada-noada", "noada-nn", "ada-nn": the same but ground_r}), `detail` (every
+score, the 95% bootstrap intervals of every score and difference (`intervals`, grounding
+precision and recall per kind included), the grounding breakdown, the references' own
+grounding and CLIPScore, the settings, how it was computed),
 `<predictions>/caption_<system>.jsonl` (image_id, prediction, references) and
 `<predictions>/caption_report.json` (rows read, written, skipped by reason).
 
 Grounding (`pipeline.metrics.grounding`): `scenes` names the truth file; where it does
 not exist (real Flickr30k) grounding is left out and the detail file says why. Images
 without a scene in the file are left out of grounding only (counted in the report).
+
+Form (`pipeline.metrics.form`), per system and for the references themselves (`form` in
+the detail file): the share of captions that repeat a 4-gram (`repeat4`, headline), also
+for each model's captions decoded a second time with the repetition rule off
+(`repeat4_rule_off`: the model's own looping; those captions are scored for nothing else
+and written as `prediction_rule_off` in its predictions file), distinct captions, mean
+length; with the scenes also the share that parse under the sample world's caption
+grammar (`wellformed`, headline; `pipeline.synth.grammar`) and, of the captions that state
+a count of shapes, the share that is right.
 """
 
 from __future__ import annotations
@@ -32,10 +43,14 @@ from pipeline.caption.evaluation import (
     BASELINE_FILE,
     PAPER_BLEU,
     PAPER_NOTE,
+    REFERENCES,
     SceneTruth,
+    TextEncoder,
     check_clip,
     comparisons,
     drop_empty_references,
+    form_scores,
+    form_summary,
     intervals,
     load_image_captions,
     load_tokenizer,
@@ -56,12 +71,15 @@ from pipeline.metrics import (
     TOKENIZATION,
     TOKENIZATION_DETAIL,
 )
+from pipeline.metrics.clipscore import CLIPSCORE_DETAIL, PROMPT, ClipScorer, W, corpus
+from pipeline.metrics.form import FORM_DETAIL
 from pipeline.nn.caption_decoder import read_model_info
 from pipeline.report import Report
 from pipeline.settings import Bootstrap, check, load
 
-HEADLINE = ("bleu4", "cider", "ground_p", "ground_r")  # in the metrics file (if scored)
-HEADLINE_DIFFS = ("bleu4", "cider", "ground_p")  # of each comparison (with intervals)
+HEADLINE = ("bleu4", "cider", "clipscore", "refclipscore", "ground_p", "ground_r",
+            "wellformed", "repeat4")  # in the metrics file (if scored)  # fmt: skip
+HEADLINE_DIFFS = ("bleu4", "cider", "clipscore", "refclipscore", "ground_p")  # of comparisons
 
 
 @dataclass(frozen=True)
@@ -74,10 +92,13 @@ class Settings:
     batch_size: int = 64  # images per decoding batch
     split: str = "test"  # split whose images are captioned and scored
     baseline_split: str = "train"  # split the nearest-neighbour baseline searches
+    no_repeat_ngram_size: int = 4  # no token may complete an n-gram already in the caption (0: off)
+    length_penalty: float = 1.0  # beam: finished captions ranked by log-score / length**this
 
     def __post_init__(self) -> None:
         for key in ("beam_size", "max_len", "batch_size"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
+        check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0 (0: off)")
 
 
 SETTINGS = (Settings, Bootstrap)
@@ -122,6 +143,8 @@ def main(
         raise UserError(f"no '{s.baseline_split}' rows in {emb} for the nearest-neighbour baseline")
     tokenizer = load_tokenizer(clip)
     truth = SceneTruth.load(scenes, test, report)
+    encoder = TextEncoder(clip, test.emb.shape[1])
+    clip_scorer = ClipScorer(encoder, test.emb, test.captions)
 
     scores: dict[str, dict[str, Any]] = {}
     captions: dict[str, list[str]] = {}
@@ -129,17 +152,32 @@ def main(
     for name, folder in systems.items():
         model = load_caption_model(folder)
         preds = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
-                                   s.batch_size, name)  # fmt: skip
-        scores[name], captions[name] = score(preds, test.captions) | truth.score(preds), preds
-        write_predictions(predictions / f"caption_{name}.jsonl", test, preds)
+                                   s.batch_size, name, s.no_repeat_ngram_size,
+                                   s.length_penalty)  # fmt: skip
+        loose = preds  # the same decoded with the repetition rule off (form only)
+        if s.no_repeat_ngram_size:
+            loose = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
+                                       s.batch_size, f"{name} rule off", 0,
+                                       s.length_penalty)  # fmt: skip
+        scores[name] = (score(preds, test.captions) | truth.score(preds)
+                        | form_scores(preds, truth, loose))  # fmt: skip
+        captions[name] = preds
+        write_predictions(predictions / f"caption_{name}.jsonl", test, preds, rule_off=loose)
     preds, neighbours = nearest_neighbour_captions(train, test)
-    scores[BASELINE], captions[BASELINE] = score(preds, test.captions) | truth.score(preds), preds
+    scores[BASELINE] = score(preds, test.captions) | truth.score(preds) | form_scores(preds, truth)
+    captions[BASELINE] = preds
     write_predictions(predictions / BASELINE_FILE, test, preds, neighbours)
+
+    per_image = {name: clip_scorer.score(preds) for name, preds in captions.items()}
+    for name, values in per_image.items():
+        scores[name] |= corpus(values)
+    per_image[REFERENCES] = clip_scorer.references()
 
     headline = {name: {k: v[k] for k in HEADLINE if k in v} for name, v in scores.items()}
     ci: dict[str, Any] = {}
     if boot.resamples:
-        ci = intervals(captions, test.captions, truth, boot.resamples, boot.level, boot.seed)
+        ci = intervals(captions, test.captions, truth, boot.resamples, boot.level, boot.seed,
+                       per_image)  # fmt: skip
         for a, b in comparisons(list(scores)):
             headline[f"{a}-{b}"] = {k: ci[f"{a}-{b}"][k]["value"] for k in HEADLINE_DIFFS
                                     if k in ci[f"{a}-{b}"]}  # fmt: skip
@@ -148,6 +186,7 @@ def main(
         "split": s.split, "n_images": len(test),
         "n_references": sum(len(c) for c in test.captions), "tokenization": TOKENIZATION,
         **BLEU_SETTINGS, **CIDER_SETTINGS, "beam_size": s.beam_size, "max_len": s.max_len,
+        "no_repeat_ngram_size": s.no_repeat_ngram_size, "length_penalty": s.length_penalty,
         "baseline": f"nn-{s.baseline_split}-first-caption", "baseline_n_images": len(train),
         **PAPER_BLEU,
     }  # fmt: skip
@@ -158,18 +197,29 @@ def main(
         "baseline": f"first caption (first row in the files) of the nearest "
         f"'{s.baseline_split}' image by cosine of CLIP image embeddings "
         "(faiss IndexFlatIP on L2-normalised vectors)",
-        "clip_model": clip, "paper_note": PAPER_NOTE, **GROUNDING_DETAIL,
+        "clip_model": clip, "paper_note": PAPER_NOTE, **CLIPSCORE_DETAIL, **GROUNDING_DETAIL,
+        **FORM_DETAIL,
     }  # fmt: skip
     method["intervals"] = (
         f"{boot.level:.0%} percentile bootstrap over the {len(test)} test images, "
         f"{boot.resamples} resamples (seed {boot.seed}), corpus BLEU and CIDEr-D (idf "
-        "included) recomputed on each resample; a-b: the paired difference on the same "
-        "resamples"
+        "included) recomputed on each resample, CLIPScore and RefCLIPScore the weighted means "
+        "of per-image scores, grounding the ratios of summed counts (ground_p, ground_r and "
+        "each kind's precision and recall: colours_p, ..., relations_r); a-b: the paired "
+        "difference on the same resamples"
         if boot.resamples
         else "none (bootstrap.resamples: 0)"
     )
+    refs_clip = {**corpus(per_image[REFERENCES]), "n_images_leave_one_out":
+                 int(sum(len(c) > 1 for c in test.captions))}  # fmt: skip
+    texts = {**captions, REFERENCES: [r for rs in test.captions for r in rs]}
+    clip_detail = {"references": refs_clip, "prompt": PROMPT, "w": W,
+                   "context_length": encoder.context_length,
+                   "truncated": {k: encoder.count_truncated([PROMPT + t for t in v])
+                                 for k, v in texts.items()}}  # fmt: skip
     write_json(detail, {**scores, "intervals": ci, "grounding": truth.summary(),
-                        "settings": settings, "method": method})  # fmt: skip
+                        "form": form_summary(truth), "clipscore": clip_detail, "settings": settings,
+                        "method": method})  # fmt: skip
     report.written = len(test)
     report.save(predictions / "caption_report.json")
     parts = [f"{k}: " + " ".join(f"{m}={x:.4f}" for m, x in v.items()) for k, v in headline.items()]

@@ -12,7 +12,16 @@ from typing import Any
 from pipeline.webpage.charts import line_chart
 from pipeline.webpage.thumbs import thumbnail
 
-CAPTION_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "ground_p", "ground_r")
+CAPTION_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "clipscore", "refclipscore",
+                   "ground_p", "ground_r")  # fmt: skip
+FORM_COLUMNS = {  # caption form metric (caption_detail.json) -> column head
+    "wellformed": "well-formed",
+    "repeat4": "repeats a 4-gram",
+    "repeat4_rule_off": "... rule off",
+    "n_distinct": "distinct",
+    "mean_len": "mean words",
+    "count_right": "count right",
+}
 VQA_METHODS = {"head": "model", "zeroshot": "zeroshot", "prior": "prior", "majority": "majority"}
 CURVES = {  # plot file stem -> (x column, y columns, title)
     "caption_noada": ("epoch", ("caption_loss", "source_loss", "val_loss"), "caption, noada"),
@@ -48,19 +57,61 @@ def clip_rows(detail: dict[str, Any] | None) -> list[dict[str, Any]]:
     return rows
 
 
+def scene_rows(detail: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per style x label set of the scene probes (recall@k, chance, P / R)."""
+    rows = []
+    for group, sets in ((detail or {}).get("scene_probes") or {}).items():
+        for name, r in sets.items():
+            rows.append({**r, "style": group.split("_", 1)[0], "set": name})
+    return rows
+
+
+def _form(entry: dict[str, Any], n_images: int | None) -> dict[str, Any]:
+    """A system's form metrics: the headline ones and the `form` breakdown (older detail
+    files: `n_distinct` and `mean_len` beside the scores)."""
+    out = {"n_captions": n_images, **{k: entry[k] for k in FORM_COLUMNS if k in entry}}
+    return out | entry.get("form", {})
+
+
+def form_text(key: str, form: dict[str, Any]) -> str:
+    """One form cell: shares as percentages, distinct as n/N, count right with its n."""
+    value = form.get(key)
+    if value is None:
+        return "–"
+    if key == "n_distinct":
+        return f"{value}/{form.get('n_captions', '?')}"
+    if key == "mean_len":
+        return f"{value:.1f}"
+    if key == "count_right":
+        return f"{value:.1%} of {form.get('count_stated', '?')}"
+    return f"{value:.1%}"
+
+
 def caption_tables(detail: dict[str, Any] | None) -> dict[str, Any]:
     if not detail:
         return {"systems": [], "diffs": [], "metrics": []}
     ci = detail.get("intervals", {})
     systems = [k for k in detail if isinstance(detail[k], dict) and "bleu4" in detail[k]]
     metrics = [m for m in CAPTION_METRICS if all(m in detail[s] for s in systems)]
-    rows = [{"name": s, "n_distinct": detail[s].get("n_distinct"),
-             "cells": [cell(ci.get(s, {}).get(m) or detail[s][m]) for m in metrics]}
-            for s in systems]  # fmt: skip
+    n_images = detail.get("settings", {}).get("n_images")
+    forms = {s: _form(detail[s], n_images) for s in systems}
+    refs = (detail.get("form") or {}).get("references")  # their form; scores where measured
+    bare_scores = {s: detail[s] for s in systems}
+    bare_scores["references"] = (detail.get("clipscore") or {}).get("references") or {}
+    form_keys = [k for k in FORM_COLUMNS if any(k in f for f in [*forms.values(), refs or {}])]
+
+    def row(name: str, form: dict[str, Any]) -> dict[str, Any]:
+        with_ci, bare = ci.get(name, {}), bare_scores.get(name, {})
+        return {"name": name, "cells": [cell(with_ci.get(m) or bare.get(m)) for m in metrics],
+                "form": [form_text(k, form) for k in form_keys]}  # fmt: skip
+
+    rows = [row(s, f) for s, f in forms.items()]
+    ref_row = row("references", refs or {}) if refs or bare_scores["references"] else None
     diffs = [{"name": k, "cells": [cell(v.get(m)) for m in metrics]}
              for k, v in ci.items() if "-" in k]  # fmt: skip
-    return {"systems": rows, "diffs": diffs, "metrics": metrics,
-            "n_images": detail.get("settings", {}).get("n_images"),
+    return {"systems": rows, "diffs": diffs, "metrics": metrics, "n_images": n_images,
+            "references": ref_row, "clipscore": "clipscore" in metrics,
+            "form_heads": [FORM_COLUMNS[k] for k in form_keys],
             "method": detail.get("method", {}).get("intervals", "")}  # fmt: skip
 
 

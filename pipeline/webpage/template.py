@@ -33,6 +33,17 @@ th:first-child, td:first-child { text-align: left; }
 <p class="note">Chance: {{ "%.3f"|format(clip_rows[0].category_chance) }} (category),
 {{ "%.3f"|format(clip_rows[0].colour_chance) }} (colour).</p>
 {% else %}<p class="note">No probes measured.</p>{% endif %}
+{% if scene_rows %}
+<p>Whole scenes: a multi-label linear probe of what is present (what a decoder can read).</p>
+<table><tr><th>style</th><th>labels</th><th>recall@k</th><th>chance</th><th>precision</th>
+<th>recall</th><th>objects present</th><th>test n</th></tr>
+{% for r in scene_rows %}<tr><td>{{ r.style }}</td><td>{{ r.set }} ({{ r.labels }})</td>
+<td>{{ "%.3f"|format(r.recall_at_k) }}</td><td>{{ "%.3f"|format(r.chance_recall_at_k) }}</td>
+<td>{{ "%.3f"|format(r.precision) }}</td><td>{{ "%.3f"|format(r.recall) }}</td>
+<td>{{ r.mean_present }}</td><td>{{ r.n_test }}</td></tr>
+{% endfor %}</table>
+<p class="note">recall@k: share of the k labels present found among the k top-scored.</p>
+{% endif %}
 
 <h2>VQA: top-1 on the test split</h2>
 {% if vqa.groups %}
@@ -50,15 +61,26 @@ th:first-child, td:first-child { text-align: left; }
 <h2>Captioning</h2>
 {% if caption.systems %}
 <table><tr><th>system</th>{% for m in caption.metrics %}<th>{{ m }}</th>{% endfor %}
-<th>distinct captions</th></tr>
+{% for h in caption.form_heads %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for s in caption.systems %}<tr><td>{{ s.name }}</td>
 {% for c in s.cells %}<td>{{ c.text }} <span class="ci">{{ c.ci }}</span></td>{% endfor %}
-<td>{{ s.n_distinct }}/{{ caption.n_images }}</td></tr>{% endfor %}</table>
+{% for f in s.form %}<td>{{ f }}</td>{% endfor %}</tr>{% endfor %}
+{% if caption.references %}<tr><td>references</td>{% for c in caption.references.cells %}
+<td>{{ c.text }} <span class="ci">{{ c.ci }}</span></td>{% endfor %}
+{% for f in caption.references.form %}<td>{{ f }}</td>{% endfor %}</tr>{% endif %}</table>
 <table><tr><th>paired difference</th>{% for m in caption.metrics %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for s in caption.diffs %}<tr><td>{{ s.name }}</td>
 {% for c in s.cells %}<td class="{{ 'sig' if c.excludes_zero }}">{{ c.text }}
 <span class="ci">{{ c.ci }}</span></td>{% endfor %}</tr>{% endfor %}</table>
 <p class="note">{{ caption.method }}. Bold: the interval excludes 0.</p>
+{% if caption.clipscore %}<p class="note">CLIPScore: 2.5 &times; max(cos, 0) of the CLIP
+embeddings of "A photo depicts" + caption and of the image; RefCLIPScore: its harmonic mean
+with the best cosine with a reference (Hessel et al. 2021). References: each against its
+image, RefCLIPScore against the image's other references (leave one out).</p>{% endif %}
+{% if caption.form_heads %}<p class="note">Form: well-formed = parses under the sample
+world's caption grammar; repeats a 4-gram = some 4 words occur twice, with the repetition
+rule on (the captions scored) and off (the model's own looping); count right = of the
+captions stating "N shapes", the share whose N is the scene's (of how many).</p>{% endif %}
 {% else %}<p class="note">No caption evaluation found.</p>{% endif %}
 
 <h2>Training curves</h2>
