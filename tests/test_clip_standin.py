@@ -18,7 +18,8 @@ TINY = {
     "model": {"vocab_size": 400, "context_length": 24, "width": 32, "layers": 1, "heads": 2,
               "image_size": 32, "patch_size": 8, "projection_dim": 16},
     "images": 48, "steps": 4, "batch_size": 16, "colour_groups": 2, "val_probes": 44,
-    "eval_every": 2, "warmup_steps": 1, "canvas": [96, 72],
+    "eval_every": 2, "warmup_steps": 1, "canvas": [96, 72], "base_image_size": 32,
+    "val_scenes": 6,
 }  # fmt: skip
 
 
@@ -39,15 +40,32 @@ def test_tiny_standin_writes_a_checkpoint_with_its_probes(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 0, "clip_standin": TINY}))
     summary = main(tmp_path / "standin", params)
-    assert summary.startswith("clip_standin: 4 steps on 48 images")
+    assert summary.startswith("clip_standin: 4 + 0 steps on 48 + 8000 images")
     info = json.loads((tmp_path / "standin" / "standin.json").read_text())
     assert set(info["validation_probes"]) == {"clipart_single", "clipart_crop", "photo_single",
                                               "photo_crop"}  # fmt: skip
     assert sum(info["train_images"].values()) == 48
+    assert set(info["validation_scene_probes"]) == {"clipart_scene", "photo_scene"}
     curve = (tmp_path / "standin" / "train_curve.tsv").read_text().splitlines()
-    assert curve[0].startswith("step\ttrain_loss") and len(curve) == 3
+    assert curve[0].startswith("phase\tstep\ttrain_loss") and len(curve) == 3
     bb = load_backbone(tmp_path / "standin", "cpu")
     assert bb.image_size == 32 and bb.dim == 16
+
+
+def test_a_hires_phase_moves_the_standin_to_its_final_size(tmp_path):
+    from pipeline.clip.backbone import load_backbone
+
+    params = tmp_path / "params.yaml"
+    hires = {"hires_steps": 2, "hires_images": 20, "twins": 1, "hires_single_share": 0.0,
+             "hires_crop_share": 0.0, "model": {**TINY["model"], "image_size": 48}}  # fmt: skip
+    params.write_text(yaml.safe_dump({"seed": 0, "clip_standin": {**TINY, **hires}}))
+    main(tmp_path / "standin", params)
+    info = json.loads((tmp_path / "standin" / "standin.json").read_text())
+    assert info["hires_train_images"]["twin"] == info["hires_train_images"]["scene"] == 10
+    curve = (tmp_path / "standin" / "train_curve.tsv").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in curve[1:]] == [
+        ["base", "2"], ["base", "4"], ["hires", "6"]]  # fmt: skip
+    assert load_backbone(tmp_path / "standin", "cpu").image_size == 48
 
 
 def test_bad_settings_name_the_key(tmp_path):
@@ -56,7 +74,9 @@ def test_bad_settings_name_the_key(tmp_path):
     from pipeline.stages.clip_standin import Settings
 
     for section, key in (({"single_share": 0.8, "crop_share": 0.5}, "crop_share"),
-                         ({"val_probes": 10}, "val_probes")):  # fmt: skip
+                         ({"val_probes": 10}, "val_probes"),
+                         ({"base_image_size": 32}, "base_image_size"),
+                         ({"hires_single_share": 0.9}, "hires_crop_share")):  # fmt: skip
         with pytest.raises(UserError, match=f"clip_standin.{key}"):
             load(Settings, {"clip_standin": section})
 
@@ -75,3 +95,27 @@ def test_committed_standin_covers_the_world_vocabulary():
     assert not split, split
     info = json.loads((STANDIN / "standin.json").read_text())
     assert info["settings"]["steps"] >= 1000 and "photo_crop" in info["validation_probes"]
+
+
+def test_shape_twins_keep_the_layout_and_change_every_shape():
+    import random
+
+    from pipeline.synth.webdata import draw, shape_twin
+
+    rng, nrng = random.Random(0), np.random.default_rng(0)
+    for _ in range(10):
+        d = draw(rng, nrng, "scene", "photo", (192, 144), (2, 4))
+        t = shape_twin(rng, nrng, d, (192, 144))
+        assert t.kind == "twin" and t.relations == d.relations and t.style == d.style
+        assert [o["box"] for o in t.objects] == [o["box"] for o in d.objects]
+        assert [o["colour"] for o in t.objects] == [o["colour"] for o in d.objects]
+        assert all(a["category"] != b["category"] for a, b in zip(t.objects, d.objects))
+        assert all(o["category"] in " ".join(t.captions) for o in t.objects[:1])
+
+
+def test_a_twin_shares_its_scenes_batch():
+    from pipeline.clip.standin import with_twins
+
+    twins = [0, 1, 0, 0, 2, 0, 0]  # 2 is 1's twin, 5 and 6 are 4's
+    assert with_twins(np.array([0, 1, 4]), twins, 8).tolist() == [0, 1, 2, 4, 5, 6]
+    assert with_twins(np.array([4, 1, 0]), twins, 4).tolist() == [4, 5, 6, 1]

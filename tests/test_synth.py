@@ -29,6 +29,7 @@ SMALL = {
     "flickr30k_images": 20,
     "laion_fail_rate": 0.1,
     "probe_images": 44,
+    "probe_scenes": 6,
 }
 
 
@@ -243,7 +244,10 @@ def test_probe_set_is_balanced_and_decodes_as_embed_does(world):
     from pipeline.synth.scene import CATEGORIES, COLOURS
 
     rows = json.loads((world / "probes" / "labels.json").read_text())["items"]
-    assert len(rows) == 4 * 44
+    assert len(rows) == 4 * 44 + 2 * 6
+    scenes = [r for r in rows if r["kind"] == "scene"]
+    assert len(scenes) == 12 and all(len(r["objects"]) >= 2 for r in scenes)
+    rows = [r for r in rows if r["kind"] != "scene"]
     groups = Counter((r["style"], r["kind"], r["split"]) for r in rows)
     assert set(groups) == {(s, k, sp) for s in ("clipart", "photo") for k in ("single", "crop")
                            for sp in ("train", "test")}  # fmt: skip

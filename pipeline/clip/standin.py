@@ -23,7 +23,7 @@ import torch
 
 from pipeline.clip.backbone import Backbone
 from pipeline.clip.contrastive import lr_at, make_optimizer, train_step
-from pipeline.synth.webdata import Drawn, draw
+from pipeline.synth.webdata import Drawn, draw, shape_twin
 
 
 def decode(d: Drawn, size: int) -> np.ndarray:
@@ -40,11 +40,13 @@ def decode(d: Drawn, size: int) -> np.ndarray:
 
 def training_pairs(
     n: int, seed: int, size: int, kinds: dict[str, float], photo_fraction: float,
-    canvas: tuple[int, int], objects: tuple[int, int], margin: float,
+    canvas: tuple[int, int], objects: tuple[int, int], margin: float, twins: int = 0,
 ):  # fmt: skip
     """`n` web-like pairs decoded at `size`: (uint8 (n, 3, size, size), captions per image,
     colour of the labelled object per image, kind per image). `kinds` gives each kind's
-    share; a pure function of its arguments."""
+    share; each scene is followed by `twins` shape twins (kind `twin`, `webdata.shape_twin`:
+    same layout and colours, other shapes), counted in `n`; a pure function of its
+    arguments."""
     from tqdm import tqdm
 
     rng = random.Random(f"{seed}-standin")
@@ -52,14 +54,22 @@ def training_pairs(
     names, shares = list(kinds), list(kinds.values())
     pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
     captions, colours, kind_of = [], [], []
-    for i in tqdm(range(n), desc="stand-in data", disable=None, unit="img"):
+    bar = tqdm(total=n, desc="stand-in data", disable=None, unit="img")
+    while len(kind_of) < n:
         kind = rng.choices(names, shares)[0]
         style = "photo" if rng.random() < photo_fraction else "clipart"
         d = draw(rng, nrng, kind, style, canvas, objects, margin=margin)
-        pixels[i] = decode(d, size)
-        captions.append(d.captions)
-        colours.append(d.colour)
-        kind_of.append(kind)
+        drawn = [d]
+        if kind == "scene":
+            room = n - 1 - len(kind_of)
+            drawn += [shape_twin(rng, nrng, d, canvas) for _ in range(min(twins, room))]
+        for d in drawn:
+            pixels[len(kind_of)] = decode(d, size)
+            captions.append(d.captions)
+            colours.append(d.colour)
+            kind_of.append(d.kind)
+            bar.update(1)
+    bar.close()
     return pixels, captions, colours, kind_of
 
 
@@ -82,14 +92,22 @@ def colour_batch(
     return np.concatenate(parts)
 
 
+def with_twins(idx: np.ndarray, twins: list[int], batch: int) -> np.ndarray:
+    """`idx` with each scene's `twins[i]` shape twins (the images after it) right behind it,
+    cut to `batch` images."""
+    out = [j for i in idx.tolist() for j in range(i, i + 1 + twins[i])]
+    return np.array(out[:batch], dtype=idx.dtype)
+
+
 def train_steps(
     bb: Backbone, pixels: torch.Tensor, captions: list[list[str]], colours: list[str], *,
     steps: int, batch_size: int, colour_groups: int, lr: float, weight_decay: float,
     warmup_steps: int, grad_clip: float, augment_shift: int, seed: int, eval_every: int,
-    evaluate: Callable[[], dict],
+    evaluate: Callable[[], dict], kinds: list[str] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Train `bb` for `steps` colour-grouped batches; one row per evaluation: step, mean
-    train loss since the last row, seconds so far and `evaluate()`'s numbers."""
+    train loss since the last row, seconds so far and `evaluate()`'s numbers. An image of
+    kind `twin` (`kinds`) goes into a batch only with the scene it follows."""
     from tqdm import tqdm
 
     model = bb.model
@@ -97,14 +115,21 @@ def train_steps(
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 11])
     tokens = [bb.tokenize(caps) for caps in captions]
+    kinds = kinds or ["scene"] * len(colours)
     names = sorted(set(colours))
-    by_colour = [np.array([i for i, c in enumerate(colours) if c == n]) for n in names]
+    by_colour = [np.array([i for i, c in enumerate(colours) if c == n and kinds[i] != "twin"])
+                 for n in names]  # fmt: skip
+    twin = [0] * len(kinds)  # per scene: how many shape twins follow it
+    for i in range(len(kinds) - 1, 0, -1):
+        if kinds[i] == "twin":
+            twin[i - 1] = twin[i] + 1
     opt = make_optimizer(model, lr, weight_decay)
     rows, losses, t0 = [], [], time.perf_counter()
     bar = tqdm(total=steps, desc="clip_standin", disable=None, unit="step")
     model.train()
     for step in range(steps):
         idx = colour_batch(by_colour, min(batch_size, len(colours)), colour_groups, rng)
+        idx = with_twins(idx, twin, min(batch_size, len(colours)))
         ids = [tokens[i][int(rng.integers(len(tokens[i])))] for i in idx.tolist()]
         px = pixels[torch.from_numpy(idx)]
         step_lr = lr_at(step, steps, warmup_steps, lr)

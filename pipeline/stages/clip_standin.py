@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,6 +25,7 @@ from pipeline.clip.checkpoint import ClipModelConfig
 from pipeline.settings import as_dict, check, check_device, load
 
 VAL_TAG = "validation"  # the validation probes' seed tag (synth's probe set uses "probes")
+KINDS = ("single", "crop", "scene", "twin")  # kinds of training image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +34,22 @@ class Settings:
 
     SECTION: ClassVar[str] = "clip_standin"
     model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)  # architecture
-    images: int = 16000  # web-like training images drawn (each with 4 captions)
-    single_share: float = 0.5  # share of single-object images
-    crop_share: float = 0.35  # share of object crops cut from scenes (letterboxed)
+    base_image_size: int = 64  # input size of the base phase (model.image_size: the final one)
+    images: int = 16000  # base phase: web-like training images drawn (each with 4 captions)
+    single_share: float = 0.5  # base phase: share of single-object images
+    crop_share: float = 0.35  # base phase: share of object crops cut from scenes (letterboxed)
+    hires_steps: int = 0  # second phase at model.image_size (0: none)
+    hires_images: int = 8000  # its training images (another draw)
+    hires_single_share: float = 0.2  # its share of single-object images
+    hires_crop_share: float = 0.3  # its share of object crops (the rest: whole scenes)
+    twins: int = 0  # shape twins drawn after each of its scenes, in the same batch
+    hires_lr: float = 3e-4  # its peak learning rate
+    hires_warmup_steps: int = 100  # its warm-up steps, then cosine decay to zero
     photo_share: float = 0.5  # share drawn photo-style (the rest clipart)
     canvas: tuple[int, int] = (192, 144)  # width, height of the scenes crops are cut from
     objects_per_image: tuple[int, int] = (2, 4)  # fewest, most objects in those scenes
     crop_margin: float = 0.15  # crop boxes widened by up to this share per side
-    steps: int = 9000  # optimiser steps
+    steps: int = 9000  # base phase: optimiser steps
     batch_size: int = 64  # pairs per step
     colour_groups: int = 4  # same-colour groups per batch (0 = uniform batches)
     lr: float = 0.001  # peak AdamW learning rate
@@ -56,23 +66,34 @@ class Settings:
 
     def __post_init__(self) -> None:
         for key in ("weight_decay", "warmup_steps", "grad_clip", "augment_shift",
-                    "colour_groups", "threads"):  # fmt: skip
+                    "colour_groups", "threads", "hires_steps", "hires_warmup_steps", "twins"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
-        for key in ("images", "steps", "batch_size", "eval_every", "val_scenes"):
+        for key in ("images", "steps", "batch_size", "eval_every", "val_scenes", "hires_images"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.val_probes >= 44, "val_probes", "must be >= 44 (2 per category: train, test)")
-        for key in ("single_share", "crop_share", "photo_share", "crop_margin"):
+        for key in ("single_share", "crop_share", "photo_share", "crop_margin",
+                    "hires_single_share", "hires_crop_share"):  # fmt: skip
             check(0 <= getattr(self, key) <= 1, key, "must be in [0, 1]")
-        check(self.single_share + self.crop_share <= 1, "crop_share",
-              "single_share + crop_share must be <= 1 (the rest are whole scenes)")  # fmt: skip
+        for pre in ("", "hires_"):
+            check(getattr(self, pre + "single_share") + getattr(self, pre + "crop_share") <= 1,
+                  pre + "crop_share", f"{pre}single_share + {pre}crop_share must be <= 1 "
+                  "(the rest are whole scenes)")  # fmt: skip
+        check(self.base_image_size % self.model.patch_size == 0, "base_image_size",
+              f"must be a multiple of model.patch_size ({self.model.patch_size})")  # fmt: skip
+        check(self.hires_steps > 0 or self.base_image_size == self.model.image_size,
+              "base_image_size", "must equal model.image_size when hires_steps is 0")  # fmt: skip
         check(min(self.canvas) >= 32, "canvas", "must be at least 32 x 32 pixels")
         lo, hi = self.objects_per_image
         check(1 <= lo <= hi, "objects_per_image", "must be [fewest, most] with 1 <= fewest <= most")
-        check(self.lr > 0, "lr", "must be > 0")
+        check(self.lr > 0 and self.hires_lr > 0, "lr", "lr and hires_lr must be > 0")
         check_device(self.device)
 
 
 SETTINGS = (Settings,)
+
+
+def _shares(single: float, crop: float) -> dict[str, float]:
+    return {"single": single, "crop": crop, "scene": 1 - single - crop}
 
 
 def main(out: Path, params: Path) -> str:
@@ -84,53 +105,71 @@ def main(out: Path, params: Path) -> str:
     from pipeline.clip.backbone import load_backbone
     from pipeline.clip.checkpoint import build_scratch_checkpoint, save_backbone, staged_folder
     from pipeline.clip.probes import HOW, TEMPLATES, headline, run_probes
+    from pipeline.clip.resolution import resize_checkpoint
     from pipeline.clip.scene_probes import HOW as SCENE_HOW
     from pipeline.clip.scene_probes import scene_probe_scores
     from pipeline.clip.standin import decode, train_steps, training_pairs
     from pipeline.synth.captions import vocabulary_text
     from pipeline.synth.webdata import probe_items
-    from pipeline.training import cpu_threads, seed_everything, write_plot
+    from pipeline.training import cpu_threads, pick_device, seed_everything, write_plot
 
     s = load(Settings, params)
     t0, c0 = time.perf_counter(), time.process_time()
     with cpu_threads(s.threads), staged_folder(out) as tmp:
         seed_everything(s.seed)
-        shares = {"single": s.single_share, "crop": s.crop_share,
-                  "scene": 1 - s.single_share - s.crop_share}  # fmt: skip
         pixels, captions, colours, kinds = training_pairs(
-            s.images, s.seed, s.model.image_size, shares, s.photo_share, s.canvas,
-            s.objects_per_image, s.crop_margin,
+            s.images, s.seed, s.base_image_size, _shares(s.single_share, s.crop_share),
+            s.photo_share, s.canvas, s.objects_per_image, s.crop_margin,
         )  # fmt: skip
         texts = [c for caps in captions for c in caps] + vocabulary_text() * 20
-        build_scratch_checkpoint(texts, s.model, tmp, s.seed)
-        bb = load_backbone(tmp, s.device)
+        build_scratch_checkpoint(texts, replace(s.model, image_size=s.base_image_size), tmp,
+                                 s.seed)  # fmt: skip
         val = list(probe_items(s.val_probes, s.seed, s.canvas, s.objects_per_image, VAL_TAG,
                                n_scenes=s.val_scenes))  # fmt: skip
         val_rows = [{"category": d.category, "colour": d.colour, "style": d.style,
                      "kind": d.kind, "split": split, "objects": d.objects,
                      "canvas": list(s.canvas)} for d, split in val]  # fmt: skip
-        val_px = torch.from_numpy(np.stack([decode(d, s.model.image_size) for d, _ in val]))
         t_data = time.perf_counter() - t0
+        common = {"batch_size": s.batch_size, "colour_groups": s.colour_groups,
+                  "weight_decay": s.weight_decay, "grad_clip": s.grad_clip,
+                  "augment_shift": s.augment_shift, "eval_every": s.eval_every}  # fmt: skip
 
-        def evaluate() -> dict:
-            probes = run_probes(bb, val_rows, val_px)
-            scenes = scene_probe_scores(bb, val_rows, val_px)
-            head = headline(probes, scenes)
-            flat = {f"{k}_{g}": v for k, d in head.items() for g, v in d.items()}
-            return {**flat, "zs_cat_clip_single": probes["clipart_single"]["category"]["zeroshot"]}
+        def phase(name: str, pairs, steps: int, lr: float, warmup: int, seed: int):
+            """Train the checkpoint in `tmp` on `pairs` at its own size; save it; its rows."""
+            bb = load_backbone(tmp, s.device)
+            val_px = torch.from_numpy(np.stack([decode(d, bb.image_size) for d, _ in val]))
+
+            def evaluate() -> dict:
+                probes = run_probes(bb, val_rows, val_px)
+                head = headline(probes, scene_probe_scores(bb, val_rows, val_px))
+                return {f"{k}_{g}": v for k, d in head.items() for g, v in d.items()}
+
+            px, caps, cols, kinds = pairs
+            rows = train_steps(bb, torch.from_numpy(px), caps, cols, steps=steps, lr=lr,
+                               warmup_steps=warmup, seed=seed, evaluate=evaluate, kinds=kinds,
+                               **common)  # fmt: skip
+            save_backbone(bb, tmp, str(tmp))
+            final = run_probes(bb, val_rows, val_px), scene_probe_scores(bb, val_rows, val_px)
+            return [{"phase": name, **r} for r in rows], final, kinds
 
         t1 = time.perf_counter()
-        rows = train_steps(
-            bb, torch.from_numpy(pixels), captions, colours, steps=s.steps,
-            batch_size=s.batch_size, colour_groups=s.colour_groups, lr=s.lr,
-            weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, grad_clip=s.grad_clip,
-            augment_shift=s.augment_shift, seed=s.seed, eval_every=s.eval_every,
-            evaluate=evaluate,
-        )  # fmt: skip
+        rows, (probes, scenes), _ = phase("base", (pixels, captions, colours, kinds), s.steps,
+                                          s.lr, s.warmup_steps, s.seed)  # fmt: skip
+        del pixels
+        hires_kinds: list[str] = []
+        if s.hires_steps:
+            resize_checkpoint(tmp, s.model.image_size)
+            pairs = training_pairs(
+                s.hires_images, s.seed + 1, s.model.image_size,
+                _shares(s.hires_single_share, s.hires_crop_share), s.photo_share, s.canvas,
+                s.objects_per_image, s.crop_margin, s.twins,
+            )  # fmt: skip
+            more, (probes, scenes), hires_kinds = phase(
+                "hires", pairs, s.hires_steps, s.hires_lr, s.hires_warmup_steps, s.seed + 1
+            )  # fmt: skip
+            last = rows[-1]["step"]
+            rows += [{**r, "step": r["step"] + last} for r in more]
         t_train = time.perf_counter() - t1
-        probes = run_probes(bb, val_rows, val_px)
-        scenes = scene_probe_scores(bb, val_rows, val_px)
-        save_backbone(bb, tmp, str(tmp))
         write_plot(tmp / "train_curve.tsv", rows)
         write_json(tmp / "standin.json", {
             "what": "the sample world's stand-in CLIP (pipeline/stages/clip_standin.py)",
@@ -141,16 +180,18 @@ def main(out: Path, params: Path) -> str:
             "scene_probes_how": SCENE_HOW,
             "probe_templates": {k: list(v) for k, v in TEMPLATES.items()},
             "train_images": {k: kinds.count(k) for k in ("single", "crop", "scene")},
+            "hires_train_images": {k: hires_kinds.count(k) for k in KINDS},
             "data_seconds": round(t_data, 1),
             "train_seconds": round(t_train, 1),
             "total_cpu_seconds": round(time.process_time() - c0, 1),
             "threads": torch.get_num_threads(),
-            "device": str(bb.device),
+            "device": str(pick_device(s.device)),
             "settings": as_dict(s),
         })  # fmt: skip
     h = headline(probes, scenes)
     return (
-        f"clip_standin: {s.steps} steps on {s.images} images in {t_train:.0f}s "
+        f"clip_standin: {s.steps} + {s.hires_steps} steps on {s.images} + {s.hires_images} "
+        f"images in {t_train:.0f}s "
         f"(data {t_data:.0f}s); validation zero-shot category photo crops "
         f"{h['zs_cat']['crop']:.3f}, single {h['zs_cat']['single']:.3f}; colour "
         f"{h['zs_col']['crop']:.3f}; linear category {h['lp_cat']['crop']:.3f}; photo scenes "

@@ -79,7 +79,8 @@ class Drawn:
     colour: str
     style: str
     kind: str
-    objects: list[dict] | None = None  # scenes: every object's category, colour and box
+    objects: list[dict] | None = None  # scenes: every object's category, colour, size, box
+    relations: list[tuple[int, str, int]] | None = None  # scenes: (subject, predicate, object)
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -113,14 +114,36 @@ def draw(
             alt_text(rng, objs, rels),
             *sentences(rng, objs, rels, 2),
         ]
-        every = [{"category": o.category, "colour": o.colour, "box": list(o.box)} for o in objs]
-        return Drawn(_jpeg(img), None, caps, objs[0].category, objs[0].colour, style, kind, every)
+        every = [{"category": o.category, "colour": o.colour, "size": o.size, "box": list(o.box)}
+                 for o in objs]  # fmt: skip
+        return Drawn(_jpeg(img), None, caps, objs[0].category, objs[0].colour, style, kind, every,
+                     rels)  # fmt: skip
     pick = [o for o in objs if category is None or o.category == category] or objs
     o = rng.choice(pick)
     x, y, w, h = o.box
     mx, my = int(w * rng.uniform(0, margin)), int(h * rng.uniform(0, margin))
     box = (max(0, x - mx), max(0, y - my), w + 2 * mx, h + 2 * my)
     return Drawn(_jpeg(img), box, object_captions(rng, o), o.category, o.colour, style, kind)
+
+
+def shape_twin(
+    rng: random.Random, nrng: np.random.Generator, d: Drawn, canvas: tuple[int, int]
+) -> Drawn:  # fmt: skip
+    """The scene `d` again with every object's category redrawn (another one), same boxes,
+    colours and sizes, so same layout and relations: a hard negative that only its shapes
+    tell apart (as in Yuksekgonul et al. 2023, "When and why vision-language models behave
+    like bags-of-words", whose negatives swap what a caption binds)."""
+    from pipeline.synth.scene import CATEGORIES, Obj
+
+    objs = [Obj(i, rng.choice([c for c in CATEGORIES if c != o["category"]]), o["colour"],
+                o["size"], tuple(o["box"])) for i, o in enumerate(d.objects or [])]  # fmt: skip
+    rels = d.relations or []
+    img = render(objs, *canvas, d.style, nrng)
+    caps = [alt_text(rng, objs, rels), alt_text(rng, objs, rels), *sentences(rng, objs, rels, 2)]
+    every = [{"category": o.category, "colour": o.colour, "size": o.size, "box": list(o.box)}
+             for o in objs]  # fmt: skip
+    return Drawn(_jpeg(img), None, caps, objs[0].category, objs[0].colour, d.style, "twin",
+                 every, rels)  # fmt: skip
 
 
 def probe_items(
