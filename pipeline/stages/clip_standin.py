@@ -85,7 +85,8 @@ class Settings:
         check(min(self.canvas) >= 32, "canvas", "must be at least 32 x 32 pixels")
         lo, hi = self.objects_per_image
         check(1 <= lo <= hi, "objects_per_image", "must be [fewest, most] with 1 <= fewest <= most")
-        check(self.lr > 0 and self.hires_lr > 0, "lr", "lr and hires_lr must be > 0")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.hires_lr > 0, "hires_lr", "must be > 0")
         check_device(self.device)
 
 

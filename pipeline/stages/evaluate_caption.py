@@ -99,6 +99,7 @@ class Settings:
         for key in ("beam_size", "max_len", "batch_size"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0 (0: off)")
+        check(self.length_penalty >= 0, "length_penalty", "must be >= 0 (0: summed log-scores)")
 
 
 SETTINGS = (Settings, Bootstrap)
