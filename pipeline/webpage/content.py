@@ -83,7 +83,8 @@ def form_text(key: str, form: dict[str, Any]) -> str:
     if key == "mean_len":
         return f"{value:.1f}"
     if key == "count_right":
-        return f"{value:.1%} of {form.get('count_stated', '?')}"
+        stated = form.get("count_stated", "?")
+        return "none stated" if stated == 0 else f"{value:.1%} of {stated}"
     return f"{value:.1%}"
 
 
