@@ -22,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Only sizes and lengths: what each stage does is the default run's.
 TINY: dict[str, dict] = {
-    "synth": {"vg_images": 40, "laion_samples": 80, "laion_shard_size": 40, "flickr30k_images": 30,
-              "probe_scenes": 20},
+    "synth": {
+        "vg_images": 40,
+        "laion_samples": 80,
+        "laion_shard_size": 40,
+        "flickr30k_images": 30,
+        "probe_scenes": 20,
+    },
     "clip_bootstrap": {
         "epochs": 1,
         "model": {

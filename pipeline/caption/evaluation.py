@@ -361,7 +361,7 @@ class TextEncoder:
                             f"image embeddings are {dim}-d (not made with this CLIP)")  # fmt: skip
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return self.backbone.encode_texts(list(texts)).numpy()
+        return self.backbone.encode_texts(list(texts)).float().cpu().numpy()
 
     def count_truncated(self, texts: Sequence[str]) -> int:
         """How many of `texts` are longer than the CLIP's context (cut when encoded)."""

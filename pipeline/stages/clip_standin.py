@@ -5,8 +5,11 @@ same way. This stage draws its own web-like pairs (`pipeline.synth.webdata`: sin
 objects, object crops and whole scenes, clipart and photo style, alt-text and sentences;
 not the sample datasets), trains a BPE tokenizer on them plus the sample world's whole
 vocabulary, and trains the small CLIP of `model` contrastively on colour-grouped batches
-(`pipeline.clip.standin`) for `steps` steps. `--out` is a Hugging Face checkpoint folder
-of a few MB, committed to git, that `data.clip` names by default; beside the weights,
+(`pipeline.clip.standin`) for `steps` steps at `base_image_size`; with `hires_steps`, a
+second phase moves it to `model.image_size` (`pipeline.clip.resolution`) and trains it on
+a scene-heavy mix, each scene followed by `twins` shape twins in its batch. `--out` is a
+Hugging Face checkpoint folder of a few MB, committed to git, that `data.clip` names by
+default; beside the weights,
 `standin.json` holds the settings, the training time and the validation probes (a probe
 set drawn from another seed than synth's), and `train_curve.tsv` the curve.
 
