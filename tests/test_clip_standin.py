@@ -119,3 +119,53 @@ def test_a_twin_shares_its_scenes_batch():
     twins = [0, 1, 0, 0, 2, 0, 0]  # 2 is 1's twin, 5 and 6 are 4's
     assert with_twins(np.array([0, 1, 4]), twins, 8).tolist() == [0, 1, 2, 4, 5, 6]
     assert with_twins(np.array([4, 1, 0]), twins, 4).tolist() == [4, 5, 6, 1]
+
+
+def test_an_interrupted_standin_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Stopped after its first evaluation, the stage started again goes on from there and
+    ends with the weights of an uninterrupted run (truth head on)."""
+    from pipeline.clip import standin
+    from pipeline.stages.clip_standin import resume_file
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 0, "clip_standin": {**TINY, "truth_weight": 1.0}}))
+    main(tmp_path / "whole", params)
+    real = standin.train_step
+    calls = []
+
+    def stop_after_two(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(standin, "train_step", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(tmp_path / "cut", params)
+    assert resume_file(tmp_path / "cut", "base").exists()
+    monkeypatch.setattr(standin, "train_step", real)
+    main(tmp_path / "cut", params)
+    assert not resume_file(tmp_path / "cut", "base").exists()
+    whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == whole
+    rows = [line.split("\t")[:3] for line in
+            (tmp_path / "cut" / "train_curve.tsv").read_text().splitlines()]  # fmt: skip
+    assert rows == [line.split("\t")[:3] for line in
+                    (tmp_path / "whole" / "train_curve.tsv").read_text().splitlines()]  # fmt: skip
+
+
+def test_truth_labels_name_what_each_training_image_holds():
+    from pipeline.clip.scene_probes import TRUTH_LABELS
+    from pipeline.clip.standin import training_pairs
+
+    kinds = {"single": 0.3, "crop": 0.3, "scene": 0.4}
+    _, _, colours, kind, labels = training_pairs(30, 0, 32, kinds, 0.5, (96, 72), (2, 4), 0.1)
+    assert labels.shape == (30, len(TRUTH_LABELS))
+    for i in range(30):
+        held = {TRUTH_LABELS[j] for j in np.flatnonzero(labels[i])}
+        assert ("colour", colours[i]) in held or kind[i] == "scene"
+        shapes = {lab for name, lab in held if name == "shape"}
+        if kind[i] != "scene":  # one object: its shape, colour and the pair
+            assert len(held) == 3 and len(shapes) == 1
+        else:  # the visible objects (`scene_labels`, tested in test_scene_probes)
+            assert len(shapes) >= 1

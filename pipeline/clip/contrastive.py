@@ -32,13 +32,15 @@ def pad_ids(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return input_ids, mask
 
 
-def clip_loss(model, input_ids, mask, pixels) -> torch.Tensor:
+def clip_loss(model, input_ids, mask, pixels, extra=None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: mean of the image->text and text->image cross-entropies
-    over the batch's cosine similarities times the learned `logit_scale.exp()`."""
+    over the batch's cosine similarities times the learned `logit_scale.exp()`; plus
+    `extra(output)` (a loss on the same forward's `image_embeds`, ...) when given."""
     out = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
     target = torch.arange(len(input_ids), device=out.logits_per_image.device)
     logits_i, logits_t = out.logits_per_image.float(), out.logits_per_text.float()
-    return (F.cross_entropy(logits_i, target) + F.cross_entropy(logits_t, target)) / 2
+    loss = (F.cross_entropy(logits_i, target) + F.cross_entropy(logits_t, target)) / 2
+    return loss + extra(out) if extra is not None else loss
 
 
 def random_shift(pixels: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -123,11 +125,12 @@ def train(
 
 def train_step(
     bb: Backbone, opt: torch.optim.Optimizer, ids: list[list[int]], pixels: torch.Tensor,
-    lr: float, grad_clip: float, augment_shift: int, gen: torch.Generator,
+    lr: float, grad_clip: float, augment_shift: int, gen: torch.Generator, extra=None,
 ) -> float:  # fmt: skip
-    """One optimiser step of the symmetric contrastive loss on token `ids` and uint8
-    `pixels` (shifted by up to `augment_shift` pixels with `gen`) at learning rate `lr`;
-    the temperature stays clamped. Returns the batch loss."""
+    """One optimiser step of the symmetric contrastive loss (plus `clip_loss`'s `extra`) on
+    token `ids` and uint8 `pixels` (shifted by up to `augment_shift` pixels with `gen`) at
+    learning rate `lr`, clipping every parameter `opt` holds; the temperature stays
+    clamped. Returns the batch loss."""
     input_ids, mask = pad_ids(ids, bb.pad_token_id)
     if augment_shift:
         pixels = random_shift(pixels, augment_shift, gen)
@@ -135,11 +138,12 @@ def train_step(
     for group in opt.param_groups:
         group["lr"] = lr
     with bb.autocast():
-        loss = clip_loss(bb.model, input_ids.to(bb.device), mask.to(bb.device), pixels)
+        loss = clip_loss(bb.model, input_ids.to(bb.device), mask.to(bb.device), pixels, extra)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(bb.model.parameters(), grad_clip)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     with torch.no_grad():
         bb.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

@@ -59,6 +59,11 @@ def vocabulary() -> dict[str, list[str]]:
     }
 
 
+TRUTH_SETS = ("shape", "colour", "object")  # what the stand-in may be taught directly
+TRUTH_LABELS = [(name, lab) for name in TRUTH_SETS for lab in vocabulary()[name]]
+TRUTH_INDEX = {key: i for i, key in enumerate(TRUTH_LABELS)}
+
+
 def visible(box: list[int], canvas: tuple[int, int]) -> bool:
     """At least half of the box's width and height inside the centre square of `canvas`."""
     w, h = canvas
@@ -95,6 +100,22 @@ def scene_labels(objects: list[dict], canvas: tuple[int, int]) -> dict[str, set[
         "object": {f"{o['colour']} {o['category']}" for o in seen},
         "relation": rel,
     }
+
+
+def label_vector(d, canvas: tuple[int, int]) -> np.ndarray:
+    """The shape, colour and object labels present in a drawn image `d`
+    (`pipeline.synth.webdata.Drawn`) as one 0/1 vector over `TRUTH_LABELS`: a scene's
+    visible objects (`scene_labels`), a single object's or crop's labelled object."""
+    if d.objects:
+        present = scene_labels(d.objects, canvas)
+    else:
+        present = {"shape": {d.category}, "colour": {d.colour},
+                   "object": {f"{d.colour} {d.category}"}}  # fmt: skip
+    out = np.zeros(len(TRUTH_LABELS), dtype=np.uint8)
+    for name in TRUTH_SETS:
+        for lab in present[name]:
+            out[TRUTH_INDEX[name, lab]] = 1
+    return out
 
 
 def fit_multilabel(x: torch.Tensor, y: torch.Tensor, seed: int = 0):

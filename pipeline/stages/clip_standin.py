@@ -13,12 +13,17 @@ default; beside the weights,
 `standin.json` holds the settings, the training time and the validation probes (a probe
 set drawn from another seed than synth's), and `train_curve.tsv` the curve.
 
-Rebuild: `dvc unfreeze clip_standin && dvc repro clip_standin` (then `dvc freeze`).
+Rebuild: `dvc unfreeze clip_standin && dvc repro clip_standin` (then `dvc freeze`). A run
+that stops (a session's end) goes on from its last evaluation when started again with the
+same settings: each phase keeps its state in `.<out>.<phase>.resume.pt` beside `--out`
+until the stage finishes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,9 +43,9 @@ class Settings:
     SECTION: ClassVar[str] = "clip_standin"
     model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)  # architecture
     base_image_size: int = 64  # input size of the base phase (model.image_size: the final one)
-    images: int = 16000  # base phase: web-like training images drawn (each with 4 captions)
-    single_share: float = 0.5  # base phase: share of single-object images
-    crop_share: float = 0.35  # base phase: share of object crops cut from scenes (letterboxed)
+    images: int = 60000  # base phase: web-like training images drawn (each with 4 captions)
+    single_share: float = 0.2  # base phase: share of single-object images
+    crop_share: float = 0.2  # base phase: share of object crops cut from scenes (letterboxed)
     hires_steps: int = 0  # second phase at model.image_size (0: none)
     hires_images: int = 8000  # its training images (another draw)
     hires_single_share: float = 0.2  # its share of single-object images
@@ -52,23 +57,24 @@ class Settings:
     canvas: tuple[int, int] = (192, 144)  # width, height of the scenes crops are cut from
     objects_per_image: tuple[int, int] = (2, 4)  # fewest, most objects in those scenes
     crop_margin: float = 0.15  # crop boxes widened by up to this share per side
-    steps: int = 9000  # base phase: optimiser steps
+    steps: int = 60000  # base phase: optimiser steps
     batch_size: int = 64  # pairs per step
     colour_groups: int = 4  # same-colour groups per batch (0 = uniform batches)
     lr: float = 0.001  # peak AdamW learning rate
+    truth_weight: float = 1.0  # weight of the loss telling the image tower what each image holds
     weight_decay: float = 0.1  # AdamW weight decay (not on gains and biases)
-    warmup_steps: int = 200  # linear warm-up steps, then cosine decay to zero
+    warmup_steps: int = 500  # linear warm-up steps, then cosine decay to zero
     grad_clip: float = 1.0  # gradient norm clip (0 = none)
     augment_shift: int = 4  # random translation of training images by up to this many pixels
     val_probes: int = 88  # validation probe images per style x kind group
-    val_scenes: int = 300  # validation probe scenes per style (half fit, half scored)
-    eval_every: int = 1000  # steps between validation probe scores
+    val_scenes: int = 1000  # validation probe scenes per style (half fit, half scored)
+    eval_every: int = 2000  # steps between validation probe scores
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
-    threads: int = 1  # torch CPU threads (0 = torch default); 1 keeps CPU runs bit-identical
+    threads: int = 2  # torch CPU threads (0 = torch default); bit-identical per CPU kind
     seed: int = 0  # top-level `seed`: data, tokenizer, initial weights, batches
 
     def __post_init__(self) -> None:
-        for key in ("weight_decay", "warmup_steps", "grad_clip", "augment_shift",
+        for key in ("weight_decay", "truth_weight", "warmup_steps", "grad_clip", "augment_shift",
                     "colour_groups", "threads", "hires_steps", "hires_warmup_steps", "twins"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
         for key in ("images", "steps", "batch_size", "eval_every", "val_scenes", "hires_images"):
@@ -100,6 +106,11 @@ def _shares(single: float, crop: float) -> dict[str, float]:
     return {"single": single, "crop": crop, "scene": 1 - single - crop}
 
 
+def resume_file(out: Path, phase: str) -> Path:
+    """Where a phase's resumable state lives while the stage runs (beside `out`)."""
+    return out.parent / f".{out.name}.{phase}.resume.pt"
+
+
 def main(out: Path, params: Path) -> str:
     """Write the stand-in checkpoint folder `out`; the one-line summary."""
     import numpy as np
@@ -118,10 +129,11 @@ def main(out: Path, params: Path) -> str:
     from pipeline.training import cpu_threads, pick_device, seed_everything, write_plot
 
     s = load(Settings, params)
+    fingerprint = hashlib.sha256(json.dumps(as_dict(s), sort_keys=True).encode()).hexdigest()
     t0, c0 = time.perf_counter(), time.process_time()
     with cpu_threads(s.threads), staged_folder(out) as tmp:
         seed_everything(s.seed)
-        pixels, captions, colours, kinds = training_pairs(
+        pixels, captions, colours, kinds, labels = training_pairs(
             s.images, s.seed, s.base_image_size, _shares(s.single_share, s.crop_share),
             s.photo_share, s.canvas, s.objects_per_image, s.crop_margin,
         )  # fmt: skip
@@ -148,18 +160,20 @@ def main(out: Path, params: Path) -> str:
                 head = headline(probes, scene_probe_scores(bb, val_rows, val_px))
                 return {f"{k}_{g}": v for k, d in head.items() for g, v in d.items()}
 
-            px, caps, cols, kinds = pairs
+            px, caps, cols, kinds, labels = pairs
             rows = train_steps(bb, torch.from_numpy(px), caps, cols, steps=steps, lr=lr,
                                warmup_steps=warmup, seed=seed, evaluate=evaluate, kinds=kinds,
+                               labels=labels, truth_weight=s.truth_weight,
+                               resume=resume_file(out, name), fingerprint=fingerprint,
                                **common)  # fmt: skip
             save_backbone(bb, tmp, str(tmp))
             final = run_probes(bb, val_rows, val_px), scene_probe_scores(bb, val_rows, val_px)
             return [{"phase": name, **r} for r in rows], final, kinds
 
         t1 = time.perf_counter()
-        rows, (probes, scenes), _ = phase("base", (pixels, captions, colours, kinds), s.steps,
+        rows, (probes, scenes), _ = phase("base", (pixels, captions, colours, kinds, labels), s.steps,
                                           s.lr, s.warmup_steps, s.seed)  # fmt: skip
-        del pixels
+        del pixels, labels
         hires_kinds: list[str] = []
         if s.hires_steps:
             resize_checkpoint(tmp, s.model.image_size)
@@ -192,6 +206,8 @@ def main(out: Path, params: Path) -> str:
             "device": str(pick_device(s.device)),
             "settings": as_dict(s),
         })  # fmt: skip
+    for name in ("base", "hires"):  # finished: the resumable states are spent
+        resume_file(out, name).unlink(missing_ok=True)
     h = headline(probes, scenes)
     return (
         f"clip_standin: {s.steps} + {s.hires_steps} steps on {s.images} + {s.hires_images} "

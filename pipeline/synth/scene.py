@@ -47,11 +47,12 @@ COLOURS = {
     "gray": (128, 128, 128),
     "cyan": (20, 200, 210),
 }
-# Fraction of the canvas height. At the default 192 x 144 canvas a small object is 23-30
-# px, a large one 43-56 px: a VG object crop (letterboxed to the CLIP's input) shows it at
-# full width, and in a whole image (144 px -> 64 px input) a large one is 19-25 px, 1.2-1.6
-# patches of 16 (the stand-in CLIP's).
-SIZES = {"small": (0.16, 0.21), "large": (0.30, 0.39)}
+# Fraction of the canvas height. At the default 192 x 144 canvas a small object is 37-46
+# px, a large one 58-69 px: in a whole image (144 px centre square -> 64 px input) a small
+# one is 16-20 px, a large one 26-31 px, 1-2 patches of 16 (the stand-in CLIP's), large as
+# real photos' subjects are. (Until issue 19 they were 0.16-0.21 and 0.30-0.39: a small
+# object was 10-13 px at the input, and 22 shapes were hard to tell apart at that size.)
+SIZES = {"small": (0.26, 0.32), "large": (0.40, 0.48)}
 PREDICATES = ["on", "above", "below", "left of", "right of", "next to", "in", "near"]
 # containers must be hollow-looking or big enough for something to sit inside
 CONTAINERS = ["square", "circle", "ring", "frame", "rectangle", "hexagon", "octagon"]
