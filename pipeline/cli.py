@@ -228,10 +228,13 @@ def evaluate_caption(
     scenes: Annotated[
         Path | None, _opt("scene truth (sample world's scenes.json) for grounding; if absent: none")
     ] = None,
+    laion: Annotated[
+        Path | None, _opt("LAION (source-domain) embeddings folder, for the domain gap")
+    ] = None,
     params: Params = PARAMS,
 ):
     """Caption the test images (each variant + a nearest-neighbour baseline); BLEU, CIDEr-D,
-    grounding where the scene truth exists."""
+    grounding where the scene truth exists, the domain gap where --laion is given."""
     from pipeline.stages import evaluate_caption as stage
 
     typer.echo(
@@ -244,6 +247,7 @@ def evaluate_caption(
             predictions=predictions,
             params=params,
             scenes=scenes,
+            laion=laion,
         )
     )
 

@@ -563,3 +563,23 @@ def test_a_plain_hugging_face_folder_gives_its_table(tmp_path):
     main("ada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params)
     assert not (hf / "token_embedding.safetensors").exists()
     assert torch.equal(load_caption_model(tmp_path / "m").token_table, bb.token_embedding())
+
+
+def test_the_offset_control_moves_every_flickr30k_image_and_no_laion_one(emb_dirs):
+    from pipeline.caption.data import load_training_data
+    from pipeline.caption.shift import TargetShift
+
+    laion, flickr, clip = emb_dirs
+    cpu = torch.device("cpu")
+    plain = load_training_data(laion, flickr, clip, 10, ("train",), cpu, 0.5, 1)
+    shift = TargetShift(directions=2, norm=0.7, seed=5)
+    moved = load_training_data(laion, flickr, clip, 10, ("train",), cpu, 0.5, 1, shift)
+    offset = torch.from_numpy(shift.offset(plain.image_dim))
+    for name in ("flickr30k_train", "flickr30k_labelled", "flickr30k_val"):
+        a, b = getattr(plain, name), getattr(moved, name)
+        assert a.image_ids == b.image_ids  # the same images labelled, moved
+        assert torch.allclose((b.image_emb - a.image_emb).float(), offset.expand(len(a), -1), atol=2e-3)
+    assert torch.allclose((moved.target_images - plain.target_images).float(),
+                          offset.expand(len(plain.target_images), -1), atol=2e-3)  # fmt: skip
+    assert torch.equal(moved.source_images, plain.source_images)
+    assert torch.equal(moved.laion.image_emb, plain.laion.image_emb)

@@ -19,7 +19,7 @@ from pipeline.caption.evaluation import (
     write_predictions,
 )
 from pipeline.cli import app
-from pipeline.embedding.files import read_dataset, vector_array, write_table
+from pipeline.embedding.files import read_dataset, vector_array, vectors, write_table
 from pipeline.metrics import cider_d, corpus_bleu_1to4, tokenize
 from pipeline.stages.evaluate_caption import Settings
 
@@ -560,3 +560,49 @@ def test_form_counts_shapes_against_each_image_scene():
     absent = SceneTruth([], [[two]], absent="no scene truth given (--scenes)")
     assert set(form_scores([two], absent)) == {"repeat4", "form"}
     assert "count_stated" not in form_scores([two], absent)["form"]
+
+
+def _shifted_copy(src: Path, dst: Path) -> None:
+    """The embedding folder `src` with every vector moved along its first axis: a LAION
+    whose images and captions a line tells from those of `src`."""
+    dst.mkdir(parents=True)
+    table = read_dataset(src)
+    cols = {}
+    for name in ("image_emb", "text_emb"):
+        x = vectors(table.column(name)).astype(np.float32)
+        x[:, 0] += 3.0
+        cols[name] = vector_array(_unit(x).astype(np.float16))
+    for name in table.column_names:
+        if name not in cols:
+            cols[name] = table.column(name)
+    write_table(dst / "part-00000.arrow", pa.table({n: cols[n] for n in table.column_names}))
+
+
+def test_domain_gap_against_the_source_embeddings(tmp_path, clip_folder):
+    make_embeddings(tmp_path / "emb", clip_folder)
+    _shifted_copy(tmp_path / "emb", tmp_path / "laion")
+    for seed, variant in enumerate(("noada", "ada")):
+        _save_tiny_decoder(tmp_path / "models" / variant, clip_folder, seed)
+    params = str(_write_params(tmp_path / "params.yaml"))
+    res = invoke(tmp_path, clip_folder, "--params", params, "--laion", str(tmp_path / "laion"))
+    assert res.exit_code == 0, res.output
+    gap = json.loads((tmp_path / "d.json").read_text())["domain_gap"]
+    assert gap["measured"] and "2(1 - 2ε)" in gap["how"]
+    n = N_TRAIN + N_TEST + 1  # unique images per domain, every split; n // 2 of each fit
+    assert (gap["image"]["n_fit"], gap["image"]["n_test"]) == (2 * (n // 2), 2 * (n - n // 2))
+    rows = read_dataset(tmp_path / "emb").num_rows  # every caption row
+    assert gap["text"]["n_fit"] + gap["text"]["n_test"] == 2 * rows
+    for g in (gap["image"], gap["text"]):  # a line separates the two: d_A = 2
+        assert (g["error"], g["a_distance"]) == (0.0, 2.0), g
+    for name in ("noada", "ada"):  # each decoder's prefix of the same images, measured alike
+        g = gap["prefix"][name]
+        assert (
+            g["n_test"] == 2 * (n - n // 2) and g["error_ci"][0] <= g["error"] <= g["error_ci"][1]
+        )
+        assert g["a_distance"] == pytest.approx(2 * (1 - 2 * g["error"]), abs=1e-3)
+    res = invoke(tmp_path, clip_folder, "--params", params, out="x")  # no --laion: left out
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "dx.json").read_text())["domain_gap"] == {
+        "measured": False, "why": "no --laion embeddings given"}  # fmt: skip
+    missing = invoke(tmp_path, clip_folder, "--params", params, "--laion", str(tmp_path / "no"))
+    one_line(missing, "LAION embeddings folder not found")

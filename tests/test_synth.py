@@ -240,6 +240,24 @@ def test_flickr30k_clipart_style_is_a_control_without_domain_shift(world, tmp_pa
     assert (world / img).read_bytes() != (tmp_path / "clipart" / img).read_bytes()
 
 
+def test_laion_sentences_are_a_control_where_drawing_style_is_the_only_shift(world, tmp_path):
+    from pipeline.metrics import tokenize
+    from pipeline.synth.grammar import parses
+
+    generate(tmp_path / "sent", Settings(**SMALL, seed=3, laion_captions="sentences"))
+
+    def captions(root: Path) -> list[str]:
+        return [c for p in sorted((root / "laion").glob("*.parquet"))
+                for c in pq.read_table(p).column("caption").to_pylist()]  # fmt: skip
+
+    alt, sent = captions(world), captions(tmp_path / "sent")
+    assert len(alt) == len(sent) == SMALL["laion_samples"]
+    assert all(parses(tokenize(c)) for c in sent)  # the Flickr30k references' grammar
+    assert not any(parses(tokenize(c)) for c in alt)  # alt-text keywords are no sentence
+    flickr = "flickr30k/dataset_flickr30k.json"  # the Flickr30k side is untouched
+    assert (world / flickr).read_bytes() == (tmp_path / "sent" / flickr).read_bytes()
+
+
 def test_probe_set_is_balanced_and_decodes_as_embed_does(world):
     from pipeline.synth.scene import CATEGORIES, COLOURS
 

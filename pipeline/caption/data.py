@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.caption.shift import TargetShift
 from pipeline.clip.token_table import TokenTable, clip_token_table
 from pipeline.embedding.files import read_dataset, vectors
 from pipeline.errors import UserError
@@ -215,12 +216,14 @@ def load_training_data(
     device: torch.device,
     labelled_fraction: float = 1.0,
     labelled_seed: int = 0,
+    shift: TargetShift | None = None,
 ) -> TrainingData:
     """LAION train and Flickr30k train/val captions cut to `max_len` tokens, the captions
     of a `labelled_fraction` of the Flickr30k train images (`labelled_images`, seeded by
     `labelled_seed`), the images of both domains (Flickr30k: those of `target_splits`),
     moved to `device`; the token table of the CLIP `clip` (None: the CLIP the manifests
-    name), which must be the one the embeddings were made with."""
+    name), which must be the one the embeddings were made with. `shift` (the offset
+    control) moves every Flickr30k image embedding."""
     info = same_clip(read_manifest(laion), read_manifest(flickr30k))
     if not (clip or info["model"]):
         raise UserError(f"{laion}/manifest.json names no CLIP: pass one with --clip")
@@ -237,10 +240,14 @@ def load_training_data(
         raise UserError(
             f"no training captions (LAION {len(source)}, Flickr30k train {len(f_train)})"
         )
+    if shift is not None:
+        for cs in (f_train, f_val):
+            cs.image_emb = shift.apply(cs.image_emb)
     f_labelled = labelled_images(f_train, labelled_fraction, labelled_seed)
     _, src_images = load_images(laion, ("train",))  # with the images that have no caption
     src_images = src_images.to(device)
     _, tgt_images = load_images(flickr30k, tuple(target_splits))
+    tgt_images = shift.apply(tgt_images) if shift is not None else tgt_images
     if len(tgt_images) == 0:
         raise UserError(f"no Flickr30k images in target_splits {list(target_splits)}")
     for cs in {id(c): c for c in (source, f_train, f_labelled, f_val)}.values():

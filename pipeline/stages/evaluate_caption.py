@@ -25,6 +25,12 @@ and written as `prediction_rule_off` in its predictions file), distinct captions
 length; with the scenes also the share that parse under the sample world's caption
 grammar (`wellformed`, headline; `pipeline.synth.grammar`) and, of the captions that state
 a count of shapes, the share that is right.
+
+Domain gap (`pipeline.metrics.domain_gap`, `domain_gap` in the detail file), where `laion`
+(the source domain's embeddings) is given: the proxy A-distance between the LAION and the
+Flickr30k images (all rows, every split: unique images) on the raw CLIP image embeddings,
+on each decoder's image prefix (the discriminator's input), and between the two datasets'
+caption text embeddings.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from pipeline.caption.evaluation import (
     system_names,
     write_predictions,
 )
+from pipeline.caption.shift import TargetShift
 from pipeline.embedding.files import read_dataset
 from pipeline.embedding.provenance import check_trained_on
 from pipeline.errors import UserError
@@ -75,7 +82,7 @@ from pipeline.metrics.clipscore import CLIPSCORE_DETAIL, PROMPT, ClipScorer, W, 
 from pipeline.metrics.form import FORM_DETAIL
 from pipeline.nn.caption_decoder import read_model_info
 from pipeline.report import Report
-from pipeline.settings import Bootstrap, check, load
+from pipeline.settings import Bootstrap, as_dict, check, load
 
 HEADLINE = ("bleu4", "cider", "clipscore", "refclipscore", "ground_p", "ground_r",
             "wellformed", "repeat4")  # in the metrics file (if scored)  # fmt: skip
@@ -102,7 +109,7 @@ class Settings:
         check(self.length_penalty >= 0, "length_penalty", "must be >= 0 (0: summed log-scores)")
 
 
-SETTINGS = (Settings, Bootstrap)
+SETTINGS = (Settings, Bootstrap, TargetShift)
 
 
 def main(
@@ -114,10 +121,11 @@ def main(
     predictions: Path,
     params: Path | dict[str, Any],
     scenes: Path | None = None,
+    laion: Path | None = None,
 ) -> str:
     """Caption `split` of `emb` with every model and the baseline; write scores + predictions
-    (+ grounding against `scenes` where that file exists)."""
-    s, boot = load(Settings, params), load(Bootstrap, params)
+    (+ grounding against `scenes` where that file exists, the domain gap to `laion`)."""
+    s, boot, shift = load(Settings, params), load(Bootstrap, params), load(TargetShift, params)
     systems = system_names(models)
     emb, predictions = Path(emb), Path(predictions)
     if not emb.is_dir():
@@ -145,7 +153,8 @@ def main(
     tokenizer = load_tokenizer(clip)
     truth = SceneTruth.load(scenes, test, report)
     encoder = TextEncoder(clip, test.emb.shape[1])
-    clip_scorer = ClipScorer(encoder, test.emb, test.captions)
+    clip_scorer = ClipScorer(encoder, test.emb, test.captions)  # the CLIP's own embeddings
+    test.emb, train.emb = shift.apply(test.emb), shift.apply(train.emb)  # what decoders read
 
     scores: dict[str, dict[str, Any]] = {}
     captions: dict[str, list[str]] = {}
@@ -189,6 +198,7 @@ def main(
         **BLEU_SETTINGS, **CIDER_SETTINGS, "beam_size": s.beam_size, "max_len": s.max_len,
         "no_repeat_ngram_size": s.no_repeat_ngram_size, "length_penalty": s.length_penalty,
         "baseline": f"nn-{s.baseline_split}-first-caption", "baseline_n_images": len(train),
+        "target_shift": as_dict(shift),
         **PAPER_BLEU,
     }  # fmt: skip
     method = {
@@ -218,10 +228,47 @@ def main(
                    "context_length": encoder.context_length,
                    "truncated": {k: encoder.count_truncated([PROMPT + t for t in v])
                                  for k, v in texts.items()}}  # fmt: skip
-    write_json(detail, {**scores, "intervals": ci, "grounding": truth.summary(),
+    gap = domain_gaps(laion, emb, table, systems, boot, shift) if laion else {
+        "measured": False, "why": "no --laion embeddings given"}  # fmt: skip
+    write_json(detail, {**scores, "intervals": ci, "grounding": truth.summary(), "domain_gap": gap,
                         "form": form_summary(truth), "clipscore": clip_detail, "settings": settings,
                         "method": method})  # fmt: skip
     report.written = len(test)
     report.save(predictions / "caption_report.json")
     parts = [f"{k}: " + " ".join(f"{m}={x:.4f}" for m, x in v.items()) for k, v in headline.items()]
     return f"{report.summary()}; " + "; ".join(parts)
+
+
+def domain_gaps(
+    laion: Path, emb: Path, table, systems: dict[str, Path], boot, shift: TargetShift
+) -> dict[str, Any]:
+    """The proxy A-distance of LAION vs Flickr30k (module docstring) for the image (as the
+    decoders read them: `shift` applied) and caption text embeddings and for each model's
+    prefix."""
+    import numpy as np
+
+    from pipeline.caption.data import load_images
+    from pipeline.embedding.files import vectors
+    from pipeline.metrics.domain_gap import HOW, proxy_a_distance
+
+    laion = Path(laion)
+    if not laion.is_dir():
+        raise UserError(f"LAION embeddings folder not found: {laion}")
+    source_table = read_dataset(laion)
+    images = []
+    for folder, t in ((laion, source_table), (emb, table)):
+        images.append(load_images(folder, sorted(set(t.column("split").to_pylist())))[1])
+    images[1] = shift.apply(images[1])
+
+    def gap(a, b) -> dict[str, Any]:
+        return proxy_a_distance(np.asarray(a), np.asarray(b), boot.seed, boot.level)
+
+    text = [vectors(t.column("text_emb")) for t in (source_table, table)]
+    out: dict[str, Any] = {"measured": True, "how": HOW, "source": str(laion), "target": str(emb),
+                           "image": gap(*images), "text": gap(*text), "prefix": {}}  # fmt: skip
+    for name, folder in systems.items():
+        model = load_caption_model(folder, "cpu")
+        with torch.no_grad():
+            feats = [model.prefix(x.float()).flatten(1).float() for x in images]
+        out["prefix"][name] = gap(*feats)
+    return out

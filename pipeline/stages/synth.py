@@ -31,6 +31,9 @@ class Settings:
     flickr30k_style: Literal["photo", "clipart"] = (
         "photo"  # clipart: drawn as LAION (a control without domain shift)
     )
+    laion_captions: Literal["alt_text", "sentences"] = (
+        "alt_text"  # sentences: Flickr30k-style, one per image (a control: drawing style the only shift)
+    )
     quirks: bool = True  # plant the real releases' flaws (see pipeline.synth.world)
     probe_images: int = 440  # CLIP probe set: images per style x kind (single, crop); 0 = none
     probe_scenes: int = 2400  # CLIP scene probes: whole scenes per style (half train, half test)

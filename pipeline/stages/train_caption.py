@@ -8,7 +8,8 @@ loss (the domain loss continues); `noada` runs the same steps with λ = 0. See
 `pipeline.nn.caption_decoder` for the model.
 
 The frozen token-embedding table is the CLIP's (`--clip`, `pipeline.clip.token_table`),
-checked against the one the embedding manifests record.
+checked against the one the embedding manifests record. `target_shift` (params; off by
+default) is the offset control of `pipeline.caption.shift`.
 
 Outputs: the model folder (model.safetensors + config.json: the `DecoderConfig`, the
 CLIP the embeddings came from and a training summary) and the per-epoch `plots` TSV.
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.caption.data import load_training_data
+from pipeline.caption.shift import TargetShift
 from pipeline.caption.training import (
     PLOT_COLUMNS,
     Adversary,
@@ -97,7 +99,7 @@ class Settings:
         check_device(self.device)
 
 
-SETTINGS = (Settings,)
+SETTINGS = (Settings, TargetShift)
 
 
 def main(
@@ -111,7 +113,7 @@ def main(
 ) -> str:
     """Train `variant` (noada | ada) on the two embedding folders with the token table of
     the CLIP `clip` (None: the one their manifests name); write `out/` and `plots`."""
-    s = load(Settings, params)
+    s, shift = load(Settings, params), load(TargetShift, params)
     strength = grl_strength(variant)
     with (
         distributed.session(s.device) as device,
@@ -119,7 +121,7 @@ def main(
     ):
         seed_everything(s.seed)
         data = load_training_data(laion, flickr30k, clip, s.model.max_len, s.target_splits,
-                                  device, s.labelled_fraction, s.seed + 2)  # fmt: skip
+                                  device, s.labelled_fraction, s.seed + 2, shift)  # fmt: skip
         config = DecoderConfig.for_data(
             s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
         )
@@ -164,7 +166,8 @@ def main(
         kept = best.epoch if best.state is not None else len(rows)
         last = rows[-1]
         training = {"variant": variant, "device": str(device), **run_record(trainer, rows, data),
-                    "keep": s.keep, "kept_epoch": kept, "settings": as_dict(s)}  # fmt: skip
+                    "keep": s.keep, "kept_epoch": kept, "settings": as_dict(s),
+                    "target_shift": as_dict(shift)}  # fmt: skip
         trainer.model.cpu()
         if distributed.is_main():  # no timings inside: the folder is reproducible
             save_caption_model(trainer.model, out, {"clip": data.clip, "training": training})

@@ -248,7 +248,10 @@ def write_laion(out: Path, settings: Settings) -> dict:
             for idx in range(min(per_shard, n - shard * per_shard)):
                 key = f"{shard:05d}{idx:04d}"
                 objs, rels = _scene(rng, settings)
-                caption = alt_text(rng, objs, rels)
+                if settings.laion_captions == "sentences":
+                    caption = sentences(rng, objs, rels, 1)[0]
+                else:
+                    caption = alt_text(rng, objs, rels)
                 failed = rng.random() < settings.laion_fail_rate
                 row = {
                     "url": f"https://example.org/img/{key}.jpg",
@@ -287,7 +290,7 @@ def write_laion(out: Path, settings: Settings) -> dict:
                 "status_dict": {"success": ok, "HTTP Error 404: Not Found": len(rows) - ok},
             },
         )
-    return {"samples": n, "downloaded": ok_total}
+    return {"samples": n, "downloaded": ok_total, "captions": settings.laion_captions}
 
 
 # --------------------------------------------------------------------------- Flickr30k

@@ -113,7 +113,19 @@ def caption_tables(detail: dict[str, Any] | None) -> dict[str, Any]:
     return {"systems": rows, "diffs": diffs, "metrics": metrics, "n_images": n_images,
             "references": ref_row, "clipscore": "clipscore" in metrics,
             "form_heads": [FORM_COLUMNS[k] for k in form_keys],
-            "method": detail.get("method", {}).get("intervals", "")}  # fmt: skip
+            "method": detail.get("method", {}).get("intervals", ""),
+            "gap": gap_rows(detail.get("domain_gap") or {})}  # fmt: skip
+
+
+def gap_rows(gap: dict[str, Any]) -> list[dict[str, str]]:
+    """The domain-gap table: what was compared, d_A [interval], ε (empty if not measured)."""
+    if not gap.get("measured"):
+        return []
+    named = [("CLIP image embeddings", gap["image"]), ("CLIP caption text embeddings", gap["text"])]
+    named += [(f"{k} decoder's image prefix", v) for k, v in gap.get("prefix", {}).items()]
+    return [{"what": what, "d": f"{g['a_distance']:.3f}",
+             "ci": "[{:.3f}, {:.3f}]".format(*g["a_distance_ci"]), "error": f"{g['error']:.3f}",
+             "n": str(g["n_test"])} for what, g in named]  # fmt: skip
 
 
 def vqa_tables(detail: dict[str, Any] | None) -> dict[str, Any]:
