@@ -41,7 +41,7 @@ def main() -> None:
         return (torch.nn.functional.normalize(pred, dim=-1) @ table.T).argmax(-1)
 
     with torch.inference_mode():
-        prefix = model.prefix(emb)
+        prefix = model.context(emb)
         start = torch.full((a.batch, 1), cfg.bos_token_id)
         t0 = time.perf_counter()
         pred, cache = model.decode_step(prefix, start, None)

@@ -578,8 +578,56 @@ def test_the_offset_control_moves_every_flickr30k_image_and_no_laion_one(emb_dir
     for name in ("flickr30k_train", "flickr30k_labelled", "flickr30k_val"):
         a, b = getattr(plain, name), getattr(moved, name)
         assert a.image_ids == b.image_ids  # the same images labelled, moved
-        assert torch.allclose((b.image_emb - a.image_emb).float(), offset.expand(len(a), -1), atol=2e-3)
+        assert torch.allclose(
+            (b.image_emb - a.image_emb).float(), offset.expand(len(a), -1), atol=2e-3
+        )
     assert torch.allclose((moved.target_images - plain.target_images).float(),
                           offset.expand(len(plain.target_images), -1), atol=2e-3)  # fmt: skip
     assert torch.equal(moved.source_images, plain.source_images)
     assert torch.equal(moved.laion.image_emb, plain.laion.image_emb)
+
+
+def test_the_domain_token_follows_the_prefix_after_the_reversal(emb_dirs, tmp_path):
+    """With `domain_token`: the decoder reads [prefix ; domain vector ; tokens]; each
+    domain's captions train with their own vector, the discriminator sees the prefix only,
+    and the saved model captions with the target's."""
+    from pipeline.caption.decode import caption_embeddings
+    from pipeline.nn.caption_decoder import SOURCE, TARGET
+
+    torch.manual_seed(0)
+    model = CaptionDecoder(tiny_config(domain_token=True), torch.randn(VOCAB, WIDTH)).eval()
+    img, tok = torch.randn(3, DIM), torch.randint(0, VOCAB, (3, 4))
+    k = model.config.prefix_len
+    assert model.prefix(img).shape[1] == k and model.context(img).shape[1] == k + 1
+    assert torch.equal(model.context(img)[:, k], model.domain[TARGET].expand(3, -1))
+    assert not torch.allclose(model(img, tok, SOURCE), model(img, tok, TARGET))
+    mixed = model(img, tok, torch.tensor([SOURCE, TARGET, SOURCE]))  # one id per row
+    assert torch.allclose(mixed[1], model(img[1:2], tok[1:2], TARGET)[0])
+    assert torch.allclose(mixed[2], model(img[2:3], tok[2:3], SOURCE)[0])
+    # a step on target captions moves the target vector only; source rows the source one
+    trainer = Trainer(model, Settings(warmup_steps=0, weight_decay=0), torch.device("cpu"))
+    ids = torch.tensor([[BOS, 5, 6, EOS]] * 3)
+    before = model.domain.detach().clone()
+    trainer.step(img, ids, torch.full((3,), 4), None, 0.0, None, TARGET)
+    moved = (model.domain.detach() != before).any(1)
+    assert moved.tolist() == [False, True]
+    # the stage trains it (LAION captions SOURCE, Flickr30k TARGET) and decoding reads TARGET
+    laion, flickr, clip = emb_dirs
+    params = {
+        "seed": 0,
+        "train_caption": {**TINY, "model": {**TINY["model"], "domain_token": True}},
+    }
+    main("ada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params, clip)
+    saved = load_caption_model(tmp_path / "m")
+    assert saved.config.domain_token and not torch.equal(saved.domain[0], saved.domain[1])
+
+    class Tok:  # ids as text
+        bos_token_id, eos_token_id = BOS, EOS
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(i) for i in ids)
+
+    emb = torch.randn(2, DIM)
+    want = caption_embeddings(saved, emb, Tok(), 1, 6)
+    saved.domain.data[SOURCE] = saved.domain.data[TARGET]  # SOURCE's row is never read
+    assert caption_embeddings(saved, emb, Tok(), 1, 6) == want

@@ -19,7 +19,9 @@ def test_offset_is_seeded_of_the_asked_length_and_off_by_default():
     moved = a.apply(x)  # numpy and torch alike, every row by the same vector
     assert np.allclose(moved - x, oa)
     t = a.apply(torch.from_numpy(x).half())
-    assert t.dtype == torch.float16 and torch.allclose(t.float() - 1, torch.from_numpy(oa), atol=1e-3)
+    assert t.dtype == torch.float16 and torch.allclose(
+        t.float() - 1, torch.from_numpy(oa), atol=1e-3
+    )
 
 
 def test_bad_settings_name_the_key():

@@ -120,7 +120,7 @@ def greedy_search(
     n = len(image_emb)
     out: list[list[int]] = [[] for _ in range(n)]
     with autocast(dev):
-        prefix = model.prefix(image_emb.to(dev))
+        prefix = model.context(image_emb.to(dev))
         last = torch.full((n, 1), bos, dtype=torch.long, device=dev)
         alive = torch.arange(n, device=dev)
         cache = None
@@ -171,7 +171,7 @@ def beam_search(
         return score / max(length, 1) ** length_penalty
 
     with autocast(dev):
-        prefix = model.prefix(image_emb.to(dev))
+        prefix = model.context(image_emb.to(dev))
         cache, parent = None, {}  # cache rows: the hypotheses of the previous step
         for _ in range(_max_steps(model, max_len)):
             rows = [(b, h) for b in active for h in range(len(beams[b]))]

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pipeline import distributed
 from pipeline.caption.data import CaptionSet, TrainingData
 from pipeline.errors import UserError
-from pipeline.nn.caption_decoder import CaptionDecoder, split_batch
+from pipeline.nn.caption_decoder import SOURCE, TARGET, CaptionDecoder, split_batch
 from pipeline.nn.discriminator import DomainDiscriminator, domain_adversarial_loss
 from pipeline.nn.grl import warm_start_coeff
 from pipeline.training import autocast
@@ -158,8 +158,10 @@ class Trainer:
         domain: tuple[torch.Tensor, torch.Tensor] | None,
         coeff: float,
         source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        data_domain: int = SOURCE,
     ) -> dict[str, torch.Tensor]:
-        """One optimiser step on a caption batch (None: none) + `source_weight` times the
+        """One optimiser step on a caption batch (None: none; of domain `data_domain`, whose
+        token the decoder reads with `domain_token`; `source` rows: SOURCE's) + `source_weight` times the
         caption loss of a `source` batch (image_emb, ids, lengths) if given + the domain
         loss of a domain batch pair if given. Both caption batches go through one forward.
 
@@ -168,23 +170,24 @@ class Trainer:
         dev = self.device
         self.model.train()
         self.disc.train()
-        parts = []  # (stat name, weight, image_emb, ids, lengths)
+        parts = []  # (stat name, weight, domain id, image_emb, ids, lengths)
         if image_emb is not None:
-            parts.append(("caption_loss", 1.0, image_emb, ids, lengths))
+            parts.append(("caption_loss", 1.0, data_domain, image_emb, ids, lengths))
         if source is not None:
-            parts.append(("source_loss", float(self.settings.source_weight), *source))
-        width = max(int(p[4].max()) for p in parts)  # drop all-padding columns
+            parts.append(("source_loss", float(self.settings.source_weight), SOURCE, *source))
+        width = max(int(p[5].max()) for p in parts)  # drop all-padding columns
         pad = self.model.config.pad_token_id
-        ids = torch.cat([F.pad(p[3][:, :width], (0, width - min(width, p[3].shape[1])),
+        ids = torch.cat([F.pad(p[4][:, :width], (0, width - min(width, p[4].shape[1])),
                                value=pad) for p in parts])  # fmt: skip
-        lengths = torch.cat([p[4] for p in parts])
+        lengths = torch.cat([p[5] for p in parts])
+        domains = torch.cat([torch.full((len(p[3]),), p[2]) for p in parts]).to(dev)
         inputs, targets, mask = split_batch(ids.to(dev), lengths.to(dev))
         out: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=dev)
         with autocast(dev):
-            pred = self.model(torch.cat([p[2] for p in parts]).to(dev).float(), inputs)
+            pred = self.model(torch.cat([p[3] for p in parts]).to(dev).float(), inputs, domains)
             start = 0
-            for name, weight, emb, *_ in parts:
+            for name, weight, _, emb, *_ in parts:
                 rows = slice(start, start + len(emb))
                 part = self.model.caption_loss(pred[rows], targets[rows], mask[rows])
                 out[name] = part.detach()
@@ -222,6 +225,7 @@ class Trainer:
         *,
         rows: int | None = None,
         source: tuple[CaptionSet, torch.Generator] | None = None,
+        data_domain: int = SOURCE,
     ) -> dict[str, float]:
         """`rows` caption draws from `data` (default: one pass over it; more: it is passed
         over again, reshuffled) in steps of `batch_size`, with a domain batch per step from
@@ -251,7 +255,7 @@ class Trainer:
             if extra:
                 cs, idx = source[0], extra[k]
                 src = (cs.image_emb[idx], cs.ids[idx], cs.lengths[idx])
-            stats = self.step(*batch, domain, coeff, src)
+            stats = self.step(*batch, domain, coeff, src, data_domain)
             for key, val in stats.items():
                 sums.setdefault(key, []).append(val)
             if progress is not None:
@@ -267,8 +271,8 @@ class Trainer:
         return {**{k: mean.get(k, nan) for k in names}, "lambda": coeff}
 
     @torch.no_grad()
-    def eval_loss(self, data: CaptionSet, batch_size: int = 256) -> float:
-        """Token-weighted mean caption loss over a whole set (eval mode)."""
+    def eval_loss(self, data: CaptionSet, batch_size: int = 256, domain: int = TARGET) -> float:
+        """Token-weighted mean caption loss over a whole set of domain `domain` (eval mode)."""
         if len(data) == 0:
             return float("nan")
         self.model.eval()
@@ -280,7 +284,7 @@ class Trainer:
             )
             with autocast(self.device):
                 pred = self.model(
-                    data.image_emb[i : i + batch_size].to(self.device).float(), inputs
+                    data.image_emb[i : i + batch_size].to(self.device).float(), inputs, domain
                 )
                 n = int(mask.sum())
                 total += self.model.caption_loss(pred, targets, mask).item() * n

@@ -7,8 +7,11 @@ Architecture (source paper section 2.3; prefix conditioning as in ClipCap, Mokad
   size `width` (these are the features the domain discriminator sees);
 - the caption's tokens are embedded with the CLIP text model's token-embedding table,
   frozen and stored in the model (`token_table`), projected to `width`;
+- with `domain_token`, a learned vector per domain (SOURCE: LAION, TARGET: Flickr30k)
+  follows the prefix, after the gradient reversal (the discriminator never sees it); the
+  captions of each domain are trained with their own, and captions are made with TARGET's;
 - a causal Transformer decoder (pre-LayerNorm GPT blocks; `layers`, `heads`, `dropout`)
-  reads `[prefix ; BOS t1 ... t_{n-1}]`;
+  reads `[prefix ; (domain) ; BOS t1 ... t_{n-1}]`;
 - a projection maps each output to the token-embedding space: the prediction for the
   next token's embedding.
 
@@ -51,6 +54,9 @@ LOSSES = ("mse", "cosine", "ce")
 KV = tuple[torch.Tensor, torch.Tensor]  # one block's cached keys and values
 
 
+SOURCE, TARGET = 0, 1  # domain ids (LAION, Flickr30k) of the domain token
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderSettings:
     """What the user chooses: params `train_caption.model` (defaults: the sample-world run;
@@ -68,6 +74,7 @@ class DecoderSettings:
     target_scale: float | None = None  # scale of the targets; null: sqrt(token width)
     ce_temperature: float = 0.05  # temperature of the ce logits (and of beam scores)
     aux_ce: float = 0.0  # weight of an auxiliary ce loss added to mse / cosine
+    domain_token: bool = False  # a learned per-domain vector after the prefix (target at test)
 
     def __post_init__(self) -> None:
         for key in ("width", "layers", "heads", "mlp_ratio", "prefix_len"):
@@ -185,7 +192,10 @@ class CaptionDecoder(nn.Module):
             nn.Linear(cfg.image_dim, hidden), nn.GELU(), nn.Linear(hidden, k * w)
         )
         self.tok_in = nn.Linear(tw, w)
-        self.pos = nn.Parameter(torch.zeros(k + cfg.max_len, w))
+        n_domain = 1 if cfg.domain_token else 0
+        if cfg.domain_token:  # rows SOURCE and TARGET
+            self.domain = nn.Parameter(torch.zeros(2, w))
+        self.pos = nn.Parameter(torch.zeros(k + n_domain + cfg.max_len, w))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers)
@@ -203,6 +213,8 @@ class CaptionDecoder(nn.Module):
                 nn.init.normal_(mod.weight, 0.0, std)
                 nn.init.zeros_(mod.bias)
         nn.init.normal_(self.pos, 0.0, 0.02)
+        if self.config.domain_token:
+            nn.init.normal_(self.domain, 0.0, 0.02)
 
     @torch.no_grad()
     def _refresh_tables(self) -> None:
@@ -222,6 +234,16 @@ class CaptionDecoder(nn.Module):
         x = image_emb.to(self.pos.dtype) * math.sqrt(self.config.image_dim)
         return self.adapter(x).view(len(x), self.config.prefix_len, self.config.width)
 
+    def context(self, image_emb: torch.Tensor, domain: torch.Tensor | int = TARGET) -> torch.Tensor:
+        """What the decoder reads before the tokens: the prefix, then with `domain_token`
+        the domain's vector (`domain`: one id, or one per row; SOURCE 0, TARGET 1). The
+        discriminator sees `prefix` only: the token comes after the gradient reversal."""
+        p = self.prefix(image_emb)
+        if not self.config.domain_token:
+            return p
+        d = self.domain[torch.as_tensor(domain, device=p.device)].to(p.dtype)
+        return torch.cat([p, d.expand(len(p), -1).unsqueeze(1)], dim=1)
+
     def decode(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Predicted next-token embeddings (B, T, token_width) for input tokens (B, T)."""
         k, t = prefix.shape[1], tokens.shape[1]
@@ -234,8 +256,10 @@ class CaptionDecoder(nn.Module):
             x = block(x)
         return self.head(self.ln_f(x[:, k:]))
 
-    def forward(self, image_emb: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.prefix(image_emb), tokens)
+    def forward(
+        self, image_emb: torch.Tensor, tokens: torch.Tensor, domain: torch.Tensor | int = TARGET
+    ) -> torch.Tensor:
+        return self.decode(self.context(image_emb, domain), tokens)
 
     def decode_step(
         self, prefix: torch.Tensor | None, tokens: torch.Tensor, cache: list[KV] | None

@@ -38,6 +38,8 @@ from pipeline.caption.training import (
     steps_per_epoch,
 )
 from pipeline.nn.caption_decoder import (
+    SOURCE,
+    TARGET,
     CaptionDecoder,
     DecoderConfig,
     DecoderSettings,
@@ -131,13 +133,13 @@ def main(
         # finetune: the labelled captions, one epoch = as many rows as all train captions
         # (the same steps whatever the fraction), and the LAION captions beside them
         source = (data.laion, torch.Generator().manual_seed(s.seed + 3))
-        plan = [  # phase, captions, rows per epoch, LAION captions beside, epochs, lr
-            ("pretrain", data.laion, len(data.laion), None, s.pretrain_epochs, s.lr),
-            ("adapt", data.laion, len(data.laion), None, s.adapt_epochs, s.lr),
-            ("finetune", data.flickr30k_labelled, len(data.flickr30k_train),
+        plan = [  # phase, captions, their domain, rows per epoch, LAION beside, epochs, lr
+            ("pretrain", data.laion, SOURCE, len(data.laion), None, s.pretrain_epochs, s.lr),
+            ("adapt", data.laion, SOURCE, len(data.laion), None, s.adapt_epochs, s.lr),
+            ("finetune", data.flickr30k_labelled, TARGET, len(data.flickr30k_train),
              source if s.source_weight > 0 else None, s.finetune_epochs, s.finetune_lr),
         ]  # fmt: skip
-        steps = {p[0]: p[4] * steps_per_epoch(p[2], s.batch_size) for p in plan}
+        steps = {p[0]: p[5] * steps_per_epoch(p[3], s.batch_size) for p in plan}
         adversary = Adversary(
             data.source_images, data.target_images, s.domain_batch,
             torch.Generator().manual_seed(s.seed + 1), strength, s.grl_gamma, s.adv_weight,
@@ -146,11 +148,11 @@ def main(
         bar = tqdm(total=sum(steps.values()), desc=f"train_caption[{variant}]",
                    disable=None if distributed.is_main() else True)  # fmt: skip
         rows, best = [], BestEpoch()
-        for phase, captions, n_rows, beside, n_epochs, lr in plan:
+        for phase, captions, domain_id, n_rows, beside, n_epochs, lr in plan:
             for _ in range(n_epochs):
                 domains = adversary if phase != "pretrain" else None
                 stats = trainer.epoch(captions, lr, g_data, domains, bar, rows=n_rows,
-                                      source=beside)  # fmt: skip
+                                      source=beside, data_domain=domain_id)  # fmt: skip
                 val_loss = trainer.eval_loss(data.flickr30k_val)
                 row = {"epoch": len(rows) + 1, "phase": phase, **stats, "val_loss": val_loss}
                 rows.append({c: row[c] for c in PLOT_COLUMNS})
