@@ -256,6 +256,7 @@ TINY = {
     "finetune_epochs": 2,
     "warmup_steps": 2,
     "disc_hidden": 8,
+    "laion_val_images": 4,
 }
 
 
@@ -416,6 +417,7 @@ def test_cli_train_caption(emb_dirs, tmp_path):
     params.write_text(
         "seed: 1\ntrain_caption:\n  model: {width: 16, layers: 1, heads: 2, prefix_len: 2}\n"
         "  pretrain_epochs: 1\n  adapt_epochs: 1\n  finetune_epochs: 1\n  batch_size: 16\n"
+        "  laion_val_images: 4\n"
     )
 
     def invoke(laion_dir: Path, clip_dir: Path = clip):
@@ -631,3 +633,39 @@ def test_the_domain_token_follows_the_prefix_after_the_reversal(emb_dirs, tmp_pa
     want = caption_embeddings(saved, emb, Tok(), 1, 6)
     saved.domain.data[SOURCE] = saved.domain.data[TARGET]  # SOURCE's row is never read
     assert caption_embeddings(saved, emb, Tok(), 1, 6) == want
+
+
+def test_the_kept_epoch_is_chosen_with_no_more_target_labels_than_training_had(
+    emb_dirs, tmp_path, monkeypatch
+):
+    from pipeline.caption.data import load_training_data
+    from pipeline.stages import train_caption as stage
+
+    laion, flickr, clip = emb_dirs
+    cpu = torch.device("cpu")
+    data = load_training_data(laion, flickr, clip, 10, ("train",), cpu, 1.0, 2, None, 4)
+    assert len(data.laion_val.image_ids) == 4 and len(data.laion.image_ids) == 24 - 4
+    assert not set(data.laion_val.image_ids) & set(data.laion.image_ids)
+    chosen, info = stage.selection_set(data, 7)  # 6 labelled images; 3 val images: all
+    assert chosen is data.flickr30k_val and info == {"on": "flickr30k_val", "images": 3,
+                                                     "of": 3, "domain": 1}  # fmt: skip
+    monkeypatch.setattr(stage, "MIN_SELECT_IMAGES", 1)
+    few = load_training_data(laion, flickr, clip, 10, ("train",), cpu, 0.1, 2, None, 4)
+    chosen, info = stage.selection_set(few, 7)  # 1 labelled image: 1 val image
+    assert len(few.flickr30k_labelled.image_ids) == 1 and info["images"] == 1
+    assert len(chosen.image_ids) == 1 and set(chosen.image_ids) < set(few.flickr30k_val.image_ids)
+    none = load_training_data(laion, flickr, clip, 10, ("train",), cpu, 0.0, 2, None, 4)
+    chosen, info = stage.selection_set(none, 7)  # no label: the held-out LAION captions
+    assert chosen is none.laion_val and info == {"on": "laion_val", "images": 4, "domain": 0}
+    # the stage at fraction 0 keeps the epoch of the lowest held-out LAION loss
+    params = {"seed": 0, "train_caption": {**TINY, "labelled_fraction": 0.0, "finetune_epochs": 3}}
+    stage.main("ada", laion, flickr, tmp_path / "m", tmp_path / "p.tsv", params, clip)
+    lines = [ln.split("\t") for ln in (tmp_path / "p.tsv").read_text().strip().split("\n")]
+    col = {c: lines[0].index(c) for c in ("select_loss", "laion_val_loss")}
+    select = [float(r[col["select_loss"]]) for r in lines[1:]]
+    assert select == [float(r[col["laion_val_loss"]]) for r in lines[1:]]
+    training = json.loads((tmp_path / "m/config.json").read_text())["training"]
+    assert training["kept_epoch"] == select.index(min(select)) + 1
+    assert training["selection"]["on"] == "laion_val"
+    with pytest.raises(UserError, match="laion_val_images: must be > 0 when labelled_fraction"):
+        load(Settings, {"train_caption": {"labelled_fraction": 0.0, "laion_val_images": 0}})

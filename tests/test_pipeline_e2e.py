@@ -49,6 +49,7 @@ TINY: dict[str, dict] = {
         "adapt_epochs": 1,
         "finetune_epochs": 1,
         "warmup_steps": 2,
+        "laion_val_images": 8,
     },
     "evaluate_caption": {"beam_size": 2, "max_len": 12},
     "train_vqa": {"epochs": 1, "hidden": [32]},

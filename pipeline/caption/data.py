@@ -162,12 +162,20 @@ def labelled_images(captions: CaptionSet, fraction: float, seed: int) -> Caption
     return captions.subset_images(perm[:k])
 
 
+def split_images(captions: CaptionSet, n: int, seed: int) -> tuple[CaptionSet, CaptionSet]:
+    """(the rest, the captions of `n` images drawn by a seeded permutation), file order."""
+    perm = torch.randperm(len(captions.image_ids), generator=torch.Generator().manual_seed(seed))
+    n = min(n, len(perm))
+    return captions.subset_images(perm[n:]), captions.subset_images(perm[:n])
+
+
 @dataclass
 class TrainingData:
     """What `train_caption` reads: LAION and Flickr30k captions, the two domains' images,
     the shared token table and the CLIP they all come from (all on the training device)."""
 
     laion: CaptionSet  # LAION train captions (pretrain, adapt, finetune)
+    laion_val: CaptionSet  # those of the held-out LAION images (`laion_val_images`)
     flickr30k_train: CaptionSet  # all Flickr30k train captions (they fix the finetune epoch)
     flickr30k_labelled: CaptionSet  # those of the labelled train images (finetune)
     flickr30k_val: CaptionSet  # Flickr30k val captions (validation loss)
@@ -217,13 +225,16 @@ def load_training_data(
     labelled_fraction: float = 1.0,
     labelled_seed: int = 0,
     shift: TargetShift | None = None,
+    laion_val_images: int = 0,
 ) -> TrainingData:
     """LAION train and Flickr30k train/val captions cut to `max_len` tokens, the captions
     of a `labelled_fraction` of the Flickr30k train images (`labelled_images`, seeded by
     `labelled_seed`), the images of both domains (Flickr30k: those of `target_splits`),
     moved to `device`; the token table of the CLIP `clip` (None: the CLIP the manifests
     name), which must be the one the embeddings were made with. `shift` (the offset
-    control) moves every Flickr30k image embedding."""
+    control) moves every Flickr30k image embedding. The captions of `laion_val_images`
+    LAION images (drawn with `labelled_seed`) are held out of `laion` as `laion_val`; the
+    discriminator still sees every LAION image."""
     info = same_clip(read_manifest(laion), read_manifest(flickr30k))
     if not (clip or info["model"]):
         raise UserError(f"{laion}/manifest.json names no CLIP: pass one with --clip")
@@ -244,18 +255,22 @@ def load_training_data(
         for cs in (f_train, f_val):
             cs.image_emb = shift.apply(cs.image_emb)
     f_labelled = labelled_images(f_train, labelled_fraction, labelled_seed)
+    source, source_val = split_images(source, laion_val_images, labelled_seed)
+    if len(source) == 0:
+        raise UserError(f"train_caption.laion_val_images: {laion_val_images} held-out LAION "
+                        "images leave no LAION caption to train on")  # fmt: skip
     _, src_images = load_images(laion, ("train",))  # with the images that have no caption
     src_images = src_images.to(device)
     _, tgt_images = load_images(flickr30k, tuple(target_splits))
     tgt_images = shift.apply(tgt_images) if shift is not None else tgt_images
     if len(tgt_images) == 0:
         raise UserError(f"no Flickr30k images in target_splits {list(target_splits)}")
-    for cs in {id(c): c for c in (source, f_train, f_labelled, f_val)}.values():
+    for cs in {id(c): c for c in (source, source_val, f_train, f_labelled, f_val)}.values():
         # small enough to live on the device (145k x 512 fp16)
         cs.image_emb, cs.ids, cs.lengths = (
             x.to(device) for x in (cs.image_emb, cs.ids, cs.lengths)
         )
     return TrainingData(
-        source, f_train, f_labelled, f_val, src_images, tgt_images.to(device), table.weight,
-        special, info,
+        source, source_val, f_train, f_labelled, f_val, src_images, tgt_images.to(device),
+        table.weight, special, info,
     )  # fmt: skip

@@ -65,6 +65,8 @@ PLOT_COLUMNS = (
     "val_loss",
     "lambda",
     "source_loss",  # the LAION caption loss added in finetune (its weight: source_weight)
+    "laion_val_loss",  # the held-out LAION captions' loss
+    "select_loss",  # the loss the kept epoch is chosen on (train_caption.selection_set)
 )
 
 
@@ -294,7 +296,7 @@ class Trainer:
 
 def run_record(trainer: Trainer, rows: list[dict[str, Any]], data: TrainingData) -> dict[str, Any]:
     """What a finished run saves about itself: steps, final and best losses, data counts."""
-    sets = (data.laion, data.flickr30k_train, data.flickr30k_val)
+    sets = (data.laion, data.flickr30k_train, data.flickr30k_val)  # (subsets share their counts)
     skipped: dict[str, int] = {}
     for cs in sets:
         for reason, n in cs.skipped.items():
@@ -309,6 +311,7 @@ def run_record(trainer: Trainer, rows: list[dict[str, Any]], data: TrainingData)
         "final_disc_acc": last["disc_acc"],
         "best_val_loss": min(r["val_loss"] for r in rows),
         "n_laion_captions": len(data.laion),
+        "n_laion_val_images": len(data.laion_val.image_ids),
         "n_flickr30k_train_captions": len(data.flickr30k_train),
         "n_flickr30k_train_images": len(data.flickr30k_train.image_ids),
         "n_flickr30k_labelled_captions": len(data.flickr30k_labelled),

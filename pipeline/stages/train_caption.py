@@ -11,6 +11,11 @@ The frozen token-embedding table is the CLIP's (`--clip`, `pipeline.clip.token_t
 checked against the one the embedding manifests record. `target_shift` (params; off by
 default) is the offset control of `pipeline.caption.shift`.
 
+The kept epoch (`keep: best_val_loss`) is the one with the lowest loss on a selection set
+that holds no more target labels than training had (`selection_set`): the Flickr30k val
+captions of as many val images as there are labelled train images (at least 16), or, with
+none labelled, the captions of `laion_val_images` LAION images held out of training.
+
 Outputs: the model folder (model.safetensors + config.json: the `DecoderConfig`, the
 CLIP the embeddings came from and a training summary) and the per-epoch `plots` TSV.
 Under torchrun only rank 0 writes, and each rank's summary names its rank and a digest of
@@ -27,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.caption.data import load_training_data
+from pipeline.caption.data import load_training_data, split_images
 from pipeline.caption.shift import TargetShift
 from pipeline.caption.training import (
     PLOT_COLUMNS,
@@ -47,6 +52,9 @@ from pipeline.nn.caption_decoder import (
 )
 from pipeline.settings import as_dict, check, check_device, load
 from pipeline.training import BestEpoch, cpu_threads, seed_everything, write_plot
+
+
+MIN_SELECT_IMAGES = 16  # fewest Flickr30k val images the kept epoch is chosen on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +83,17 @@ class Settings:
     disc_lr: float = 1e-3  # AdamW learning rate of the discriminator
     domain_batch: int = 32  # images of each domain per step (per rank)
     target_splits: tuple[str, ...] = ("train",)  # Flickr30k splits of the target-domain images
-    # the epoch saved: the one with the lowest Flickr30k validation loss, or the last
-    # (recorded as training.kept_epoch)
+    # the epoch saved: the one with the lowest selection loss, or the last (recorded as
+    # training.kept_epoch); the selection loss: module docstring
     keep: Literal["last", "best_val_loss"] = "best_val_loss"
+    laion_val_images: int = (
+        64  # LAION images held out of training (the selection set at fraction 0)
+    )
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # CPU threads, fixed so CPU runs are bit-reproducible (0: torch default)
 
     def __post_init__(self) -> None:
+        check(self.laion_val_images >= 0, "laion_val_images", "must be >= 0")
         for key in ("batch_size", "domain_batch", "disc_hidden"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         for key in ("lr", "finetune_lr", "disc_lr"):
@@ -98,10 +110,28 @@ class Settings:
         check(epochs >= 1, "finetune_epochs", "the three phases need at least one epoch")
         check(0 <= self.disc_dropout < 1, "disc_dropout", "must be in [0, 1)")
         check(len(self.target_splits) >= 1, "target_splits", "must name a split")
+        check(self.labelled_fraction > 0 or self.laion_val_images > 0 or self.keep == "last",
+              "laion_val_images", "must be > 0 when labelled_fraction is 0 and keep is "
+              "best_val_loss (the kept epoch is chosen on held-out LAION captions)")  # fmt: skip
         check_device(self.device)
 
 
 SETTINGS = (Settings, TargetShift)
+
+
+def selection_set(data, seed: int):
+    """The captions whose loss chooses the kept epoch, and what they are: the Flickr30k
+    val captions of as many val images as there are labelled train images (at least 16,
+    at most all; a seeded draw), or with none labelled the held-out LAION captions, so
+    the choice never uses more target labels than training had."""
+    n_labelled = len(data.flickr30k_labelled.image_ids)
+    if n_labelled == 0:
+        return data.laion_val, {"on": "laion_val", "images": len(data.laion_val.image_ids),
+                                "domain": SOURCE}  # fmt: skip
+    n_val = len(data.flickr30k_val.image_ids)
+    k = min(n_val, max(MIN_SELECT_IMAGES, n_labelled))
+    chosen = split_images(data.flickr30k_val, k, seed)[1] if k < n_val else data.flickr30k_val
+    return chosen, {"on": "flickr30k_val", "images": k, "of": n_val, "domain": TARGET}
 
 
 def main(
@@ -123,7 +153,9 @@ def main(
     ):
         seed_everything(s.seed)
         data = load_training_data(laion, flickr30k, clip, s.model.max_len, s.target_splits,
-                                  device, s.labelled_fraction, s.seed + 2, shift)  # fmt: skip
+                                  device, s.labelled_fraction, s.seed + 2, shift,
+                                  s.laion_val_images)  # fmt: skip
+        select, selection = selection_set(data, s.seed + 4)
         config = DecoderConfig.for_data(
             s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
         )
@@ -154,10 +186,14 @@ def main(
                 stats = trainer.epoch(captions, lr, g_data, domains, bar, rows=n_rows,
                                       source=beside, data_domain=domain_id)  # fmt: skip
                 val_loss = trainer.eval_loss(data.flickr30k_val)
-                row = {"epoch": len(rows) + 1, "phase": phase, **stats, "val_loss": val_loss}
+                laion_val = trainer.eval_loss(data.laion_val, domain=SOURCE)
+                chosen_on = (val_loss if select is data.flickr30k_val
+                             else trainer.eval_loss(select, domain=selection["domain"]))  # fmt: skip
+                row = {"epoch": len(rows) + 1, "phase": phase, **stats, "val_loss": val_loss,
+                       "laion_val_loss": laion_val, "select_loss": chosen_on}  # fmt: skip
                 rows.append({c: row[c] for c in PLOT_COLUMNS})
                 if s.keep == "best_val_loss":
-                    best.update(len(rows), trainer.model, -val_loss)
+                    best.update(len(rows), trainer.model, -chosen_on)
                 bar.set_postfix(phase=phase, loss=f"{stats['caption_loss']:.4f}",
                                 source=f"{stats['source_loss']:.4f}",
                                 val=f"{val_loss:.4f}")  # fmt: skip
@@ -168,7 +204,8 @@ def main(
         kept = best.epoch if best.state is not None else len(rows)
         last = rows[-1]
         training = {"variant": variant, "device": str(device), **run_record(trainer, rows, data),
-                    "keep": s.keep, "kept_epoch": kept, "settings": as_dict(s),
+                    "keep": s.keep, "kept_epoch": kept, "selection": selection,
+                    "settings": as_dict(s),
                     "target_shift": as_dict(shift)}  # fmt: skip
         trainer.model.cpu()
         if distributed.is_main():  # no timings inside: the folder is reproducible
@@ -178,7 +215,8 @@ def main(
     summary = (
         f"train_caption[{variant}]: {trainer.step_no} steps, {len(rows)} epochs on {device}, "
         f"caption loss {last['caption_loss']:.4f}, LAION loss {last['source_loss']:.4f}, "
-        f"val loss {last['val_loss']:.4f}, "
+        f"val loss {last['val_loss']:.4f}, selection {selection['on']} "
+        f"({selection['images']} images), "
         f"disc acc {last['disc_acc']:.3f}; kept epoch {kept} ({s.keep})"
     )
     if distributed.is_distributed():
