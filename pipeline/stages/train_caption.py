@@ -53,7 +53,6 @@ from pipeline.nn.caption_decoder import (
 from pipeline.settings import as_dict, check, check_device, load
 from pipeline.training import BestEpoch, cpu_threads, seed_everything, write_plot
 
-
 MIN_SELECT_IMAGES = 16  # fewest Flickr30k val images the kept epoch is chosen on
 
 
