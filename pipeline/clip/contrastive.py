@@ -34,11 +34,15 @@ def pad_ids(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 def clip_loss(model, input_ids, mask, pixels, extra=None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: mean of the image->text and text->image cross-entropies
-    over the batch's cosine similarities times the learned `logit_scale.exp()`; plus
+    over the batch's cosine similarities times the learned `logit_scale.exp()` (computed
+    in fp32 from the unit embeddings, also under bf16 autocast); plus
     `extra(output)` (a loss on the same forward's `image_embeds`, ...) when given."""
     out = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
     target = torch.arange(len(input_ids), device=out.logits_per_image.device)
-    logits_i, logits_t = out.logits_per_image.float(), out.logits_per_text.float()
+    with torch.autocast(target.device.type, enabled=False):  # fp32 logits (scale up to 100)
+        text, image = out.text_embeds.float(), out.image_embeds.float()  # unit rows
+        logits_t = torch.matmul(text, image.t()) * model.logit_scale.float().exp()
+        logits_i = logits_t.t()
     loss = (F.cross_entropy(logits_i, target) + F.cross_entropy(logits_t, target)) / 2
     return loss + extra(out) if extra is not None else loss
 
