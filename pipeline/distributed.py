@@ -64,10 +64,17 @@ def is_main() -> bool:
 
 
 def device_for(name: str = "auto") -> torch.device:
-    """The training device of this rank: `pick_device(name)`, pinned to cuda:LOCAL_RANK."""
+    """The device of this rank: `pick_device(name)`; under torchrun a CUDA device is
+    cuda:LOCAL_RANK (an explicit `cuda:N` would put every rank on one GPU: an error), made
+    the current device so that CUDA contexts (pin-memory threads, NCCL) open there too."""
     device = pick_device(name)
-    if device.type == "cuda" and is_distributed() and device.index is None:
-        device = torch.device("cuda", local_rank())
+    if device.type == "cuda" and is_distributed():
+        if device.index is not None:
+            raise UserError(f"device {name!r} under torchrun would put every rank on one GPU: "
+                            "use device cuda (or auto); rank r takes cuda:LOCAL_RANK")  # fmt: skip
+        device = pick_device(f"cuda:{local_rank()}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 

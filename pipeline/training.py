@@ -44,6 +44,11 @@ def pick_device(name: str | None = "auto") -> torch.device:
         raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise UserError(f"device {name!r} asked for but this machine has {count} GPU(s) "
+                            f"(cuda:0 to cuda:{count - 1})")  # fmt: skip
     return device
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.numpy import load_file
@@ -24,6 +25,7 @@ from test_caption_model import VOCAB, WIDTH, write_clip_folder, write_emb_dirs
 from test_vqa import make_world
 
 from pipeline import distributed
+from pipeline.errors import UserError
 from pipeline.stages import train_caption, train_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +185,69 @@ def test_train_caption_two_processes_stay_in_sync(tmp_path):
     assert [r[1] for r in rows] == ["pretrain", "pretrain", "adapt", "finetune", "finetune"]
     assert float(rows[-1][2]) < float(rows[0][2])  # caption loss went down
     assert rows[0][3] == "nan" and rows[2][3] != "nan" and float(rows[-1][7]) > 0
+
+
+def _fake_gpus(monkeypatch, n: int) -> list:
+    """CUDA reported available with `n` GPUs; set_device calls recorded, not made."""
+    import torch
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
+    return current
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
+    import torch
+
+    from pipeline.distributed import device_for
+
+    current = _fake_gpus(monkeypatch, 4)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    for name in ("auto", "cuda"):
+        assert device_for(name) == torch.device("cuda", 2)
+    assert current == ["cuda:2", "cuda:2"]  # the current device: contexts open there
+    with pytest.raises(UserError, match="'cuda:1' under torchrun would put every rank on one GPU"):
+        device_for("cuda:1")
+    assert device_for("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "5")  # more ranks on the node than GPUs
+    with pytest.raises(UserError, match="'cuda:5' asked for but this machine has 4 GPU"):
+        device_for("auto")
+
+
+def test_an_absent_gpu_index_is_a_one_line_error(monkeypatch):
+    from pipeline.training import pick_device
+
+    _fake_gpus(monkeypatch, 1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert str(pick_device("cuda:0")) == "cuda:0"
+    with pytest.raises(UserError, match=r"'cuda:3' asked for but this machine has 1 GPU\(s\)"):
+        pick_device("cuda:3")
+
+
+def test_embed_loads_clip_on_the_ranks_device(monkeypatch, tmp_path):
+    """Under torchrun, embed's CLIP goes to cuda:LOCAL_RANK, not to GPU 0."""
+    from pipeline.stages import embed
+
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(clip, device):
+        seen["device"] = device
+        raise Stop
+
+    monkeypatch.setattr(embed, "load_backbone", fake_load)
+    (tmp_path / "in").mkdir()
+    with pytest.raises(Stop):
+        embed.main("laion", tmp_path / "in", tmp_path / "in", "clip", tmp_path / "out", None,
+                   {"embed": {"device": "auto"}})  # fmt: skip
+    assert seen["device"] == "cuda:1"

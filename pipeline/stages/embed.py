@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from pipeline.clip.backbone import load_backbone
+from pipeline.distributed import device_for
 from pipeline.embedding.dataset import check_dataset, embed_dataset
 from pipeline.embedding.shards import parse_shard
 from pipeline.errors import UserError
@@ -66,7 +67,7 @@ def main(
     seed_everything(settings.seed)
     t0 = time.perf_counter()
     with cpu_threads(settings.threads or spare_cores(settings.num_workers)):
-        backbone = load_backbone(clip, device=settings.device)
+        backbone = load_backbone(clip, device=str(device_for(settings.device)))  # rank's GPU
         report = embed_dataset(
             dataset, input, out, backbone, settings, split, images=images, shard=rank_world
         )
