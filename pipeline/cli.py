@@ -366,6 +366,7 @@ def caption(
     length_penalty: Annotated[
         float | None, _decode_opt("rank beams by log-score / length**this", "length_penalty")
     ] = None,
+    device: Annotated[str | None, _decode_opt("auto | cpu | cuda | cuda:N", "device")] = None,
 ):
     """Print one caption per image (`path<TAB>caption`) with CLIP + a trained decoder,
     decoded as evaluate_caption decodes (its settings' defaults where an option is not given)."""
@@ -379,6 +380,7 @@ def caption(
         s.max_len if max_len is None else max_len,
         s.no_repeat_ngram_size if no_repeat_ngram is None else no_repeat_ngram,
         s.length_penalty if length_penalty is None else length_penalty,
+        s.device if device is None else device,
     )  # fmt: skip
     for path, text in texts:
         typer.echo(f"{path}\t{text}")
@@ -395,6 +397,7 @@ def ask(
     model: Annotated[Path, _opt("trained VQA model folder")] = Path("models/vqa"),
     clip: Annotated[str | None, _opt("CLIP checkpoint (default: the model's)")] = None,
     top: Annotated[int, _opt("how many answers to print")] = 5,
+    device: Annotated[str, _opt("auto | cpu | cuda | cuda:N")] = "auto",
     params: Params = PARAMS,
 ):
     """Answer one question about an image: trained head and zero-shot CLIP, with scores."""
@@ -404,7 +407,7 @@ def ask(
     from pipeline.vqa.ask import format_result, parse_box
 
     templates = load(Settings, params).templates
-    result = ask_one(image, question, model, clip, parse_box(box), top, templates)
+    result = ask_one(image, question, model, clip, parse_box(box), top, templates, device)
     typer.echo(format_result(result, model))
 
 

@@ -293,6 +293,13 @@ def test_cli_caption_prints_one_decoded_caption_per_image(tmp_path):
     assert all(len(set(t.split())) == len(t.split()) for t in other)  # no word twice
     bad = CliRunner().invoke(app, [*args, "--no-repeat-ngram", "-1"])
     assert bad.exit_code == 2 and bad.output == "error: no_repeat_ngram_size must be >= 0, got -1\n"
+    res = CliRunner().invoke(app, [*args, "--device", "cpu"])  # a device: the same captions
+    assert res.exit_code == 0 and res.output.splitlines() == [
+        f"{p}\t{t}" for p, t in zip(paths, want)
+    ]
+    if not torch.cuda.is_available():
+        bad = CliRunner().invoke(app, [*args, "--device", "cuda:1"])
+        assert bad.exit_code == 2 and bad.output.startswith("error: device 'cuda:1' asked for")
     # without --clip: the CLIP named in the model's config.json
     res = CliRunner().invoke(app, [arg for arg in args if arg not in ("--clip", str(clip))])
     assert res.exit_code == 0, res.output

@@ -868,6 +868,11 @@ def test_ask_end_to_end_with_tiny_clip(clip_world):
         (["How many cats are there?"], "cannot use the question"),
         (["What is this?", "--box", "1,2,3"], "--box must be"),
         (["What is this?", "--box", "500,500,10,10"], "outside the image"),
+        *(
+            [(["What is this?", "--device", "cuda:1"], "device 'cuda:1' asked for")]
+            if not torch.cuda.is_available()
+            else []
+        ),  # fmt: skip
     ):
         res = runner.invoke(
             app,

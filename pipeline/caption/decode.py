@@ -297,9 +297,11 @@ def caption_images(
     max_len: int = 30,
     no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
+    device: str = "auto",
 ) -> Iterator[tuple[str | Path, str]]:
     """(path, caption) for each image file: CLIP `clip` embeds it (decoded as `embed`
-    decodes images), the decoder in folder `model` captions it (`generate`'s settings).
+    decodes images), the decoder in folder `model` captions it (`generate`'s settings),
+    both on `device`.
 
     `clip` None: the CLIP recorded in the model's config.json. A CLIP whose embedding size
     differs from the model's is a `UserError`; one with another revision than the model
@@ -314,13 +316,13 @@ def caption_images(
         raise UserError(f"max_len must be >= 1, got {max_len}")
     if no_repeat_ngram_size < 0:
         raise UserError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
-    decoder = load_caption_model(model)
+    decoder = load_caption_model(model, device)
     trained_on = read_model_info(model).get("clip") or {}
     if clip is None:
         clip = trained_on.get("model")
         if not clip:
             raise UserError(f"{model}/config.json names no CLIP: pass one with --clip")
-    bb = load_backbone(clip)
+    bb = load_backbone(clip, device)
     want = decoder.config.image_dim
     if bb.dim != want:
         raise UserError(f"{clip} gives {bb.dim}-d embeddings, {model} expects {want}")

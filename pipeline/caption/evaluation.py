@@ -351,10 +351,10 @@ class TextEncoder:
     a `pipeline.metrics.clipscore.Encoder`. A CLIP whose embeddings are not `dim`-d (the
     image embeddings') is a `UserError`."""
 
-    def __init__(self, clip: str, dim: int):
+    def __init__(self, clip: str, dim: int, device: str = "auto"):
         from pipeline.clip.backbone import load_backbone
 
-        self.backbone = load_backbone(clip)
+        self.backbone = load_backbone(clip, device)
         self.context_length = self.backbone.context_length
         if self.backbone.dim != dim:
             raise UserError(f"CLIP {clip} gives {self.backbone.dim}-d text embeddings; the "

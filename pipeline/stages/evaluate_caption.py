@@ -82,7 +82,7 @@ from pipeline.metrics.clipscore import CLIPSCORE_DETAIL, PROMPT, ClipScorer, W, 
 from pipeline.metrics.form import FORM_DETAIL
 from pipeline.nn.caption_decoder import read_model_info
 from pipeline.report import Report
-from pipeline.settings import Bootstrap, as_dict, check, load
+from pipeline.settings import Bootstrap, as_dict, check, check_device, load
 
 HEADLINE = ("bleu4", "cider", "clipscore", "refclipscore", "ground_p", "ground_r",
             "wellformed", "repeat4")  # in the metrics file (if scored)  # fmt: skip
@@ -101,12 +101,14 @@ class Settings:
     baseline_split: str = "train"  # split the nearest-neighbour baseline searches
     no_repeat_ngram_size: int = 4  # no token may complete an n-gram already in the caption (0: off)
     length_penalty: float = 1.0  # beam: finished captions ranked by log-score / length**this
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (decoders and the CLIP text encoder)
 
     def __post_init__(self) -> None:
         for key in ("beam_size", "max_len", "batch_size"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0 (0: off)")
         check(self.length_penalty >= 0, "length_penalty", "must be >= 0 (0: summed log-scores)")
+        check_device(self.device)
 
 
 SETTINGS = (Settings, Bootstrap, TargetShift)
@@ -152,7 +154,7 @@ def main(
         raise UserError(f"no '{s.baseline_split}' rows in {emb} for the nearest-neighbour baseline")
     tokenizer = load_tokenizer(clip)
     truth = SceneTruth.load(scenes, test, report)
-    encoder = TextEncoder(clip, test.emb.shape[1])
+    encoder = TextEncoder(clip, test.emb.shape[1], s.device)
     clip_scorer = ClipScorer(encoder, test.emb, test.captions)  # the CLIP's own embeddings
     test.emb, train.emb = shift.apply(test.emb), shift.apply(train.emb)  # what decoders read
 
@@ -160,7 +162,7 @@ def main(
     captions: dict[str, list[str]] = {}
     image_emb = torch.from_numpy(test.emb)
     for name, folder in systems.items():
-        model = load_caption_model(folder)
+        model = load_caption_model(folder, s.device)
         preds = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
                                    s.batch_size, name, s.no_repeat_ngram_size,
                                    s.length_penalty)  # fmt: skip

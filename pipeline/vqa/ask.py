@@ -95,12 +95,13 @@ def ask(
     box: tuple[int, int, int, int] | None = None,
     top: int = 5,
     templates: dict[str, str] = TEMPLATES,
+    device: str = "auto",
 ) -> AskResult:
     """Top answers of the trained head (with its probability among the candidates, or the
     cosine for a cosine-loss head) and of zero-shot CLIP (image-prompt cosines).
 
     `templates`: the zero-shot prompts per question type, as `evaluate_vqa`'s settings
-    hold them (checked, with a `default`).
+    hold them (checked, with a `default`). CLIP runs on `device`, the small head on the CPU.
     """
     from pipeline.clip.backbone import load_backbone
     from pipeline.nn.vqa_head import load_head
@@ -114,7 +115,7 @@ def ask(
     checkpoint = clip or cfg.get("clip")
     if not checkpoint:
         raise UserError(f"{model_dir}/config.json names no CLIP checkpoint: pass --clip")
-    backbone = load_backbone(str(checkpoint))
+    backbone = load_backbone(str(checkpoint), device)
     want = cfg.get("clip_revision")
     if want and backbone.revision != want:
         raise UserError(
