@@ -872,7 +872,7 @@ def test_ask_end_to_end_with_tiny_clip(clip_world):
             [(["What is this?", "--device", "cuda:1"], "device 'cuda:1' asked for")]
             if not torch.cuda.is_available()
             else []
-        ),  # fmt: skip
+        ),
     ):
         res = runner.invoke(
             app,
