@@ -122,6 +122,18 @@ def test_caption_rows_match_the_model(tmp_path, bb):
     assert (tok["vocab_size"], tok["width"]) == tuple(bb.token_embedding().shape)
     assert tok["sha256"] == table_sha256(bb.token_embedding()) and "file" not in tok
     assert not (tmp_path / "out" / "token_embedding.safetensors").exists()
+    # what wrote the parts: recorded, not fingerprinted (another thread count recomputes nothing)
+    assert manifest["runtime"] == [{"torch": torch.__version__, "device": "cpu",
+                                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                    "threads": torch.get_num_threads()}]  # fmt: skip
+    before, written = torch.get_num_threads(), []
+    try:
+        torch.set_num_threads(before + 1)
+        run("flickr30k", src, tmp_path / "out", bb, on_shard_written=written.append)
+    finally:
+        torch.set_num_threads(before)
+    again = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert written == [] and again["runtime"] == manifest["runtime"]
 
 
 def test_an_old_token_table_is_removed_and_the_shards_kept(tmp_path, bb):

@@ -384,6 +384,7 @@ def test_end_to_end_with_saved_decoders(tmp_path, clip_folder):
     assert (s["beam_size"], s["max_len"], s["baseline_n_images"]) == (2, 8, N_TRAIN)
     assert (s["bleu_ref_length"], s["smoothing"]) == ("closest", "none")
     assert (s["paper_bleu_noada"], s["paper_bleu_ada"]) == (0.2805, 0.4116)
+    assert s["runtime"]["device"] == "cpu" and s["runtime"]["torch"] == torch.__version__
     assert "closest" in detail["method"]["bleu_ref_length"]
     assert detail["method"]["clip_model"] == str(clip_folder)
     saved = json.loads((tmp_path / "eval0" / "caption_report.json").read_text())

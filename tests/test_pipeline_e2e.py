@@ -121,7 +121,8 @@ def test_reports_account_for_every_input(repro):
     for name in ("vg", "laion", "flickr30k"):
         rep = json.loads((repro / f"data/emb/{name}/report.json").read_text())
         assert rep["written"] > 0, name
-        assert (repro / f"data/emb/{name}/manifest.json").is_file()
+        manifest = json.loads((repro / f"data/emb/{name}/manifest.json").read_text())
+        assert manifest["runtime"][0]["device"] == "cpu", name
 
 
 def test_metrics_side_by_side(repro):
@@ -137,7 +138,9 @@ def test_metrics_side_by_side(repro):
     for name in ("clip", "caption", "vqa"):  # headline files hold numbers only
         assert all(isinstance(v, float) for v in _leaves(json.loads(
             (repro / f"metrics/{name}.json").read_text())))  # fmt: skip
-        assert (repro / f"metrics/{name}_detail.json").is_file()
+        detail = json.loads((repro / f"metrics/{name}_detail.json").read_text())
+        ran = detail["runtime"] if name == "clip" else detail["settings"]["runtime"]
+        assert {"torch", "device", "threads"} <= set(ran), name  # what computed them
     for plot in ("clip.tsv", "vqa.tsv", "caption_noada.tsv", "caption_ada.tsv"):
         assert (repro / "metrics/plots" / plot).read_text().startswith("epoch")
 

@@ -52,7 +52,7 @@ def finalize(
     stage report, or None while some part is missing."""
     report = Report("embed")
     report.merge(listing.report)
-    shard_rows = []
+    shard_rows, runtimes = [], []
     images = listing.extra.get("images")
     for k, fp in enumerate(fps):
         done = finished(part_path(out_dir, k), fp)
@@ -60,6 +60,7 @@ def finalize(
             return None
         report.merge(done[0])
         shard_rows.append(done[1])
+        runtimes.append(done[0].extra.get("runtime"))
         if images is not None:
             images = merge_image_counts(images, done[0].extra.get("images", {}))
     texts_rows = None
@@ -68,6 +69,7 @@ def finalize(
         if done is None:
             return None
         texts_report, texts_rows = done
+        runtimes.append(texts_report.extra.get("runtime"))
         texts_report.written = 0  # `written` counts image / caption rows
         report.merge(texts_report)
     report.extra = {
@@ -107,6 +109,8 @@ def finalize(
             "sha256": table_sha256(backbone.token_embedding()),
         },
         "format_version": FORMAT_VERSION,
+        # what wrote the parts (`pipeline.runtime`): one entry per distinct runtime
+        "runtime": [r for i, r in enumerate(runtimes) if r and r not in runtimes[:i]],
     }
     if texts_fp is None:
         del manifest["texts_rows"]

@@ -76,7 +76,7 @@ def embed_precomputed(
         }
         table = caption_table(cols, rows.image_emb, text, backbone.dim, settings.dtype)
         report.written = table.num_rows
-        write_part(part_path(out_dir, k), table, fps[k], report)
+        write_part(part_path(out_dir, k), table, fps[k], report, backbone.device)
         if on_shard_written is not None:
             on_shard_written(k)
     listing = Listing([], Report("embed"), sources, {"layout": "precomputed embeddings"})

@@ -50,6 +50,7 @@ OLD_TOKEN_TABLE = "token_embedding.safetensors"
 TEXTS_FILE = "texts.arrow"
 MANIFEST, REPORT = "manifest.json", "report.json"
 META_FP, META_REPORT, META_ROWS = b"clipda.fingerprint", b"clipda.report", b"clipda.rows"
+META_RUNTIME = b"clipda.runtime"  # what wrote the shard (`pipeline.runtime`; not fingerprinted)
 
 
 def part_path(out_dir: Path, k: int) -> Path:
@@ -137,15 +138,21 @@ def finished(path: Path, fp: str) -> tuple[Report, int] | None:
     report = Report.from_dict(data)
     if "images" in data:  # image-level counts of a caption shard (ShardBuilder)
         report.extra["images"] = data["images"]
+    if META_RUNTIME in meta:
+        report.extra["runtime"] = json.loads(meta[META_RUNTIME])
     return report, rows
 
 
-def write_part(path: Path, table: pa.Table, fp: str, report: Report) -> None:
-    """`table` as one Arrow file, atomically, with its fingerprint, row count and report."""
+def write_part(path: Path, table: pa.Table, fp: str, report: Report, device="cpu") -> None:
+    """`table` as one Arrow file, atomically, with its fingerprint, row count and report,
+    and the runtime (on `device`) that wrote it."""
+    from pipeline.runtime import runtime
+
     meta = {
         META_FP: fp.encode(),
         META_ROWS: str(table.num_rows).encode(),
         META_REPORT: json.dumps(report.to_dict(), sort_keys=True).encode(),
+        META_RUNTIME: json.dumps(runtime(device), sort_keys=True).encode(),
     }
     write_table(path, table.combine_chunks().replace_schema_metadata(meta))
 
@@ -308,7 +315,8 @@ class ShardEmbedder:
         builder = self.builders.pop(k)
         s = self.settings
         table = builder.table(self.backbone, s.dtype, s.text_batch_size)
-        write_part(part_path(self.out_dir, k), table, self.fps[k], builder.report)
+        write_part(part_path(self.out_dir, k), table, self.fps[k], builder.report,
+                   self.backbone.device)  # fmt: skip
         if self.on_shard_written is not None:
             self.on_shard_written(k)
 

@@ -28,4 +28,4 @@ def write_texts(
     emb = encode_token_ids(backbone, tokens, settings.text_batch_size)
     table = texts_table(rows, emb, backbone.dim, settings.dtype)
     report.written = table.num_rows
-    write_part(path, table, fp, report)
+    write_part(path, table, fp, report, backbone.device)

@@ -94,6 +94,7 @@ def main(
     from pipeline.clip.probes import TEMPLATES, headline
     from pipeline.clip.retrieval import HOW, evaluate
     from pipeline.clip.scene_probes import HOW as SCENE_HOW
+    from pipeline.runtime import runtime
     from pipeline.training import cpu_threads, seed_everything, write_plot
 
     s, split = load(Settings, params), load(Split, params)
@@ -115,6 +116,7 @@ def main(
         after = evaluate(bb, held, held_ids) if rows else dict(before)
         _save(mode, pretrained, bb, tmp, data if rows else None, s.seed)
         report.extra.update({"mode": mode, "threads": torch.get_num_threads()})
+        ran = runtime(bb.device)
         report.save(tmp / "report.json")  # no timings inside the model: its hash stays stable
         probe_scores, scene_scores, probe_seconds = _probe(bb, probes)
 
@@ -138,6 +140,7 @@ def main(
         "train_loss_start": start["train_loss"],
         "train_loss_final": rows[-1]["train_loss"] if rows else start["train_loss"],
         "final_logit_scale": round(float(bb.model.logit_scale.detach().exp()), 4),
+        "runtime": ran,
         "how": HOW.format(fraction=s.heldout_fraction, seed=s.seed),
         "probes": probe_scores,
         "probes_how": PROBES_HOW if probe_scores else None,

@@ -82,7 +82,9 @@ from pipeline.metrics.clipscore import CLIPSCORE_DETAIL, PROMPT, ClipScorer, W, 
 from pipeline.metrics.form import FORM_DETAIL
 from pipeline.nn.caption_decoder import read_model_info
 from pipeline.report import Report
+from pipeline.runtime import runtime
 from pipeline.settings import Bootstrap, as_dict, check, check_device, load
+from pipeline.training import pick_device
 
 HEADLINE = ("bleu4", "cider", "clipscore", "refclipscore", "ground_p", "ground_r",
             "wellformed", "repeat4")  # in the metrics file (if scored)  # fmt: skip
@@ -200,7 +202,7 @@ def main(
         **BLEU_SETTINGS, **CIDER_SETTINGS, "beam_size": s.beam_size, "max_len": s.max_len,
         "no_repeat_ngram_size": s.no_repeat_ngram_size, "length_penalty": s.length_penalty,
         "baseline": f"nn-{s.baseline_split}-first-caption", "baseline_n_images": len(train),
-        "target_shift": as_dict(shift),
+        "target_shift": as_dict(shift), "runtime": runtime(pick_device(s.device)),
         **PAPER_BLEU,
     }  # fmt: skip
     method = {

@@ -31,7 +31,9 @@ from pipeline.embedding.provenance import check_trained_on
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import load_head
 from pipeline.report import Report
+from pipeline.runtime import runtime
 from pipeline.settings import Bootstrap, check, load
+from pipeline.training import pick_device
 from pipeline.vqa import zeroshot
 from pipeline.vqa.baselines import FrequencyPrior
 from pipeline.vqa.data import (
@@ -171,6 +173,7 @@ def main(
     if ci:
         top["overall_diff"] = headline_diffs(ci)
     write_json(metrics, top)
+    how["runtime"] = runtime(pick_device("auto") if prompts else "cpu")  # CLIP's, the head's
     write_json(detail, {**table, "intervals": ci, "settings": how})
     write_predictions(predictions, data, rows_all, vocab.answers, pred, score)
     report.written = n
