@@ -188,3 +188,40 @@ def test_letterbox_pads_to_a_centred_square_with_the_mean_colour():
     from pipeline.clip.backbone import resize_crop
 
     assert np.array_equal(letterbox_resize(square, 32), resize_crop(square, 32))
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_one_line(tmp_path):
+    """A pickle that is not weights, a truncated safetensors file, a config without weights:
+    a `UserError` naming the folder (the CLI prints it as one line), never random weights."""
+    import pickle
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    good = make_tiny_clip(tmp_path / "good")
+    cases = {}
+    for name in ("dict", "list", "truncated", "none"):
+        shutil.copytree(good, tmp_path / name)
+        (tmp_path / name / "model.safetensors").unlink()
+        cases[name] = tmp_path / name
+    torch.save({"not": "weights"}, cases["dict"] / "pytorch_model.bin")
+    (cases["list"] / "pytorch_model.bin").write_bytes(pickle.dumps([1, 2, 3]))
+    data = (good / "model.safetensors").read_bytes()
+    (cases["truncated"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    want = {
+        "dict": "lacks 78 of the model's 78 weights",
+        "list": "pytorch_model.bin holds something other than tensors",
+        "truncated": "Error while deserializing header",
+        "none": "no file named model.safetensors, or pytorch_model.bin",
+    }
+    for name, folder in cases.items():
+        with pytest.raises(UserError, match=want[name]):
+            load_backbone(folder, "cpu")
+        (tmp_path / "in").mkdir(exist_ok=True)
+        res = CliRunner().invoke(app, ["embed", "--dataset", "laion", "--input", str(tmp_path / "in"),
+                                       "--images", str(tmp_path / "in"), "--clip", str(folder),
+                                       "--out", str(tmp_path / "out")])  # fmt: skip
+        assert res.exit_code == 2 and want[name] in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,11 +313,13 @@ def quiet_transformers():
     """No per-tensor progress bars from transformers while loading or saving."""
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report: what is wrong is raised, in one line
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -323,6 +327,7 @@ def quiet_transformers():
 def load_backbone(name_or_path: str | Path, device: str | None = "auto") -> Backbone:
     """Open a CLIP checkpoint: a local folder in the Hugging Face layout or a hub id, on
     `device` (`auto`: cuda when available, else cpu; see `training.pick_device`)."""
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer, CLIPModel
 
     name = str(name_or_path)
@@ -339,14 +344,23 @@ def load_backbone(name_or_path: str | Path, device: str | None = "auto") -> Back
         source = name  # hub id
     dev = pick_device(device)
     try:
-        with quiet_transformers():
-            model = CLIPModel.from_pretrained(source, dtype=torch.float32)
+        with quiet_transformers(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model, info = CLIPModel.from_pretrained(source, dtype=torch.float32,
+                                                    output_loading_info=True)  # fmt: skip
             tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"cannot load CLIP checkpoint '{name}' (no such folder; hub: {msg})"
-        ) from None
+        if isinstance(exc, pickle.UnpicklingError):
+            msg = "pytorch_model.bin holds something other than tensors (torch.load refused it)"
+        where = "folder" if local.is_dir() else "(no such folder; hub)"
+        raise UserError(f"cannot load CLIP checkpoint {where} '{name}': {msg}") from None
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in info["missing_keys"] if k in params)
+    if missing:
+        raise UserError(f"CLIP checkpoint '{name}' lacks {len(missing)} of the model's "
+                        f"{len(params)} weights (e.g. {missing[0]}): not the weights of this "
+                        "CLIP config")  # fmt: skip
     image_size, resize, mean, std = _image_settings(source)
     model.eval().to(dev)
     text_cfg = model.config.text_config
