@@ -354,6 +354,35 @@ def seeds(
 
 @app.command()
 @one_line_errors
+def compare(
+    sides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="git revision, DVC experiment name or metrics folder (0, 1 or 2)",
+            metavar="REV_OR_DIR",
+        ),
+    ] = None,
+    seeds: Annotated[
+        Path | None, _opt("a `clipda seeds --out` JSON: the seed spread of a's setting")
+    ] = None,
+):
+    """Is each headline difference within noise? Compares the metrics of a (default HEAD)
+    with b (default the workspace's metrics/): `compare` is HEAD vs workspace, `compare A` A vs
+    workspace, `compare A B` A vs B; diff = b - a. Exit code 0 whatever the verdicts.
+
+    Within noise (judged on a's side) when:
+    - |diff| <= 2 x the sd over seeds of a's setting (from --seeds, else from
+      the DVC experiments of a's commit with its params but the seed),
+    - else |diff| <= half a's 95% bootstrap interval: test sampling only,
+    - else: no noise estimate.
+    """
+    from pipeline.compare import main as compare_metrics
+
+    typer.echo(compare_metrics(sides or [], seeds, Path.cwd()))
+
+
+@app.command()
+@one_line_errors
 def caption(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     model: Annotated[Path, _opt("caption model folder")] = Path("models/caption/ada"),
