@@ -371,7 +371,7 @@ def compare(
     workspace, `compare A B` A vs B; diff = b - a. Exit code 0 whatever the verdicts.
 
     Within noise (judged on a's side) when:
-    - |diff| <= 2 x the sd over seeds of a's setting (from --seeds, else from
+    - |diff| <= 2.8 x the sd over seeds of a's setting (from --seeds, else from
       the DVC experiments of a's commit with its params but the seed),
     - else |diff| <= half a's 95% bootstrap interval: test sampling only,
     - else: no noise estimate.

@@ -21,10 +21,11 @@ Noise rule, for the difference d = b - a of each row:
    JSON `clipda seeds --out` writes; of several groups, the one whose params equal a's
    params.yaml), else from the DVC experiments run from a's commit with a's params except
    `seed`, with a's own metrics, when they span at least two seeds. Within noise when
-   |d| <= 2 sd. Not the seeds' min-max range: a standard deviation is a scale, so it carries
+   |d| <= 2.8 sd (1.96 x sqrt(2): the 95% band of the difference of two runs, each with
+   the seeds' sd). Not the seeds' min-max range: a standard deviation is a scale, so it carries
    over to a commit whose numbers have moved (a seeds file made at an older commit), where
    a range would call every moved number beyond noise; and with 3 seeds a fourth run falls
-   outside their range with probability 1/2. 2 sd is about the 95% band of one run.
+   outside their range with probability 1/2.
 2. Else the 95% bootstrap interval of a's value in a's detail file ("intervals"): within
    noise when |d| <= half its width. It resamples the test items only and says nothing of
    seed-to-seed variation: such rows say "test sampling only".
@@ -46,7 +47,7 @@ from pipeline.experiments import exp_show, finished, flatten, summarise
 
 HEADLINE = ("caption", "clip", "vqa")
 FILES = HEADLINE + tuple(f"{stem}_detail" for stem in HEADLINE)
-SEED_SDS = 2  # within noise: |diff| <= SEED_SDS x the seed standard deviation
+SEED_SDS = 2.8  # within noise: |diff| <= SEED_SDS x the seed sd (95% band of a difference)
 BOOTSTRAP_NOTE = "bootstrap, test sampling only"
 KEY_WIDTH = 26  # metric keys (less the file) longer than this are shortened
 

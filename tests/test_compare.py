@@ -179,7 +179,7 @@ def test_seed_spread_from_the_dvc_experiments_of_the_baseline(repo, monkeypatch)
 
     monkeypatch.setattr(compare, "exp_show", exp_show)
     text = main([], None, repo)
-    # seeds 1.05, 1.55, 1.3: sd 0.25, so the workspace's +0.45 is within 2 sd
+    # seeds 1.05, 1.55, 1.3: sd 0.25, so the workspace's +0.45 is within 2.8 sd
     assert rows(text)["caption.ada.cider"] == ("within", "seed spread (3 seeds)")
     assert rows(text)["caption.noada.cider"][1] == "bootstrap, test sampling only"
     assert "seeds: 3 DVC experiments of a (exp-one, exp-two, " in text  # other-lr left out
