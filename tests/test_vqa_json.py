@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -195,3 +196,187 @@ def test_released_format_through_embed_train_evaluate(table_world):
     for p in preds:  # predictions name the image as the dataset does
         assert p["source_image_id"] == by_qid[p["qid"]]["source_image_id"]
         assert p["answer"] == by_qid[p["qid"]]["answer"]
+
+
+def _gqa_expected(path: Path) -> tuple[dict, dict]:
+    """Columns and skips of a GQA file as the whole-file decode gave them (json.load)."""
+    cols: dict[str, list] = {c: [] for c in vqa_json.COLUMNS}
+    skipped: dict[str, int] = {}
+    for qid, q in json.loads(path.read_text(encoding="utf-8")).items():
+        if not (q.get("answer") or "").strip():
+            skipped["empty_answer"] = skipped.get("empty_answer", 0) + 1
+            continue
+        iid, qtype = str(q["imageId"]), (q.get("types") or {}).get("structural", "")
+        for col, v in zip(vqa_json.COLUMNS, (qid, iid, f"{iid}.jpg", q["question"], q["answer"],
+                                             qtype)):  # fmt: skip
+            cols[col].append(v)
+    return cols, skipped
+
+
+def _vqa2_expected(questions: Path, annotations: Path, folder: str) -> tuple[dict, dict]:
+    qs = json.loads(questions.read_text())
+    sub = qs["data_subtype"]
+    answers = {a["question_id"]: a for a in json.loads(annotations.read_text())["annotations"]}
+    cols: dict[str, list] = {c: [] for c in vqa_json.COLUMNS}
+    skipped: dict[str, int] = {}
+    for q in qs["questions"]:
+        a = answers.get(q["question_id"])
+        if a is None or not (a.get("multiple_choice_answer") or "").strip():
+            reason = "no_annotation" if a is None else "empty_answer"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        path = f"{folder}COCO_{sub}_{q['image_id']:012d}.jpg"
+        for col, v in zip(vqa_json.COLUMNS, (str(q["question_id"]), str(q["image_id"]), path,
+                                             q["question"], a["multiple_choice_answer"],
+                                             a.get("answer_type", ""))):  # fmt: skip
+            cols[col].append(v)
+    return cols, skipped
+
+
+def _expected_table(cols: dict) -> pa.Table:
+    return pa.table({c: pa.array(cols[c], pa.string()) for c in vqa_json.COLUMNS})
+
+
+def _gqa_file(path: Path, n: int = 50) -> Path:
+    """GQA questions with the release's fields and the cases the reader has to keep apart."""
+    rng = np.random.default_rng(0)
+    questions = {}
+    for i in range(n):
+        q = {
+            "semantic": [{"operation": "select", "dependencies": [], "argument": f"cat ({i})"},
+                         {"operation": "query", "dependencies": [0], "argument": "color"}],
+            "entailed": [f"{i}1"], "equivalent": [f"{i}"], "question": f"Is the ‘cat’ \"{i}\"?",
+            "imageId": int(rng.integers(1, 10**7)) if i % 3 == 0 else f"n{i:06d}",
+            "isBalanced": bool(i % 2), "groups": {"global": None, "local": "12q-cat_color"},
+            "answer": ("yes", "no", "", "  ", None, "ünïcode")[i % 6],
+            "semanticStr": "select: cat -> query: color", "fullAnswer": "The cat is white.",
+            "annotations": {"answer": {"0": "1234"}, "question": {}, "fullAnswer": {}},
+            "types": ({"structural": "verify", "semantic": "attr", "detailed": "colorVerify"},
+                      None, {"semantic": "rel"}, {"structural": "query"})[i % 4],
+        }  # fmt: skip
+        if i % 5 == 0:
+            del q["types"]
+        if i % 7 == 0:
+            del q["answer"]
+        questions[f"{20000000 + i}"] = q
+    path.write_text(json.dumps(questions, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def _vqa2_files(root: Path, n: int = 40, keys_last: bool = False) -> tuple[Path, Path]:
+    questions = [{"image_id": 9 + 1000 * (i // 3), "question": f"What is {i}?",
+                  "question_id": 90 + i} for i in range(n)]  # fmt: skip
+    annotations = [
+        {"question_id": 90 + i, "image_id": 9 + 1000 * (i // 3), "question_type": "what is",
+         "answers": [{"answer": "x", "answer_confidence": "yes", "answer_id": k}
+                     for k in range(10)],
+         "multiple_choice_answer": ("cat", "2", "", None, "yes")[i % 5],
+         **({} if i % 4 == 3 else {"answer_type": ("other", "number", "yes/no")[i % 3]})}
+        for i in range(n) if i % 6 != 5
+    ]  # fmt: skip
+    info = {"info": {"year": 2017, "questions": [1]}, "task_type": "Open-Ended",
+            "data_type": "mscoco", "license": {"name": "CC"},
+            "data_subtype": "val2014"}  # fmt: skip
+    body = {"questions": questions, **info} if keys_last else {**info, "questions": questions}
+    (root / "q.json").write_text(json.dumps(body))
+    (root / "a.json").write_text(json.dumps({**info, "annotations": annotations}))
+    return root / "q.json", root / "a.json"
+
+
+@pytest.mark.parametrize("chunk", [7, vqa_json.CHUNK])
+def test_streamed_reads_equal_whole_decode(tmp_path, monkeypatch, chunk):
+    """The streamed readers give the rows and skips a whole-file decode gives, in the same
+    order and types, whether the rows fit one Arrow batch or take several."""
+    monkeypatch.setattr(vqa_json, "CHUNK", chunk)
+    gqa = _gqa_file(tmp_path / "gqa.json")
+    table, skipped = vqa_json.read_gqa(gqa)
+    cols, expected_skips = _gqa_expected(gqa)
+    assert table.schema == vqa_json.SCHEMA and table.equals(_expected_table(cols))
+    assert dict(skipped) == expected_skips and expected_skips["empty_answer"] > 0
+    assert table.column("qid").num_chunks == (-(-table.num_rows // chunk))
+    assert {"", "verify", "query"} <= set(cols["qtype"]) and "ünïcode" in cols["answer"]
+    for keys_last in (False, True):
+        root = tmp_path / f"vqa{keys_last}"
+        (root / "val2014").mkdir(parents=True)
+        q, a = _vqa2_files(root, keys_last=keys_last)
+        for images, folder in ((root, "val2014/"), (tmp_path, "")):
+            table, skipped = vqa_json.read_vqa2(q, a, images)
+            cols, expected_skips = _vqa2_expected(q, a, folder)
+            assert table.schema == vqa_json.SCHEMA and table.equals(_expected_table(cols))
+            assert dict(skipped) == expected_skips
+            assert set(expected_skips) == {"no_annotation", "empty_answer"}
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    table, skipped = vqa_json.read_gqa(empty)
+    assert (table.num_rows, table.schema, dict(skipped)) == (0, vqa_json.SCHEMA, {})
+
+
+def test_vqa2_keys_after_the_questions(tmp_path):
+    """data_type / data_subtype after the questions array are read (and checked) as well."""
+    qs = [{"image_id": 9, "question": "What?", "question_id": 1}]
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps({"annotations": [{"question_id": 1, "multiple_choice_answer": "a",
+                                                "answer_type": "other"}]}))  # fmt: skip
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps({"questions": qs, "data_subtype": "test2015"}))  # no data_type
+    table, _ = vqa_json.read_vqa2(q, ann, tmp_path)
+    assert table.column("image_path").to_pylist() == ["COCO_test2015_000000000009.jpg"]
+    q.write_text(json.dumps({"questions": qs, "data_subtype": "x", "data_type": "abstract_v002"}))
+    with pytest.raises(UserError, match="data_type 'abstract_v002'"):
+        vqa_json.read_vqa2(q, ann, tmp_path)
+    q.write_text(json.dumps({"data_type": "mscoco", "questions": qs, "info": {"data_subtype": 1}}))
+    with pytest.raises(UserError, match="names no data_subtype"):
+        vqa_json.read_vqa2(q, ann, tmp_path)
+    q.write_text(json.dumps({"data_type": "mscoco", "questions": qs, "data_subtype": 2014}))
+    with pytest.raises(UserError, match=r"not a VQA v2 questions file \(Expected `str`, got `int`"):
+        vqa_json.read_vqa2(q, ann, tmp_path)
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+    """Truncated or malformed JSON and fields of the wrong type: one line naming the file."""
+    gqa = _gqa_file(tmp_path / "gqa.json")
+    q, a = _vqa2_files(tmp_path)
+    text = {p: p.read_bytes() for p in (gqa, q, a)}
+
+    def error(call, path: Path, content: bytes, match: str) -> str:
+        path.write_bytes(content)
+        with pytest.raises(UserError, match=match) as exc:
+            call()
+        path.write_bytes(text[path])
+        assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+        return str(exc.value)
+
+    def read_gqa():
+        return vqa_json.read_gqa(gqa)
+
+    def read_vqa2():
+        return vqa_json.read_vqa2(q, a, tmp_path)
+
+    for call, path in ((read_gqa, gqa), (read_vqa2, q), (read_vqa2, a)):
+        for cut in (len(text[path]) // 2, len(text[path]) - 1, 0):
+            error(call, path, text[path][:cut], "malformed JSON")
+        error(call, path, text[path] + b" {}", "malformed JSON .*trailing garbage")
+        error(call, path, text[path].replace(b"?", b"\xff", 1).replace(b"other", b"\xff", 1),
+              "malformed JSON .*invalid bytes in UTF8")  # fmt: skip
+    gqa_q = b'{"1": {"imageId": "a", "question": "q", "types": %s}}'
+    vqa_q = (b'{"data_subtype": "a", "questions": '
+             b'[{"image_id": "9", "question": "q", "question_id": 1}]}')  # fmt: skip
+    wrong = [
+        (read_gqa, gqa, b'{"1": {"imageId": 3.5, "question": "q"}}',
+         r"not a GQA questions file \(Expected `int \| str`, got `float` - at `\$\['1'\].imageId`"),
+        (read_gqa, gqa, gqa_q % b'{"structural": 1}',
+         r"got `int` - at `\$\['1'\].types.structural`"),
+        (read_gqa, gqa, gqa_q % b"[]", r"Expected `object \| null`, got `array`"),
+        (read_gqa, gqa, b'{"1": {"imageId": "a"}}', "missing required field `question`"),
+        (read_gqa, gqa, b'{"1": "x"}', "Expected `object`, got `str`"),
+        (read_gqa, gqa, b"[]", r"Expected `object`, got `array` - at `\$`"),
+        (read_vqa2, q, vqa_q, r"got `str` - at `\$.questions\[0\].image_id`"),
+        (read_vqa2, q, b'{"data_subtype": "a", "questions": {}}', "Expected `array`, got"),
+        (read_vqa2, q, b'{"data_subtype": "a"}', "missing required field `questions`"),
+        (read_vqa2, a, b'{"annotations": [{"question_id": 1, "answer_type": null}]}',
+         r"not a VQA v2 annotations file \(Expected `str`, got `null`"),
+        (read_vqa2, a, b'{"annotations": [3]}', r"Expected `object`, got `int`"),
+        (read_vqa2, a, b'{"data_type": "mscoco"}', "missing required field `annotations`"),
+    ]  # fmt: skip
+    for call, path, content, match in wrong:
+        error(call, path, content, match)
