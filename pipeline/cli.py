@@ -451,11 +451,15 @@ def export(
         str, _opt("faiss index: auto (Flat to 100k rows, else IVF-PQ), flat or a factory string")
     ] = "auto",
     overwrite: Annotated[bool, _opt("replace a previous export in --out")] = False,
+    device: Annotated[
+        str, _opt("faiss index built on: auto | cpu | cuda | cuda:N (a GPU needs faiss-gpu)")
+    ] = "auto",
 ):
-    """Export embeddings to the clip-retrieval layout (npy + parquet) with a faiss index."""
+    """Export embeddings to the clip-retrieval layout (npy + parquet) with a faiss index
+    (built on a GPU with faiss-gpu, saved as a CPU index)."""
     from pipeline.embedding.export import main as export_embeddings
 
-    typer.echo(export_embeddings(emb, out, rows_per_file, dtype, index, overwrite))
+    typer.echo(export_embeddings(emb, out, rows_per_file, dtype, index, overwrite, device))
 
 
 @app.command("prepare-qa-table")

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from pipeline.caption import decode as decode_module
 from pipeline.caption.decode import (
+    TokenIndex,
     banned_tokens,
     beam_search,
     caption_images,
@@ -353,3 +355,61 @@ def test_key_value_cache_gives_the_full_recompute_predictions():
     assert cache[0][0].shape[2] == model.config.prefix_len + 7
     # greedy with the cache = greedy re-running the sequence
     assert greedy_search(model, emb, 8) == _reference_greedy(model, emb, 8)
+
+
+def _fake_faiss_gpus(monkeypatch, count: int) -> list[int]:
+    """faiss with GPU support and `count` GPUs, on this CPU-only machine: index_cpu_to_gpu
+    records the GPU number it is given and keeps the (CPU) index."""
+    import faiss
+
+    calls: list[int] = []
+
+    def to_gpu(res, gpu, index):
+        assert isinstance(res, faiss.StandardGpuResources)
+        calls.append(gpu)
+        return index
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", type("Res", (), {}), raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: count)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(decode_module, "_WARNED", set())
+    return calls
+
+
+@pytest.mark.parametrize("device,gpu", [("cuda:1", 1), ("cuda:0", 0), ("cuda", 2)])
+def test_the_token_index_goes_to_the_decoders_gpu(monkeypatch, capsys, device, gpu):
+    calls = _fake_faiss_gpus(monkeypatch, count=3)
+    monkeypatch.setattr(decode_module, "_device", lambda model: torch.device(device))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)  # `cuda`: the current one
+    model = tiny_model("ce")
+    index = TokenIndex(model)
+    assert calls == [gpu] and index.gpu == gpu
+    _, ids = index.search(model.unit_table, 1)  # (the fake keeps the CPU index)
+    assert ids[EOS, 0].item() == EOS
+    assert capsys.readouterr().err == ""
+
+
+def test_a_cpu_decoder_keeps_a_cpu_index_on_a_gpu_box(monkeypatch, capsys):
+    calls = _fake_faiss_gpus(monkeypatch, count=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TokenIndex(tiny_model()).gpu is None and calls == []  # --device cpu is kept
+    assert capsys.readouterr().err == ""
+
+
+def test_a_gpu_faiss_cannot_use_is_one_warning_not_silence(monkeypatch, capsys):
+    import faiss
+
+    monkeypatch.setattr(decode_module, "_device", lambda model: torch.device("cuda:0"))
+    monkeypatch.setattr(decode_module, "_WARNED", set())
+    if hasattr(faiss, "StandardGpuResources"):  # a faiss-gpu install: make it faiss-cpu
+        monkeypatch.delattr(faiss, "StandardGpuResources")
+    for seed in (0, 1):  # two models: one warning
+        index = TokenIndex(tiny_model(seed=seed))
+        queries = torch.randn(3, WIDTH, generator=torch.Generator().manual_seed(seed))
+        assert index.gpu is None and index.search(queries, 1)[1].shape == (3, 1)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: faiss has no GPU support"), err
+    calls = _fake_faiss_gpus(monkeypatch, count=1)  # faiss-gpu, but cuda:1 is not its
+    monkeypatch.setattr(decode_module, "_device", lambda model: torch.device("cuda:1"))
+    assert TokenIndex(tiny_model()).gpu is None and calls == []
+    assert "faiss sees 1 GPU(s), not cuda:1" in capsys.readouterr().err

@@ -240,3 +240,105 @@ def test_embed_takes_the_export_as_precomputed_input(tmp_path):
         rows = captioned if col == "text_emb" else slice(None)
         assert np.abs(a[rows] - b[rows]).max() <= 1e-3
     assert not vectors(after.column("text_emb"))[~captioned].any()  # zeros under the null
+
+
+class FakeGpuIndex:
+    """What the fake index_cpu_to_gpu returns: the CPU index behind a proxy that faiss's
+    write_index and extract_index_ivf refuse, as they refuse a real GPU index."""
+
+    def __init__(self, index, gpu: int):
+        self.inner, self.gpu = index, gpu
+
+    def __getattr__(self, name):
+        if name == "this":  # SWIG's handle: without it, no faiss function takes the proxy
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def fake_gpus(monkeypatch, count: int = 2, whole=lambda index: True) -> dict[str, list]:
+    """faiss with GPU support and `count` GPUs on this CPU-only machine; the calls made.
+    `whole(index)` False: faiss has no GPU version of that index (index_cpu_to_gpu raises)."""
+    calls: dict[str, list] = {"to_gpu": [], "to_cpu": []}
+
+    def to_gpu(res, gpu, index):
+        assert isinstance(res, faiss.StandardGpuResources)
+        name = type(faiss.downcast_index(index)).__name__
+        calls["to_gpu"].append((gpu, name))
+        if isinstance(faiss.downcast_index(index), faiss.IndexFlat):
+            return index  # (a clustering index must be a real faiss index)
+        if not whole(index):
+            raise RuntimeError(f"Error in faiss::gpu: no GPU version of {name}")
+        return FakeGpuIndex(index, gpu)
+
+    def to_cpu(index):
+        assert isinstance(index, FakeGpuIndex)
+        calls["to_cpu"].append(index.gpu)
+        return index.inner
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", type("Res", (), {}), raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: count)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", to_cpu, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("device,gpu", [("cuda:1", 1), ("cuda", 0), ("auto", 0)])
+def test_the_index_is_built_on_the_asked_gpu_and_saved_as_a_cpu_index(
+    tmp_path, monkeypatch, device, gpu
+):
+    calls = fake_gpus(monkeypatch, count=2)
+    src, out = make_captions(tmp_path / "emb"), tmp_path / "out"
+    res = invoke("--emb", src, "--out", out, "--device", device, "--index", "IVF8,Flat")
+    assert res.exit_code == 0, res.output
+    assert f"built on cuda:{gpu})" in res.output
+    # a check before anything is written, then image.index and text.index
+    assert calls["to_gpu"] == [(gpu, "IndexIVFFlat")] * 3 and calls["to_cpu"] == [gpu, gpu]
+    info = json.loads((out / "export.json").read_text())["index"]
+    assert info["built_on"] == f"cuda:{gpu}" and info["nprobe"] == 8
+    table = read_dataset(src)
+    for name, col in (("image", "image_emb"), ("text", "text_emb")):
+        index = faiss.read_index(str(out / f"{name}.index"))  # a CPU index, readable here
+        assert faiss.extract_index_ivf(index).nprobe == 8 and index.ntotal == 300
+        _, found = index.search(vectors(table.column(col))[[0, 299]].astype(np.float32), 1)
+        assert found[:, 0].tolist() == [0, 299]
+
+
+def test_an_ivf_index_without_a_gpu_version_trains_its_kmeans_on_the_gpu(tmp_path, monkeypatch):
+    calls = fake_gpus(monkeypatch, whole=lambda index: False)  # e.g. PQ128 codes
+    out = tmp_path / "out"
+    res = invoke("--emb", make_captions(tmp_path / "emb"), "--out", out, "--device", "cuda:1",
+                 "--index", "IVF8,PQ4np")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert calls["to_gpu"] == [(1, "IndexIVFPQ"), (1, "IndexFlat")] * 3 and calls["to_cpu"] == []
+    info = json.loads((out / "export.json").read_text())["index"]
+    assert info["built_on"] == "cuda:1 (k-means), cpu"
+    index = faiss.read_index(str(out / "image.index"))
+    assert isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ) and index.ntotal == 300
+
+
+def test_a_gpu_that_faiss_cannot_use_is_a_one_line_error_or_a_warning(tmp_path, monkeypatch):
+    src = make_captions(tmp_path / "emb", n=30)
+    if hasattr(faiss, "StandardGpuResources"):  # a faiss-gpu install: make it faiss-cpu
+        monkeypatch.delattr(faiss, "StandardGpuResources")
+    for device in ("cuda", "cuda:0"):  # asked for: an error, before anything is written
+        one_error(invoke("--emb", src, "--out", tmp_path / "o", "--device", device),
+                  "faiss has no GPU support")  # fmt: skip
+        assert not (tmp_path / "o").exists()
+    one_error(invoke("--emb", src, "--out", tmp_path / "o", "--device", "gpu"), "--device must")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    res = invoke("--emb", src, "--out", tmp_path / "a")  # auto, no GPU anywhere: quiet
+    assert res.exit_code == 0 and "warning" not in res.output and "built on cpu" in res.output
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # auto, a GPU faiss cannot use
+    res = invoke("--emb", src, "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    assert "warning: faiss has no GPU support" in res.output and "built on cpu" in res.output
+    calls = fake_gpus(monkeypatch, count=2, whole=lambda index: False)
+    one_error(invoke("--emb", src, "--out", tmp_path / "o", "--device", "cuda:2"),
+              "faiss sees 2 GPU(s)")  # fmt: skip
+    one_error(invoke("--emb", src, "--out", tmp_path / "o", "--device", "cuda", "--index",
+                     "HNSW8"), "cannot build a 'HNSW8' index on a GPU")  # fmt: skip
+    res = invoke("--emb", src, "--out", tmp_path / "c", "--index", "HNSW8")  # auto: the CPU
+    assert res.exit_code == 0, res.output
+    assert "warning: faiss cannot build a 'HNSW8' index" in res.output
+    assert json.loads((tmp_path / "c" / "export.json").read_text())["index"]["built_on"] == "cpu"
+    assert calls["to_cpu"] == []

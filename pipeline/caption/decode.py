@@ -4,8 +4,11 @@ The decoder predicts the *embedding* of the next token; each prediction is mappe
 tokens by nearest-neighbour search (faiss, batched queries) over the table rows in the
 space the training loss measured: L2 to the regression targets for `mse`
 (`IndexFlatL2`), inner product of unit vectors (cosine) for `cosine` / `ce`
-(`IndexFlatIP`). BOS (and a pad id distinct from EOS) are never proposed. A GPU index is
-used when faiss has GPU support (`StandardGpuResources`) and CUDA is available.
+(`IndexFlatIP`). BOS (and a pad id distinct from EOS) are never proposed. The index lives
+where the decoder does: on the decoder's GPU (`cuda:N` -> faiss GPU N) when faiss has GPU
+support (faiss-gpu, see docs/gpu.md), else on the CPU, with a one-line warning on stderr
+when the decoder is on a GPU that faiss cannot use (the captions are the same either way,
+only the search is slower, so a default install, faiss-cpu, still decodes on a GPU box).
 
 Beam scores: for each hypothesis the top `n_cand` neighbours get similarities s_j
 (cosine, or -||pred - row||² / 2 for L2, which equals the inner product up to terms
@@ -51,6 +54,26 @@ from pipeline.nn.caption_decoder import load_caption_model as _load
 from pipeline.training import autocast, pick_device
 
 _INDEX_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WARNED: set[str] = set()  # faiss GPU warnings already printed (once per process)
+
+
+def faiss_gpu(device: torch.device) -> int | None:
+    """The faiss GPU number for a decoder on `device` (`cuda:N` -> N, `cuda` -> the current
+    CUDA device), or None for a CPU index: the decoder is on the CPU, or faiss cannot use
+    its GPU (then a one-line warning on stderr, once)."""
+    if device.type != "cuda":
+        return None
+    gpu = device.index if device.index is not None else torch.cuda.current_device()
+    if not hasattr(faiss, "StandardGpuResources"):
+        why = "faiss has no GPU support (faiss-cpu is installed; docs/gpu.md: faiss-gpu)"
+    elif gpu >= (count := faiss.get_num_gpus()):
+        why = f"faiss sees {count} GPU(s), not cuda:{gpu}"
+    else:
+        return gpu
+    if why not in _WARNED:
+        _WARNED.add(why)
+        print(f"warning: {why}: the token search runs on the CPU", file=sys.stderr)
+    return None
 
 
 class TokenIndex:
@@ -67,9 +90,10 @@ class TokenIndex:
         vecs = np.ascontiguousarray(table.detach().float().cpu().numpy()[self.ids])
         dim = vecs.shape[1]
         index = faiss.IndexFlatL2(dim) if self.metric == "l2" else faiss.IndexFlatIP(dim)
-        if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
-            self._res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+        self.gpu = faiss_gpu(_device(model))  # the decoder's GPU, None: a CPU index
+        if self.gpu is not None:
+            self._res = faiss.StandardGpuResources()  # lives as long as the index
+            index = faiss.index_cpu_to_gpu(self._res, self.gpu, index)
         index.add(vecs)
         self.index = index
         self.size = len(self.ids)  # tokens it can propose

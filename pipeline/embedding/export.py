@@ -13,11 +13,20 @@ as an index folder (clip_back.py reads `image.index`, `text.index`, `metadata/*.
 
 N counts from 0, zero-padded to the digits of the file count as clip-retrieval does, so the
 name-sorted globs of clip back and autofaiss (embedding-reader) keep the row order.
+
+`--device` (auto | cpu | cuda | cuda:N) picks where the indexes are built. A GPU needs a faiss
+with GPU support (faiss-gpu, see docs/gpu.md; faiss-cpu has none). The whole index is built
+on the GPU where faiss has a GPU version of it; otherwise an IVF index trains its k-means
+there (`clustering_index`) and is filled on the CPU. The index saved is always a CPU index
+(`index_gpu_to_cpu`), readable without a GPU. `cuda` asked for where faiss cannot use it is
+a UserError; `auto` takes GPU 0 when faiss has GPU support and sees a GPU, else the CPU,
+with a warning when torch sees a GPU that this faiss cannot use.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -89,13 +98,83 @@ def _last(exc: Exception) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
-def build_index(files: list[Path], n: int, d: int, key: str, path: Path, bar) -> int | None:
-    """A faiss index (inner product) of the vectors of `files`, trained on a sample of at
-    most TRAIN_MAX rows (seed 0) when it needs training, written atomically to `path`; an
-    IVF index gets nprobe = min(nlist, NPROBE), which is returned (None for others)."""
+def index_device(name: str | None) -> int | None:
+    """The GPU number (faiss's numbering, as CUDA's) `--device` builds the indexes on, or
+    None for the CPU; a GPU asked for that faiss cannot use is a UserError."""
     import faiss
 
-    index = make_index(d, key)
+    name = (name or "auto").strip()
+    if name == "cpu":
+        return None
+    if name != "auto" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    has_gpu = hasattr(faiss, "StandardGpuResources")
+    count = faiss.get_num_gpus() if has_gpu else 0
+    if name == "auto":
+        if count:
+            return 0
+        if not has_gpu and _torch_sees_a_gpu():
+            print(
+                "warning: faiss has no GPU support (faiss-cpu is installed): building the "
+                "index on the CPU (docs/gpu.md: installing faiss-gpu)",
+                file=sys.stderr,
+            )
+        return None
+    gpu = int(name.partition(":")[2] or 0)
+    if not has_gpu:
+        raise UserError(
+            f"--device {name}: faiss has no GPU support (faiss-cpu is installed; "
+            "docs/gpu.md says how to install faiss-gpu), use --device cpu"
+        )
+    if gpu >= count:
+        raise UserError(f"--device {name}: faiss sees {count} GPU(s)")
+    return gpu
+
+
+def _torch_sees_a_gpu() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover (a base dependency)
+        return False
+    return torch.cuda.is_available()
+
+
+def _on_gpu(index, gpu: int):
+    """(the index to fill, what must live while it fills, where it is built): the whole
+    index on GPU `gpu` where faiss has a GPU version of it, else for an IVF index its
+    k-means there (`clustering_index`); None where faiss can do neither."""
+    import faiss
+
+    res = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(res, gpu, index), res, f"cuda:{gpu}"
+    except RuntimeError:  # e.g. IVF-PQ codes of a size the GPU version lacks
+        pass
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return None
+    flat = faiss.index_cpu_to_gpu(res, gpu, faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type))
+    ivf.clustering_index = flat
+    return index, (res, flat), f"cuda:{gpu} (k-means), cpu"
+
+
+def build_index(
+    files: list[Path], n: int, d: int, key: str, path: Path, bar, gpu: int | None = None
+) -> tuple[int | None, str]:
+    """A faiss index (inner product) of the vectors of `files`, trained on a sample of at
+    most TRAIN_MAX rows (seed 0) when it needs training, built on GPU `gpu` (None: the
+    CPU; see `_on_gpu`), written atomically to `path` as a CPU index; an IVF index gets
+    nprobe = min(nlist, NPROBE). Returns (nprobe or None, where it was built)."""
+    import faiss
+
+    cpu_index = index = make_index(d, key)
+    keep, where = None, "cpu"
+    if gpu is not None:
+        placed = _on_gpu(cpu_index, gpu)
+        if placed is None:
+            raise UserError(f"--index {key!r}: faiss cannot build it on cuda:{gpu}")
+        index, keep, where = placed
     if not index.is_trained:
         rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, TRAIN_MAX), replace=False))
         sample, at = np.empty((len(rows), d), np.float32), 0  # no second copy of it
@@ -110,15 +189,19 @@ def build_index(files: list[Path], n: int, d: int, key: str, path: Path, bar) ->
     for batch in _float32_rows(files):
         index.add(batch)
         bar.update(len(batch))
+    if index is not cpu_index:  # built on the GPU: saved as its CPU copy (a portable file)
+        cpu_index = faiss.index_gpu_to_cpu(index)
     nprobe = None
     try:
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.extract_index_ivf(cpu_index)
         ivf.nprobe = nprobe = min(ivf.nlist, NPROBE)
+        ivf.clustering_index = None  # the GPU k-means index, if any: not part of it
     except RuntimeError:  # not an IVF index
         pass
     with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-    return nprobe
+        faiss.write_index(cpu_index, str(tmp))
+    del index, keep  # the GPU copy and its resources go after the CPU index is written
+    return nprobe, where
 
 
 def _metadata(sl: pa.Table, caption: bool) -> pa.Table:
@@ -158,6 +241,7 @@ def main(
     dtype: str = "keep",
     index: str = "auto",
     overwrite: bool = False,
+    device: str = "auto",
 ) -> str:
     """Write `emb` (data/emb/<name>) to `out` in the clip-retrieval layout; one-line summary."""
     if not (Path(emb) / "manifest.json").is_file() or not any(Path(emb).glob(SHARD_GLOB)):
@@ -177,6 +261,15 @@ def main(
     text = "text_emb" in table.column_names
     key = auto_index(n, d) if index == "auto" else "Flat" if index == "flat" else index
     make_index(d, key)  # a bad --index fails before anything is written
+    device = (device or "auto").strip()
+    gpu = index_device(device)  # and so does a GPU that faiss cannot use
+    if gpu is not None and _on_gpu(make_index(d, key), gpu) is None:
+        if device != "auto":
+            raise UserError(f"--device {device}: faiss cannot build a {key!r} index on a GPU, "
+                            "use --device cpu")  # fmt: skip
+        print(f"warning: faiss cannot build a {key!r} index on a GPU: building it on the CPU",
+              file=sys.stderr)  # fmt: skip
+        gpu = None
     out = Path(out)
     _clear(out, overwrite)
     n_files = math.ceil(n / rows_per_file)
@@ -203,7 +296,7 @@ def main(
         bar.update(sl.num_rows)
     for name, kind in names.items():
         files = sorted((out / kind).glob(f"{kind}_*.npy"))
-        nprobe = build_index(files, n, d, key, out / f"{name}.index", bar)
+        nprobe, built_on = build_index(files, n, d, key, out / f"{name}.index", bar, gpu)
     bar.close()
     index_files = [f"{name}.index" for name in names]
     write_json(
@@ -223,6 +316,7 @@ def main(
                 "metric": "inner_product",
                 "nprobe": nprobe,
                 "files": index_files,
+                "built_on": built_on,
             },
         },
     )
@@ -230,5 +324,5 @@ def main(
     return (
         f"exported {n} rows of {manifest.get('dataset', emb)} ({mat.dtype}, dim {d}) to {out}: "
         f"{n_files} file(s) each of {', '.join(kinds)}, metadata; {' + '.join(index_files)} "
-        f"({key}, inner product){note}"
+        f"({key}, inner product, built on {built_on}){note}"
     )
