@@ -19,7 +19,7 @@ TINY = {
               "image_size": 32, "patch_size": 8, "projection_dim": 16},
     "images": 48, "steps": 4, "batch_size": 16, "colour_groups": 2, "val_probes": 44,
     "eval_every": 2, "warmup_steps": 1, "canvas": [96, 72], "base_image_size": 32,
-    "val_scenes": 6,
+    "val_scenes": 6, "hires_steps": 0,
 }  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def test_tiny_standin_writes_a_checkpoint_with_its_probes(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 0, "clip_standin": TINY}))
     summary = main(tmp_path / "standin", params)
-    assert summary.startswith("clip_standin: 4 + 0 steps on 48 + 8000 images")
+    assert summary.startswith("clip_standin: 4 steps on 48 images")
     info = json.loads((tmp_path / "standin" / "standin.json").read_text())
     assert set(info["validation_probes"]) == {"clipart_single", "clipart_crop", "photo_single",
                                               "photo_crop"}  # fmt: skip
@@ -75,7 +75,7 @@ def test_bad_settings_name_the_key(tmp_path):
 
     for section, key in (({"single_share": 0.8, "crop_share": 0.5}, "crop_share"),
                          ({"val_probes": 10}, "val_probes"),
-                         ({"base_image_size": 32}, "base_image_size"),
+                         ({"base_image_size": 32, "hires_steps": 0}, "base_image_size"),
                          ({"hires_single_share": 0.9}, "hires_crop_share")):  # fmt: skip
         with pytest.raises(UserError, match=f"clip_standin.{key}"):
             load(Settings, {"clip_standin": section})

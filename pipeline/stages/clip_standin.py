@@ -212,9 +212,11 @@ def main(out: Path, params: Path) -> str:
     for name in ("base", "hires"):  # finished: the resumable states are spent
         resume_file(out, name).unlink(missing_ok=True)
     h = headline(probes, scenes)
+    steps, images = f"{s.steps}", f"{s.images}"
+    if s.hires_steps:
+        steps, images = f"{steps} + {s.hires_steps}", f"{images} + {s.hires_images}"
     return (
-        f"clip_standin: {s.steps} + {s.hires_steps} steps on {s.images} + {s.hires_images} "
-        f"images in {t_train:.0f}s "
+        f"clip_standin: {steps} steps on {images} images in {t_train:.0f}s "
         f"(data {t_data:.0f}s); validation zero-shot category photo crops "
         f"{h['zs_cat']['crop']:.3f}, single {h['zs_cat']['single']:.3f}; colour "
         f"{h['zs_col']['crop']:.3f}; linear category {h['lp_cat']['crop']:.3f}; photo scenes "
