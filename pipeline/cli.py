@@ -333,23 +333,46 @@ def seeds(
     exp_json: Annotated[
         Path | None, _opt("a saved `dvc exp show --json` (default: run it here)")
     ] = None,
+    choose: Annotated[
+        str | None, _opt("per value of the first --by, the second's with the best mean of this")
+    ] = None,
+    against: Annotated[str | None, _opt("with --choose: also report this metric's mean")] = None,
+    higher: Annotated[bool, _opt("with --choose: higher is better (default: lower)")] = False,
 ):
-    """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting."""
+    """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting; with
+    --choose, the trade-off chosen on them (e.g. adv_weight per labelled fraction on the
+    pooled validation score caption.ada.select_loss, against caption.noada.select_loss)."""
     import json
 
     from pipeline.atomic import write_json, write_text
+    from pipeline.experiments import choose as choose_setting
     from pipeline.experiments import exp_show, finished, markdown, summarise, sweep_plot
 
     if plot is not None and (len(by or []) != 1 or not metric):
         raise UserError("--plot needs exactly one --by and the --metric names to draw")
+    if choose is not None and len(by or []) != 2:
+        raise UserError("--choose needs two --by params: the setting to choose per value of the "
+                        "first (e.g. --by train_caption.labelled_fraction --by "
+                        "train_caption.adv_weight)")  # fmt: skip
+    if (against is not None or higher) and choose is None:
+        raise UserError("--against and --higher go with --choose")
     shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd(), rev)
     groups = summarise(finished(shown), by or [], metric or ["*"])
-    write_json(out, {"by": by or [], "groups": groups})
+    chosen = choose_setting(groups, by or [], choose, against, higher) if choose else None
+    write_json(out, {"by": by or [], "groups": groups} | ({"chosen": chosen} if chosen else {}))
     if plot is not None:
         assert by is not None
         names = sorted({m for g in groups for m in g["metrics"]})
         write_text(plot, sweep_plot(groups, by[0], names))
     typer.echo(markdown(groups))
+    for row in chosen or []:
+        assert by is not None and choose is not None
+        line = (f"chosen: {by[0]}={row[by[0]]}: {by[1]}={row[by[1]]} ({choose} "
+                f"{row['mean']:.4f} ± {row['std']:.4f}, {row['n']} seeds)")  # fmt: skip
+        if "against_mean" in row:
+            verdict = "better" if row["against_better"] else "not better"
+            line += f"; {against} {row['against_mean']:.4f}: {verdict}"
+        typer.echo(line)
 
 
 @app.command()

@@ -1,12 +1,12 @@
 """Results over seeds: DVC experiments (`dvc exp show --json`) summarised per setting.
 
-Run the pipeline once per seed as DVC experiments (see the README), then `clipda seeds`
-reads them: each finished experiment's params (params.yaml, flattened to dotted keys) and
-headline metrics (`<file stem>.<key path>`, e.g. `caption.ada.cider`). Experiments are
-grouped by the params named with `--by` (none: one group); inside a group every other
-param except `seed` must agree, or the summary would mix settings (a one-line error names
-the param that differs). Each metric gets mean, sample standard deviation, min and max
-over the group's seeds.
+Run the pipeline once per seed as DVC experiments (see docs/results.md, "Seeds"), then
+`clipda seeds` reads them: each finished experiment's params (params.yaml, flattened to
+dotted keys) and headline metrics (`<file stem>.<key path>`, e.g. `caption.ada.cider`).
+Experiments are grouped by the params named with `--by` (none: one group); inside a group
+every other param except `seed` must agree, or the summary would mix settings (a one-line
+error names the param that differs). Each metric gets mean, sample standard deviation, min
+and max over the group's seeds.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def summarise(
     """Groups of `rows` by the params `by`, each with its seeds and per-metric statistics
     (metrics whose name matches one of the `metrics` glob patterns)."""
     if not rows:
-        raise UserError("no finished experiments (run them first: see the README, 'Seeds')")
+        raise UserError("no finished experiments (run them first: see docs/results.md, 'Seeds')")
     for key in by:
         if not any(key in r["params"] for r in rows):
             raise UserError(f"--by {key}: no experiment has this param")
@@ -104,6 +104,37 @@ def summarise(
         out.append({"params": dict(zip(by, values)), "seeds": sorted(by_seed, key=str),
                     "experiments": [r["name"] for r in by_seed.values()], "metrics": stats})  # fmt: skip
     return out
+
+
+def choose(
+    groups: list[dict[str, Any]], by: Sequence[str], metric: str, against: str | None = None,
+    higher: bool = False,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """For each value of the first `by` param, the value of the second whose group has the
+    best mean `metric` over its seeds (lowest, or highest with `higher`): a trade-off
+    chosen on validation data pooled over seeds. With `against` (e.g. the λ = 0 arm's
+    score in the same experiments), whether it would have scored better there."""
+    best: dict[Any, dict[str, Any]] = {}
+    for g in groups:
+        stats = g["metrics"].get(metric)
+        if stats is None:
+            continue
+        fixed, value = g["params"][by[0]], g["params"][by[1]]
+        better = best.get(fixed) is None or (
+            stats["mean"] > best[fixed]["mean"] if higher else stats["mean"] < best[fixed]["mean"]
+        )
+        if better:
+            row = {by[0]: fixed, by[1]: value, "mean": stats["mean"], "std": stats["std"],
+                   "n": stats["n"]}  # fmt: skip
+            base = g["metrics"].get(against) if against else None
+            if base is not None:
+                row["against_mean"] = base["mean"]
+                row["against_better"] = (base["mean"] > stats["mean"] if higher
+                                         else base["mean"] < stats["mean"])  # fmt: skip
+            best[fixed] = row
+    if not best:
+        raise UserError(f"--choose {metric}: no experiment has this metric")
+    return [best[k] for k in sorted(best, key=str)]
 
 
 def describe(values: Sequence[float]) -> dict[str, float]:

@@ -14,8 +14,11 @@ from typing import Any
 
 
 def runtime(device: Any = "cpu") -> dict[str, Any]:
-    """{torch, device, cpu_capability | gpu (+ cuda), threads} of this process now."""
+    """{torch, device, cpu_capability | gpu (+ cuda), threads, precision, deterministic} of
+    this process now."""
     import torch
+
+    from pipeline import compute
 
     dev = torch.device(str(device))
     info: dict[str, Any] = {"torch": torch.__version__, "device": str(dev)}
@@ -25,4 +28,6 @@ def runtime(device: Any = "cpu") -> dict[str, Any]:
     else:
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     info["threads"] = torch.get_num_threads()
+    info["precision"] = compute.precision(dev)  # in force (`pipeline.compute`)
+    info["deterministic"] = compute.deterministic()
     return info

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_path, write_json, write_text
+from pipeline.compute import autocast  # noqa: F401  (the one autocast; re-exported)
 from pipeline.errors import UserError
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -50,12 +51,6 @@ def pick_device(name: str | None = "auto") -> torch.device:
             raise UserError(f"device {name!r} asked for but this machine has {count} GPU(s) "
                             f"(cuda:0 to cuda:{count - 1})")  # fmt: skip
     return device
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA when `enabled`; on the CPU a no-op (fp32, same code path)."""
-    on = enabled and device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def spare_cores(busy: int) -> int:

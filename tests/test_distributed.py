@@ -40,6 +40,7 @@ CAPTION = {
     "finetune_epochs": 2,
     "warmup_steps": 2,
     "disc_hidden": 8,
+    "laion_val_images": 2,
     "device": "cpu",
 }
 PARAMS = {"lr": 1e-2, "epochs": 3, "hidden": [32], "dropout": 0.0, "seed": 0, "device": "cpu"}
@@ -195,6 +196,7 @@ def _fake_gpus(monkeypatch, n: int) -> list:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     return current
 
 

@@ -75,3 +75,39 @@ def test_cli_writes_json_table_and_plot(tmp_path):
     res = CliRunner().invoke(app, ["seeds", "--out", str(out), "--exp-json", str(saved),
                                    "--plot", str(plot)])  # fmt: skip
     assert res.exit_code == 2 and "--plot needs exactly one --by" in res.output
+
+
+def test_choose_the_trade_off_per_fraction_on_pooled_validation(tmp_path):
+    """adv_weight per labelled fraction: the lowest mean selection loss over seeds, and
+    whether λ = 0 (the noada arm of the same experiments) scored better there."""
+
+    def run(name, seed, fraction, weight, ada, noada):
+        e = exp(name, seed, fraction, 1.0)
+        data = e["revs"][0]["data"]
+        data["params"]["params.yaml"]["data"]["train_caption"]["adv_weight"] = weight
+        data["metrics"]["metrics/caption.json"]["data"] = {
+            "ada": {"select_loss": ada}, "noada": {"select_loss": noada}}  # fmt: skip
+        return e
+
+    exps = [run("a0", 0, 0.1, 0.3, 2.0, 2.2), run("a1", 1, 0.1, 0.3, 2.2, 2.2),
+            run("b0", 0, 0.1, 1.0, 1.9, 2.2), run("b1", 1, 0.1, 1.0, 2.1, 2.2),  # best at 0.1
+            run("c0", 0, 1.0, 0.3, 1.5, 1.4), run("c1", 1, 1.0, 0.3, 1.7, 1.4),  # best at 1.0
+            run("d0", 0, 1.0, 1.0, 1.8, 1.4), run("d1", 1, 1.0, 1.0, 1.8, 1.4)]  # fmt: skip
+    path = tmp_path / "exps.json"
+    path.write_text(json.dumps(shown(*exps)))
+    by = ["--by", "train_caption.labelled_fraction", "--by", "train_caption.adv_weight"]
+    res = CliRunner().invoke(app, ["seeds", "--exp-json", str(path), "--out", str(tmp_path / "o.json"),
+                                   *by, "--metric", "caption.*", "--choose",
+                                   "caption.ada.select_loss", "--against",
+                                   "caption.noada.select_loss"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    chosen = json.loads((tmp_path / "o.json").read_text())["chosen"]
+    assert [(c["train_caption.labelled_fraction"], c["train_caption.adv_weight"]) for c in chosen] == [
+        (0.1, 1.0), (1.0, 0.3)]  # fmt: skip
+    assert chosen[0]["mean"] == pytest.approx(2.0) and not chosen[0]["against_better"]
+    assert chosen[1]["mean"] == pytest.approx(1.6) and chosen[1]["against_better"]  # λ=0: 1.4
+    assert "chosen: train_caption.labelled_fraction=1.0: train_caption.adv_weight=0.3" in res.output
+    assert "caption.noada.select_loss 1.4000: better" in res.output
+    one = CliRunner().invoke(app, ["seeds", "--exp-json", str(path), "--out", str(tmp_path / "x"),
+                                   "--by", "train_caption.adv_weight", "--choose", "caption.ada.select_loss"])  # fmt: skip
+    assert one.exit_code == 2 and "--choose needs two --by params" in one.output

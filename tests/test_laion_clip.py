@@ -64,6 +64,7 @@ TINY_CAPTION = {  # as tests/test_caption_model.py's TINY
     "finetune_epochs": 1,
     "warmup_steps": 2,
     "disc_hidden": 8,
+    "laion_val_images": 4,
 }
 
 

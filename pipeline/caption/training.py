@@ -45,11 +45,11 @@ import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.caption.data import CaptionSet, TrainingData
+from pipeline.compute import autocast, scaler
 from pipeline.errors import UserError
 from pipeline.nn.caption_decoder import SOURCE, TARGET, CaptionDecoder, split_batch
 from pipeline.nn.discriminator import DomainDiscriminator, domain_adversarial_loss
 from pipeline.nn.grl import warm_start_coeff
-from pipeline.training import autocast
 
 if TYPE_CHECKING:
     from pipeline.stages.train_caption import Settings
@@ -142,6 +142,7 @@ class Trainer:
             model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
         )
         self.dopt = torch.optim.AdamW(self.disc.parameters(), lr=settings.disc_lr)
+        self.scaler = scaler(device)  # fp16 on CUDA: a scaled loss; else a pass-through
         self.step_no = 0
 
     def set_lr(self, base: float) -> float:
@@ -207,13 +208,15 @@ class Trainer:
                 }
         self.opt.zero_grad(set_to_none=True)
         self.dopt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         distributed.all_reduce_grads(self.model, self.disc)  # no-op without torchrun
         if self.settings.grad_clip:
+            self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)
         if domain is not None:
-            self.dopt.step()
+            self.scaler.step(self.dopt)
+        self.scaler.update()
         self.step_no += 1
         return out
 

@@ -18,15 +18,16 @@ import hashlib
 import pickle
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.compute import autocast, scaler
 from pipeline.errors import UserError
-from pipeline.training import autocast, pick_device
+from pipeline.training import pick_device
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -166,7 +167,7 @@ class Backbone:
     image_size: int
     mean: tuple
     std: tuple
-    device: torch.device  # the forward runs under `training.autocast` (bf16 on CUDA only)
+    device: torch.device  # the forward runs under `compute.autocast` (CUDA only)
     model_id: str  # hub id, or folder path (relative when inside the working directory)
     revision: str  # hub commit hash, or "sha256:<hex>" of the weights
     context_length: int
@@ -174,6 +175,7 @@ class Backbone:
     eos_token_id: int
     pad_token_id: int
     resize_size: int | None = None  # shortest side before the crop when it differs from image_size
+    _scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -190,8 +192,14 @@ class Backbone:
         )
 
     def autocast(self):
-        """bf16 autocast on CUDA, a no-op context on the CPU (`training.autocast`)."""
+        """Autocast at `compute.precision` on CUDA, a no-op on the CPU (`pipeline.compute`)."""
         return autocast(self.device)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """The GradScaler of training steps on this backbone (one, kept: its scale adapts)."""
+        if self._scaler is None:
+            self._scaler = scaler(self.device)
+        return self._scaler
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) preprocessed pixels -> (n, d) L2-normalised fp32 on the CPU."""

@@ -144,11 +144,14 @@ def train_step(
     with bb.autocast():
         loss = clip_loss(bb.model, input_ids.to(bb.device), mask.to(bb.device), pixels, extra)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    grad_scaler = bb.scaler()
+    grad_scaler.scale(loss).backward()
     if grad_clip:
+        grad_scaler.unscale_(opt)
         params = [p for group in opt.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
+    grad_scaler.step(opt)
+    grad_scaler.update()
     with torch.no_grad():
         bb.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     return float(loss.detach())

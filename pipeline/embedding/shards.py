@@ -26,6 +26,7 @@ import torch
 from pyarrow import ipc
 
 from pipeline.clip.backbone import mean_pixel
+from pipeline.compute import precision
 from pipeline.embedding.encoders import (
     ImageDataset,
     PixelNormalizer,
@@ -107,6 +108,11 @@ def settings_fingerprint(dataset: str, backbone, settings: Settings) -> dict[str
         "dtype": settings.dtype,
         "draft": settings.draft,
         "vocab": int(backbone.model.config.text_config.vocab_size),
+        # the kind of device and the autocast precision change the floats materially (a
+        # run begun on the CPU and resumed on a GPU must not mix the two); threads, CPU
+        # capability and GPU model change rounding only: recorded (runtime), not here
+        "device": backbone.device.type,
+        "precision": precision(backbone.device),
     }
 
 

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 from pipeline.clip.checkpoint import ClipModelConfig
 from pipeline.clip.pairs import PairSet
+from pipeline.compute import Compute
 from pipeline.report import Report
 from pipeline.settings import Split, as_dict, check, check_device, load
 
@@ -77,7 +78,7 @@ class Settings:
         check_device(self.device)
 
 
-SETTINGS = (Settings, Split)
+SETTINGS = (Settings, Split, Compute)
 
 
 def main(
@@ -94,13 +95,15 @@ def main(
     from pipeline.clip.probes import TEMPLATES, headline
     from pipeline.clip.retrieval import HOW, evaluate
     from pipeline.clip.scene_probes import HOW as SCENE_HOW
+    from pipeline.compute import session as compute_session
     from pipeline.runtime import runtime
-    from pipeline.training import cpu_threads, seed_everything, write_plot
+    from pipeline.training import cpu_threads, pick_device, seed_everything, write_plot
 
     s, split = load(Settings, params), load(Split, params)
     mode = "scratch" if pretrained == SCRATCH else ("finetune" if s.finetune else "passthrough")
     report, t0 = Report("clip_bootstrap"), time.perf_counter()
-    with cpu_threads(s.threads), staged_folder(out) as tmp:
+    comp, device = load(Compute, params), pick_device(s.device)
+    with cpu_threads(s.threads), compute_session(comp, device), staged_folder(out) as tmp:
         seed_everything(s.seed)
         bb, data, held = _open(mode, pretrained, laion, flickr30k, tmp, s, split, report)
         held_ids = bb.tokenize([caps[0] for caps in held.captions])

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from pipeline.clip.backbone import load_backbone
+from pipeline.compute import Compute
+from pipeline.compute import session as compute_session
 from pipeline.distributed import device_for
 from pipeline.embedding.dataset import check_dataset, embed_dataset
 from pipeline.embedding.shards import parse_shard
@@ -47,7 +49,7 @@ class Settings:
         check_device(self.device)
 
 
-SETTINGS = (Settings, Split)
+SETTINGS = (Settings, Split, Compute)
 
 
 def main(
@@ -55,7 +57,7 @@ def main(
     params: Path,
 ) -> str:  # fmt: skip
     """Embed `dataset` from `input` (+ `images`) with the CLIP `clip` into `out`; summary."""
-    settings, split = load(Settings, params), load(Split, params)
+    settings, split, compute = load(Settings, params), load(Split, params), load(Compute, params)
     check_dataset(dataset)
     rank_world = parse_shard(shard)
     input, images, out = Path(input), Path(images), Path(out)
@@ -66,8 +68,12 @@ def main(
         raise UserError(f"--images: {dataset} images are read from --input; pass {input} again")
     seed_everything(settings.seed)
     t0 = time.perf_counter()
-    with cpu_threads(settings.threads or spare_cores(settings.num_workers)):
-        backbone = load_backbone(clip, device=str(device_for(settings.device)))  # rank's GPU
+    device = device_for(settings.device)  # under torchrun: the rank's GPU
+    with (
+        cpu_threads(settings.threads or spare_cores(settings.num_workers)),
+        compute_session(compute, device),
+    ):
+        backbone = load_backbone(clip, device=str(device))
         report = embed_dataset(
             dataset, input, out, backbone, settings, split, images=images, shard=rank_world
         )

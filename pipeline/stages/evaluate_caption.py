@@ -66,6 +66,8 @@ from pipeline.caption.evaluation import (
     write_predictions,
 )
 from pipeline.caption.shift import TargetShift
+from pipeline.compute import Compute
+from pipeline.compute import session as compute_session
 from pipeline.embedding.files import read_dataset
 from pipeline.embedding.provenance import check_trained_on
 from pipeline.errors import UserError
@@ -87,7 +89,7 @@ from pipeline.settings import Bootstrap, as_dict, check, check_device, load
 from pipeline.training import pick_device
 
 HEADLINE = ("bleu4", "cider", "clipscore", "refclipscore", "ground_p", "ground_r",
-            "wellformed", "repeat4")  # in the metrics file (if scored)  # fmt: skip
+            "wellformed", "repeat4", "select_loss")  # in the metrics file (if scored)  # fmt: skip
 HEADLINE_DIFFS = ("bleu4", "cider", "clipscore", "refclipscore", "ground_p")  # of comparisons
 
 
@@ -113,7 +115,7 @@ class Settings:
         check_device(self.device)
 
 
-SETTINGS = (Settings, Bootstrap, TargetShift)
+SETTINGS = (Settings, Bootstrap, TargetShift, Compute)
 
 
 def main(
@@ -129,6 +131,15 @@ def main(
 ) -> str:
     """Caption `split` of `emb` with every model and the baseline; write scores + predictions
     (+ grounding against `scenes` where that file exists, the domain gap to `laion`)."""
+    device = pick_device(load(Settings, params).device)
+    with compute_session(load(Compute, params), device):
+        return _evaluate(emb, clip, models, metrics, detail, predictions, params, scenes, laion)
+
+
+def _evaluate(
+    emb: Path, clip: str, models: list[Path], metrics: Path, detail: Path, predictions: Path,
+    params: Path | dict[str, Any], scenes: Path | None, laion: Path | None,
+) -> str:  # fmt: skip
     s, boot, shift = load(Settings, params), load(Bootstrap, params), load(TargetShift, params)
     systems = system_names(models)
     emb, predictions = Path(emb), Path(predictions)
@@ -187,6 +198,11 @@ def main(
         scores[name] |= corpus(values)
     per_image[REFERENCES] = clip_scorer.references()
 
+    for name, folder in systems.items():  # what the kept epoch was chosen on, and its loss
+        chosen = (read_model_info(folder).get("training") or {}).get("selection") or {}
+        if "loss" in chosen:
+            scores[name] |= {"select_loss": chosen["loss"], "select_on": chosen["on"],
+                             "select_images": chosen["images"]}  # fmt: skip
     headline = {name: {k: v[k] for k in HEADLINE if k in v} for name, v in scores.items()}
     ci: dict[str, Any] = {}
     if boot.resamples:

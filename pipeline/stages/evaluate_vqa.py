@@ -27,6 +27,8 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from pipeline.atomic import write_json
+from pipeline.compute import Compute
+from pipeline.compute import session as compute_session
 from pipeline.embedding.provenance import check_trained_on
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import load_head
@@ -90,7 +92,7 @@ class Settings:
         check(self.max_samples >= 0, "max_samples", "must be >= 0 (0: the whole split)")
 
 
-SETTINGS = (Settings, Bootstrap)
+SETTINGS = (Settings, Bootstrap, Compute)
 
 
 def main(
@@ -98,6 +100,14 @@ def main(
     predictions: Path, prompt_cache: Path | None, params: Path,
 ) -> str:  # fmt: skip
     """Evaluate on `split`; write the metrics, the detail and the predictions; the summary."""
+    with compute_session(load(Compute, params), pick_device("auto")):  # the CLIP's device
+        return _evaluate(qa, emb, model, clip, metrics, detail, predictions, prompt_cache, params)
+
+
+def _evaluate(
+    qa: Path, emb: Path, model: Path, clip: str, metrics: Path, detail: Path,
+    predictions: Path, prompt_cache: Path | None, params: Path,
+) -> str:  # fmt: skip
     s, boot = load(Settings, params), load(Bootstrap, params)
     report = Report("evaluate_vqa")
     store = open_embeddings(emb)

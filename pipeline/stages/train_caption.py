@@ -42,6 +42,8 @@ from pipeline.caption.training import (
     run_record,
     steps_per_epoch,
 )
+from pipeline.compute import Compute
+from pipeline.compute import session as compute_session
 from pipeline.nn.caption_decoder import (
     SOURCE,
     TARGET,
@@ -115,7 +117,7 @@ class Settings:
         check_device(self.device)
 
 
-SETTINGS = (Settings, TargetShift)
+SETTINGS = (Settings, TargetShift, Compute)
 
 
 def selection_set(data, seed: int):
@@ -144,11 +146,12 @@ def main(
 ) -> str:
     """Train `variant` (noada | ada) on the two embedding folders with the token table of
     the CLIP `clip` (None: the one their manifests name); write `out/` and `plots`."""
-    s, shift = load(Settings, params), load(TargetShift, params)
+    s, shift, comp = load(Settings, params), load(TargetShift, params), load(Compute, params)
     strength = grl_strength(variant)
     with (
         distributed.session(s.device) as device,
         cpu_threads(s.threads if device.type == "cpu" else 0),  # CUDA runs: torch's default
+        compute_session(comp, device),
     ):
         seed_everything(s.seed)
         data = load_training_data(laion, flickr30k, clip, s.model.max_len, s.target_splits,
@@ -201,6 +204,8 @@ def main(
         if best.state is not None:
             trainer.model.load_state_dict(best.state)
         kept = best.epoch if best.state is not None else len(rows)
+        selection["loss"] = rows[kept - 1]["select_loss"]  # the kept epoch's: comparable across
+        # runs of one objective (the trade-off is chosen on it, `clipda seeds --choose`)
         last = rows[-1]
         training = {"variant": variant, "device": str(device), **run_record(trainer, rows, data),
                     "keep": s.keep, "kept_epoch": kept, "selection": selection,

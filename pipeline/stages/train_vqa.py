@@ -37,6 +37,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import distributed
+from pipeline.compute import Compute
+from pipeline.compute import session as compute_session
 from pipeline.errors import UserError
 from pipeline.nn.vqa_head import Fusion, InputNorm, Loss, VQAHead, head_config, save_head
 from pipeline.report import Report
@@ -67,7 +69,6 @@ class Settings:
     grad_accum: int = 2  # batches per optimizer step
     lr_step_size: int = 10  # epochs between learning-rate decays (StepLR; paper: 1)
     lr_gamma: float = 0.5  # StepLR decay factor
-    amp: bool = True  # bf16 autocast on CUDA (the CPU stays fp32)
     loss: Loss = "both"  # ce (classifier) + cosine (answer embedding) | ce | cosine (paper)
     input_norm: InputNorm = "layernorm"  # LayerNorm of the fused input | none (paper)
     early_stop: EarlyStop = "val_top1"  # keep the best by val_top1 | val_loss | none: last (paper)
@@ -94,15 +95,16 @@ class Settings:
         check_device(self.device)
 
 
-SETTINGS = (Settings,)
+SETTINGS = (Settings, Compute)
 
 
 def main(qa: Path, emb: Path, out: Path, plots: Path, params: Path) -> str:
     """Train on `qa` train (validated on val), write `out/` and the `plots` TSV; the summary."""
-    s = load(Settings, params)
+    s, comp = load(Settings, params), load(Compute, params)
     with (
         distributed.session(s.device) as device,
         cpu_threads(s.threads if device.type == "cpu" else 0),  # CUDA runs: torch's default
+        compute_session(comp, device),
     ):
         seed_everything(s.seed)
         report = Report("train_vqa")

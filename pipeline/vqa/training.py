@@ -1,7 +1,7 @@
 """The VQA head's training pass and validation pass (the `train_vqa` stage runs the epochs).
 
 One epoch: shuffled batches, gradient accumulation over `grad_accum` batches, bf16
-autocast on CUDA when `amp`, the loss of `pipeline.nn.vqa_head.vqa_loss`. Validation: the
+autocast at `compute.precision` on CUDA (`pipeline.compute`), the loss of `pipeline.nn.vqa_head.vqa_loss`. Validation: the
 same loss and the top-1 accuracy among the question type's candidate answers (ranked as
 `evaluate_vqa` ranks them, `pipeline.nn.vqa_head.answer_scores`), the two numbers early
 stopping can watch. Under torchrun
@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from pipeline import distributed
+from pipeline.compute import autocast, scaler
 from pipeline.nn.vqa_head import answer_scores, vqa_loss
-from pipeline.training import autocast
 from pipeline.vqa.data import VQASplit
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def evaluate_loss(
     for start in range(0, len(rows), bs):
         idx = rows[start : start + bs]
         image, question, label = data.batch(idx, device)
-        with autocast(device, settings.amp):
+        with autocast(device):
             out = model(image, question)
         loss = vqa_loss(settings.loss, out, answer_emb, label)
         total += float(loss) * len(idx)
@@ -100,6 +100,7 @@ def train_epoch(
     perm = distributed.shard(perm)
     starts = list(range(0, len(perm), bs))
     total = 0.0
+    grad_scaler = scaler(device)  # fp16: scaled loss; else a pass-through
     opt.zero_grad(set_to_none=True)
     bar = tqdm(starts, desc=desc, unit="batch", disable=not sys.stderr.isatty(), leave=False)
     for step, start in enumerate(bar):
@@ -109,12 +110,13 @@ def train_epoch(
         # DDP: all-reduce gradients only on the micro-batch that steps the optimizer
         skip_sync = isinstance(model, DDP) and not stepping
         with model.no_sync() if skip_sync else contextlib.nullcontext():
-            with autocast(device, settings.amp):
+            with autocast(device):
                 out = model(image, question)
             loss = vqa_loss(settings.loss, out, answer_emb, label)
-            (loss / accum).backward()
+            grad_scaler.scale(loss / accum).backward()
         if stepping:
-            opt.step()
+            grad_scaler.step(opt)
+            grad_scaler.update()
             opt.zero_grad(set_to_none=True)
         total += float(loss.detach()) * len(idx)
     if distributed.is_distributed():
