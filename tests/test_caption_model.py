@@ -17,6 +17,7 @@ from pipeline.clip.token_table import clip_token_table, table_sha256
 from pipeline.embedding.files import read_table, vector_array, write_table
 from pipeline.errors import UserError
 from pipeline.nn.caption_decoder import (
+    SOURCE,
     CaptionDecoder,
     DecoderConfig,
     DecoderSettings,
@@ -392,7 +393,7 @@ def test_a_step_with_a_source_batch_is_the_weighted_sum_of_two_losses():
         return torch.randn(n, DIM, generator=gen), ids, lengths
 
     target, source = batch(3, 6, 4), batch(5, 9, 3)  # different widths
-    out = trainer.step(*target, None, 0.0, source)
+    out = trainer.step(*target, None, 0.0, [("source_loss", 0.3, SOURCE, *source)])
     losses = []
     for emb, ids, lengths in (target, source):
         inputs, targets, mask = split_batch(ids, lengths)
@@ -403,7 +404,7 @@ def test_a_step_with_a_source_batch_is_the_weighted_sum_of_two_losses():
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
     # a source batch alone (no labelled target captions): its weighted loss only
-    only = trainer.step(None, None, None, None, 0.0, source)
+    only = trainer.step(None, None, None, None, 0.0, [("source_loss", 0.3, SOURCE, *source)])
     assert set(only) == {"source_loss"}
 
 
@@ -610,7 +611,7 @@ def test_the_domain_token_follows_the_prefix_after_the_reversal(emb_dirs, tmp_pa
     trainer = Trainer(model, Settings(warmup_steps=0, weight_decay=0), torch.device("cpu"))
     ids = torch.tensor([[BOS, 5, 6, EOS]] * 3)
     before = model.domain.detach().clone()
-    trainer.step(img, ids, torch.full((3,), 4), None, 0.0, None, TARGET)
+    trainer.step(img, ids, torch.full((3,), 4), None, 0.0, (), TARGET)
     moved = (model.domain.detach() != before).any(1)
     assert moved.tolist() == [False, True]
     # the stage trains it (LAION captions SOURCE, Flickr30k TARGET) and decoding reads TARGET
@@ -669,3 +670,55 @@ def test_the_kept_epoch_is_chosen_with_no_more_target_labels_than_training_had(
     assert training["selection"]["on"] == "laion_val"
     with pytest.raises(UserError, match="laion_val_images: must be > 0 when labelled_fraction"):
         load(Settings, {"train_caption": {"labelled_fraction": 0.0, "laion_val_images": 0}})
+
+
+def test_the_text_arm_learns_every_flickr30k_train_caption_from_its_noisy_text(emb_dirs, tmp_path):
+    """CapDec's arm: all Flickr30k train captions (labelled or not), each decoded from its
+    own CLIP text embedding, unit-normalised plus seeded Gaussian noise, no image."""
+    import csv
+
+    from pipeline.caption.data import load_training_data
+    from pipeline.caption.training import Arm
+
+    laion, flickr, clip = emb_dirs
+    part = flickr / "part-00000.arrow"
+    t = read_table(part)
+    text = np.random.default_rng(7).normal(size=(t.num_rows, DIM)).astype(np.float16)
+    write_table(part, t.set_column(t.column_names.index("text_emb"), "text_emb",
+                                   vector_array(text)))  # fmt: skip
+    data = load_training_data(laion, flickr, clip, 10, ("train",), torch.device("cpu"), 0.0,
+                              laion_val_images=2, text=True)  # fmt: skip
+    arm_set, train = data.flickr30k_text, data.flickr30k_train
+    assert len(data.flickr30k_labelled) == 0 and arm_set.row_ids == train.row_ids
+    rows = [int(r.split("#")[1]) for r in arm_set.row_ids]
+    assert torch.equal(arm_set.image_emb, torch.from_numpy(text[rows]))
+    assert torch.equal(arm_set.ids, train.ids)
+
+    idx = torch.tensor([0, 3])
+    plain = Arm("text_loss", 1.0, 1, arm_set, torch.Generator().manual_seed(0)).batch(idx)
+    assert torch.equal(plain[3], arm_set.image_emb[idx])
+    noisy = [Arm("text_loss", 1.0, 1, arm_set, torch.Generator().manual_seed(0), 0.5).batch(idx)
+             for _ in range(2)]  # fmt: skip
+    assert torch.equal(noisy[0][3], noisy[1][3])  # seeded
+    unit = torch.nn.functional.normalize(arm_set.image_emb[idx].float(), dim=-1)
+    assert 0.2 < float((noisy[0][3] - unit).std()) < 0.8  # noise of std 0.5 on unit rows
+
+    def run(name, **settings):
+        params = {"seed": 0, "train_caption": {**TINY, "labelled_fraction": 0.0,
+                                               "laion_val_images": 2, **settings}}  # fmt: skip
+        summary = main("noada", laion, flickr, tmp_path / name, tmp_path / f"{name}.tsv", params,
+                       clip)  # fmt: skip
+        with open(tmp_path / f"{name}.tsv") as f:
+            curve = list(csv.DictReader(f, delimiter="\t"))
+        weights = load_caption_model(tmp_path / name).state_dict()
+        return summary, curve, weights
+
+    summary, curve, text_only = run("text", source_weight=0.0, text_weight=1.0)
+    assert "text loss" in summary
+    finetune = [r for r in curve if r["phase"] == "finetune"]
+    assert finetune and all(float(r["text_loss"]) > 0 for r in finetune)
+    assert all(r["text_loss"] == "nan" for r in curve if r["phase"] != "finetune")
+    _, _, without = run("source", source_weight=1.0)
+    assert any(not torch.equal(text_only[k], without[k]) for k in without)
+    with pytest.raises(UserError, match="source_weight"):
+        load(Settings, {"train_caption": {"labelled_fraction": 0.0, "source_weight": 0.0}})

@@ -98,11 +98,13 @@ def load_captions(
     max_len: int = 32,
     pad_id: int = 0,
     eos_id: int = 2,
+    emb_column: str = "image_emb",
 ) -> CaptionSet:
-    """Rows of `splits` from an embedding folder. Rows without token ids, or with fewer
+    """Rows of `splits` from an embedding folder, each with the vector `emb_column` (the
+    image's, or `text_emb`: the caption's own). Rows without token ids, or with fewer
     than 2 tokens, are skipped and counted in `.skipped` by reason."""
     table = read_dataset(folder)
-    need = {"id", "image_id", "split", "image_emb", "token_ids", "caption"}
+    need = {"id", "image_id", "split", emb_column, "token_ids", "caption"}
     missing = need - set(table.column_names)
     if missing:
         raise UserError(f"{folder}: embedding table lacks columns {sorted(missing)}")
@@ -116,7 +118,7 @@ def load_captions(
     # null token ids: a row without a caption (embed keeps its image, noted empty_caption)
     skipped = {k: int(v.sum()) for k, v in (("empty_caption", bad_null), ("too_short", bad_short))}
     ids, lengths, cut = _pad_token_ids(tok, rows, max_len, pad_id, eos_id)
-    emb = vectors(table.column("image_emb"))
+    emb = vectors(table.column(emb_column))
     image_ids = table.column("image_id").take(pa.array(rows)).to_pylist()
     uniq: dict[str, int] = {}
     index = [uniq.setdefault(i, len(uniq)) for i in image_ids]
@@ -184,6 +186,8 @@ class TrainingData:
     token_table: torch.Tensor  # (vocab, width) float32, on the CPU
     special_ids: dict[str, int]  # bos_token_id, eos_token_id, pad_token_id
     clip: dict[str, Any]  # model, revision, dim and token_embedding of the manifests
+    flickr30k_text: CaptionSet | None = None  # all Flickr30k train captions with their
+    # text embeddings in `image_emb` (the text arm; None: not loaded)
 
     @property
     def image_dim(self) -> int:
@@ -226,6 +230,7 @@ def load_training_data(
     labelled_seed: int = 0,
     shift: TargetShift | None = None,
     laion_val_images: int = 0,
+    text: bool = False,
 ) -> TrainingData:
     """LAION train and Flickr30k train/val captions cut to `max_len` tokens, the captions
     of a `labelled_fraction` of the Flickr30k train images (`labelled_images`, seeded by
@@ -234,7 +239,9 @@ def load_training_data(
     name), which must be the one the embeddings were made with. `shift` (the offset
     control) moves every Flickr30k image embedding. The captions of `laion_val_images`
     LAION images (drawn with `labelled_seed`) are held out of `laion` as `laion_val`; the
-    discriminator still sees every LAION image."""
+    discriminator still sees every LAION image. With `text`, also every Flickr30k train
+    caption with its CLIP text embedding (`flickr30k_text`; the offset control leaves it:
+    it moves images)."""
     info = same_clip(read_manifest(laion), read_manifest(flickr30k))
     if not (clip or info["model"]):
         raise UserError(f"{laion}/manifest.json names no CLIP: pass one with --clip")
@@ -247,6 +254,7 @@ def load_training_data(
     source = load_captions(laion, ("train",), **ids)
     f_train = load_captions(flickr30k, ("train",), **ids)
     f_val = load_captions(flickr30k, ("val",), **ids)
+    f_text = load_captions(flickr30k, ("train",), **ids, emb_column="text_emb") if text else None
     if len(source) == 0 or len(f_train) == 0:
         raise UserError(
             f"no training captions (LAION {len(source)}, Flickr30k train {len(f_train)})"
@@ -265,12 +273,13 @@ def load_training_data(
     tgt_images = shift.apply(tgt_images) if shift is not None else tgt_images
     if len(tgt_images) == 0:
         raise UserError(f"no Flickr30k images in target_splits {list(target_splits)}")
-    for cs in {id(c): c for c in (source, source_val, f_train, f_labelled, f_val)}.values():
+    sets = (source, source_val, f_train, f_labelled, f_val, *([f_text] if f_text else []))
+    for cs in {id(c): c for c in sets}.values():
         # small enough to live on the device (145k x 512 fp16)
         cs.image_emb, cs.ids, cs.lengths = (
             x.to(device) for x in (cs.image_emb, cs.ids, cs.lengths)
         )
     return TrainingData(
         source, source_val, f_train, f_labelled, f_val, src_images, tgt_images.to(device),
-        table.weight, special, info,
+        table.weight, special, info, f_text,
     )  # fmt: skip

@@ -16,6 +16,10 @@ The stage (`pipeline.stages.train_caption`) runs three phases (source paper 3.1)
    gets the same steps and the same λ schedule (fraction 1, weight 0: exactly the old
    epochs). With no labelled image (`labelled_fraction: 0`) fine-tuning is unsupervised
    adaptation: LAION captions only, Flickr30k train images only as unlabelled targets.
+   With `text_weight` > 0 fine-tuning also decodes *all* Flickr30k train captions from
+   their own CLIP text embeddings, unit-normalised plus Gaussian noise of variance
+   `text_noise` (CapDec, Nukrai et al. 2022, arXiv 2211.00575: 0.016), no image paired:
+   target-domain text without images, a different kind of label than captioned images.
 
 The λ of the GRL follows Ganin & Lempitsky's warm start over phases 2-3 (`grl_gamma`,
 peak `adv_weight`). Variant `noada` runs the very same steps, batches and discriminator
@@ -67,6 +71,7 @@ PLOT_COLUMNS = (
     "source_loss",  # the LAION caption loss added in finetune (its weight: source_weight)
     "laion_val_loss",  # the held-out LAION captions' loss
     "select_loss",  # the loss the kept epoch is chosen on (train_caption.selection_set)
+    "text_loss",  # the loss on Flickr30k captions from noisy text embeddings (text_weight)
 )
 
 
@@ -130,6 +135,29 @@ class Adversary:
         return (self.source[s], self.target[t]), coeff
 
 
+@dataclass
+class Arm:
+    """Captions trained beside a phase's own, a batch of them each step: the LAION captions
+    of finetune (`source_loss`), or the Flickr30k train captions decoded from their text
+    embeddings (`text_loss`, `noise_std` > 0: unit-normalised, then Gaussian noise)."""
+
+    name: str  # its statistic
+    weight: float
+    domain: int  # the domain token it is decoded with
+    data: CaptionSet
+    gen: torch.Generator  # its batch order and noise
+    noise_std: float = 0.0
+
+    def batch(self, idx: torch.Tensor) -> tuple:
+        """(name, weight, domain, inputs, ids, lengths) of rows `idx`, as `Trainer.step` takes."""
+        emb = self.data.image_emb[idx]
+        if self.noise_std:
+            emb = F.normalize(emb.float(), dim=-1)
+            noise = torch.randn(emb.shape, generator=self.gen).to(emb.device)
+            emb = emb + self.noise_std * noise
+        return self.name, self.weight, self.domain, emb, self.data.ids[idx], self.data.lengths[idx]
+
+
 class Trainer:
     """Model, discriminator, optimisers, one training step and one epoch (also bench/'s)."""
 
@@ -160,24 +188,24 @@ class Trainer:
         lengths: torch.Tensor | None,
         domain: tuple[torch.Tensor, torch.Tensor] | None,
         coeff: float,
-        source: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        beside: Iterable[tuple] = (),
         data_domain: int = SOURCE,
     ) -> dict[str, torch.Tensor]:
         """One optimiser step on a caption batch (None: none; of domain `data_domain`, whose
-        token the decoder reads with `domain_token`; `source` rows: SOURCE's) + `source_weight` times the
-        caption loss of a `source` batch (image_emb, ids, lengths) if given + the domain
-        loss of a domain batch pair if given. Both caption batches go through one forward.
+        token the decoder reads with `domain_token`) + each `beside` batch's caption loss
+        times its weight ((name, weight, domain, inputs, ids, lengths), as `Arm.batch`
+        gives) + the domain loss of a domain batch pair if given. All caption batches go
+        through one forward.
 
-        Returns detached scalar tensors (no device sync per step): `caption_loss`,
-        `source_loss`, and the domain statistics, each where it was computed."""
+        Returns detached scalar tensors (no device sync per step): `caption_loss`, each
+        beside batch's loss under its name, and the domain statistics, where computed."""
         dev = self.device
         self.model.train()
         self.disc.train()
         parts = []  # (stat name, weight, domain id, image_emb, ids, lengths)
         if image_emb is not None:
             parts.append(("caption_loss", 1.0, data_domain, image_emb, ids, lengths))
-        if source is not None:
-            parts.append(("source_loss", float(self.settings.source_weight), SOURCE, *source))
+        parts.extend((name, float(w), *rest) for name, w, *rest in beside)
         width = max(int(p[5].max()) for p in parts)  # drop all-padding columns
         pad = self.model.config.pad_token_id
         ids = torch.cat([F.pad(p[4][:, :width], (0, width - min(width, p[4].shape[1])),
@@ -229,13 +257,13 @@ class Trainer:
         progress: Iterable | None = None,
         *,
         rows: int | None = None,
-        source: tuple[CaptionSet, torch.Generator] | None = None,
+        beside: Iterable[Arm] = (),
         data_domain: int = SOURCE,
     ) -> dict[str, float]:
         """`rows` caption draws from `data` (default: one pass over it; more: it is passed
         over again, reshuffled) in steps of `batch_size`, with a domain batch per step from
-        `adversary` and a batch of `source` captions (drawn alike from its own generator)
-        if given. An empty `data` leaves the source batches alone.
+        `adversary` and a batch of each `beside` arm (drawn alike from its own generator)
+        if given. An empty `data` leaves the beside batches alone.
 
         Returns the epoch means of the step statistics (over ranks under torchrun; nan
         for those not computed) and `lambda`, the last step's λ.
@@ -244,10 +272,10 @@ class Trainer:
         bs = self.settings.batch_size
         rows = len(data) if rows is None else rows
         main = batches(len(data), bs, gen, rows)
-        extra = batches(len(source[0]), bs, source[1], rows) if source is not None else []
+        arms = [(arm, batches(len(arm.data), bs, arm.gen, rows)) for arm in beside]
         sums: dict[str, list[torch.Tensor]] = {}
         coeff = 0.0
-        for k in range(max(len(main), len(extra))):
+        for k in range(max([len(main), *(len(b) for _, b in arms)])):
             self.set_lr(lr)
             domain = None
             if adversary is not None:
@@ -256,11 +284,8 @@ class Trainer:
             if main:
                 idx = main[k]
                 batch = (data.image_emb[idx], data.ids[idx], data.lengths[idx])
-            src = None
-            if extra:
-                cs, idx = source[0], extra[k]
-                src = (cs.image_emb[idx], cs.ids[idx], cs.lengths[idx])
-            stats = self.step(*batch, domain, coeff, src, data_domain)
+            more = [arm.batch(b[k]) for arm, b in arms if k < len(b)]
+            stats = self.step(*batch, domain, coeff, more, data_domain)
             for key, val in stats.items():
                 sums.setdefault(key, []).append(val)
             if progress is not None:
@@ -272,7 +297,7 @@ class Trainer:
             reduced = distributed.all_reduce_sum([mean[k] for k in keys])
             mean = {k: v / world for k, v in zip(keys, reduced, strict=True)}
         nan = float("nan")
-        names = ("caption_loss", "source_loss", "disc_loss", "adv_loss", "disc_acc")
+        names = ("caption_loss", "source_loss", "text_loss", "disc_loss", "adv_loss", "disc_acc")
         return {**{k: mean.get(k, nan) for k in names}, "lambda": coeff}
 
     @torch.no_grad()

@@ -37,6 +37,7 @@ from pipeline.caption.shift import TargetShift
 from pipeline.caption.training import (
     PLOT_COLUMNS,
     Adversary,
+    Arm,
     Trainer,
     grl_strength,
     run_record,
@@ -64,7 +65,8 @@ class Settings:
 
     SECTION: ClassVar[str] = "train_caption"
     seed: int = 0  # top-level `seed`: init + caption order (seed), domain draws (seed+1),
-    # labelled images (seed+2), LAION batches of finetune (seed+3)
+    # labelled images (seed+2), LAION batches of finetune (seed+3), kept-epoch selection
+    # images (seed+4), text-arm batches and noise (seed+5)
     model: DecoderSettings = dataclasses.field(default_factory=DecoderSettings)  # the decoder
     batch_size: int = 32  # captions per step (per rank under torchrun)
     lr: float = 1e-3  # AdamW learning rate of pretrain and adapt
@@ -76,6 +78,9 @@ class Settings:
     adapt_epochs: int = 3  # epochs on LAION captions with the domain loss
     finetune_epochs: int = 4  # epochs (passes over all Flickr30k train captions) of finetune
     source_weight: float = 1.0  # weight of the LAION caption loss in finetune (0: none)
+    text_weight: float = 0.0  # weight of the text arm in finetune: all Flickr30k train
+    # captions decoded from their noisy CLIP text embeddings, no image (CapDec; 0: off)
+    text_noise: float = 0.016  # variance of the text arm's Gaussian noise (CapDec: 0.016)
     labelled_fraction: float = 1.0  # share of Flickr30k train images keeping captions (0: none)
     adv_weight: float = 1.0  # peak λ of the GRL (ada; noada uses λ = 0)
     grl_gamma: float = 10.0  # steepness of λ's warm start (Ganin & Lempitsky: 10)
@@ -101,12 +106,13 @@ class Settings:
             check(getattr(self, key) > 0, key, "must be > 0")
         for key in ("weight_decay", "warmup_steps", "grad_clip", "adv_weight", "grl_gamma",
                     "pretrain_epochs", "adapt_epochs", "finetune_epochs", "threads",
-                    "source_weight"):  # fmt: skip
+                    "source_weight", "text_weight", "text_noise"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
         check(0 <= self.labelled_fraction <= 1, "labelled_fraction", "must be in [0, 1]")
-        check(self.labelled_fraction > 0 or self.source_weight > 0 or not self.finetune_epochs,
-              "source_weight", "must be > 0 when labelled_fraction is 0 (finetune would "
-              "have no caption to learn)")  # fmt: skip
+        check(self.labelled_fraction > 0 or self.source_weight > 0 or self.text_weight > 0
+              or not self.finetune_epochs, "source_weight", "must be > 0 when "
+              "labelled_fraction and text_weight are 0 (finetune would have no caption to "
+              "learn)")  # fmt: skip
         epochs = self.pretrain_epochs + self.adapt_epochs + self.finetune_epochs
         check(epochs >= 1, "finetune_epochs", "the three phases need at least one epoch")
         check(0 <= self.disc_dropout < 1, "disc_dropout", "must be in [0, 1)")
@@ -156,7 +162,7 @@ def main(
         seed_everything(s.seed)
         data = load_training_data(laion, flickr30k, clip, s.model.max_len, s.target_splits,
                                   device, s.labelled_fraction, s.seed + 2, shift,
-                                  s.laion_val_images)  # fmt: skip
+                                  s.laion_val_images, text=s.text_weight > 0)  # fmt: skip
         select, selection = selection_set(data, s.seed + 4)
         config = DecoderConfig.for_data(
             s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
@@ -165,13 +171,36 @@ def main(
         distributed.broadcast_params(trainer.model, trainer.disc)  # same start on every rank
         g_data = torch.Generator().manual_seed(s.seed)
         # finetune: the labelled captions, one epoch = as many rows as all train captions
-        # (the same steps whatever the fraction), and the LAION captions beside them
-        source = (data.laion, torch.Generator().manual_seed(s.seed + 3))
-        plan = [  # phase, captions, their domain, rows per epoch, LAION beside, epochs, lr
-            ("pretrain", data.laion, SOURCE, len(data.laion), None, s.pretrain_epochs, s.lr),
-            ("adapt", data.laion, SOURCE, len(data.laion), None, s.adapt_epochs, s.lr),
-            ("finetune", data.flickr30k_labelled, TARGET, len(data.flickr30k_train),
-             source if s.source_weight > 0 else None, s.finetune_epochs, s.finetune_lr),
+        # (the same steps whatever the fraction), the LAION captions and the text arm beside
+        beside = (
+            [
+                Arm(
+                    "source_loss",
+                    s.source_weight,
+                    SOURCE,
+                    data.laion,
+                    torch.Generator().manual_seed(s.seed + 3),
+                )
+            ]
+            if s.source_weight > 0
+            else []
+        )
+        if data.flickr30k_text is not None:
+            beside.append(
+                Arm(
+                    "text_loss",
+                    s.text_weight,
+                    TARGET,
+                    data.flickr30k_text,
+                    torch.Generator().manual_seed(s.seed + 5),
+                    s.text_noise**0.5,
+                )
+            )
+        plan = [  # phase, captions, their domain, rows per epoch, beside arms, epochs, lr
+            ("pretrain", data.laion, SOURCE, len(data.laion), [], s.pretrain_epochs, s.lr),
+            ("adapt", data.laion, SOURCE, len(data.laion), [], s.adapt_epochs, s.lr),
+            ("finetune", data.flickr30k_labelled, TARGET, len(data.flickr30k_train), beside,
+             s.finetune_epochs, s.finetune_lr),
         ]  # fmt: skip
         steps = {p[0]: p[5] * steps_per_epoch(p[3], s.batch_size) for p in plan}
         adversary = Adversary(
@@ -186,7 +215,7 @@ def main(
             for _ in range(n_epochs):
                 domains = adversary if phase != "pretrain" else None
                 stats = trainer.epoch(captions, lr, g_data, domains, bar, rows=n_rows,
-                                      source=beside, data_domain=domain_id)  # fmt: skip
+                                      beside=beside, data_domain=domain_id)  # fmt: skip
                 val_loss = trainer.eval_loss(data.flickr30k_val)
                 laion_val = trainer.eval_loss(data.laion_val, domain=SOURCE)
                 chosen_on = (val_loss if select is data.flickr30k_val
@@ -219,7 +248,8 @@ def main(
     summary = (
         f"train_caption[{variant}]: {trainer.step_no} steps, {len(rows)} epochs on {device}, "
         f"caption loss {last['caption_loss']:.4f}, LAION loss {last['source_loss']:.4f}, "
-        f"val loss {last['val_loss']:.4f}, selection {selection['on']} "
+        + (f"text loss {last['text_loss']:.4f}, " if s.text_weight > 0 else "")
+        + f"val loss {last['val_loss']:.4f}, selection {selection['on']} "
         f"({selection['images']} images), "
         f"disc acc {last['disc_acc']:.3f}; kept epoch {kept} ({s.keep})"
     )
