@@ -23,6 +23,7 @@ used are in `PARAMS` below and in the JSON written to `bench/results/scale.json`
 
     .venv/bin/python bench/scale.py                        # fractions 0.01 0.1 1.0
     .venv/bin/python bench/scale.py --fractions 0.01 0.1 --root /tmp/scale --keep
+    .venv/bin/python bench/scale.py --fractions 0.01 --set compute.deterministic=on
 """
 
 from __future__ import annotations
@@ -333,6 +334,28 @@ def exponent(rows: list[int], secs: list[float]) -> float | None:
     return round(float(np.polyfit(x, y, 1)[0]), 2)
 
 
+def with_overrides(params: dict, sets: list[str]) -> dict:
+    """`params` with each `SECTION.KEY=VALUE` of `sets` set (VALUE read as JSON, else kept
+    as a string: `compute.deterministic=on` is the string "on", not YAML's true)."""
+    out = json.loads(json.dumps(params))
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--set {item!r}: {part} is not a section")
+        node[last] = value
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
@@ -340,11 +363,15 @@ def main() -> None:
     ap.add_argument("--root", type=Path, help="data folder (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the data and outputs")
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/scale.json")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a stage param (VALUE as JSON, else a string), repeatable; "
+                    "e.g. compute.deterministic=on")  # fmt: skip
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         run_worker(args.worker[0], args.worker[1:])
         return
+    params = with_overrides(PARAMS, args.set)
 
     root = Path(tempfile.mkdtemp(prefix="scale_")) if args.root is None else args.root
     results: dict[str, dict] = {}
@@ -354,7 +381,7 @@ def main() -> None:
             if not (w / "world.json").exists():
                 worker("make-world", [w, f])
             info = json.loads((w / "world.json").read_text())
-            (w / "params.yaml").write_text(json.dumps(PARAMS, indent=1))  # JSON is YAML
+            (w / "params.yaml").write_text(json.dumps(params, indent=1))  # JSON is YAML
             print(f"fraction {f:g}: data {info}", flush=True)
             if not args.stages:  # a subset reuses the outputs of the stages before it
                 shutil.rmtree(w / "out", ignore_errors=True)
@@ -393,7 +420,7 @@ def main() -> None:
     record = {
         "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
         "machine": machine, "fractions": sorted(args.fractions), "clip": CLIP,
-        "params": PARAMS, "pixel_scale": PIXEL_SCALE, "stages": results,
+        "params": params, "pixel_scale": PIXEL_SCALE, "stages": results,
     }  # fmt: skip
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out}")
