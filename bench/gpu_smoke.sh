@@ -307,10 +307,9 @@ def leaves(d, pre=""):
 
 def metrics(run):
     out = {}
-    for name in ("vqa", "caption"):
-        f = run / f"{name}.json"
-        if f.exists():
-            out.update({f"{name}.{k}": v for k, v in leaves(json.loads(f.read_text()))})
+    for name in ("vqa", "caption"):  # a folder of headline rows (pipeline.metrics.layout)
+        for f in sorted((run / f"metrics_{name}").glob("*.json")):
+            out.update({f"{name}.{f.stem}.{k}": v for k, v in leaves(json.loads(f.read_text()))})
     return out
 
 def embeddings(run):

@@ -264,13 +264,13 @@ def stages(w: Path) -> list[tuple[str, list]]:
         ("train_vqa", ["train-vqa", "--qa", o / "qa", "--emb", o / "emb/vg", "--out", o / "vqa",
                        "--plots", o / "vqa.tsv"]),
         ("evaluate_vqa", ["evaluate-vqa", "--qa", o / "qa", "--emb", o / "emb/vg",
-                          "--model", o / "vqa", *clip, "--metrics", o / "vqa.json",
+                          "--model", o / "vqa", *clip, "--metrics", o / "metrics_vqa",
                           "--detail", o / "vqa_detail.json", "--predictions", o / "vqa.jsonl"]),
         ("train_caption", ["train-caption", "--variant", "ada", "--laion", o / "emb/laion",
                            "--flickr30k", o / "emb/flickr30k", *clip, "--out", o / "ada",
                            "--plots", o / "caption.tsv"]),
         ("evaluate_caption", ["evaluate-caption", "--emb", o / "emb/flickr30k", *clip,
-                              "--model", o / "ada", "--metrics", o / "caption.json",
+                              "--model", o / "ada", "--metrics", o / "metrics_caption",
                               "--detail", o / "caption_detail.json", "--predictions", o / "eval"]),
     ]
     # fmt: on

@@ -222,7 +222,7 @@ def evaluate_caption(
     emb: Annotated[Path, _opt("Flickr30k embeddings folder")],
     clip: Annotated[str, _opt("the CLIP the embeddings came from (its tokenizer decodes)")],
     model: Annotated[list[Path], _opt("caption model folder; repeat for each variant")],
-    metrics: Annotated[Path, _opt("headline metrics JSON (DVC metric)")],
+    metrics: Annotated[Path, _opt("headline metrics folder, a JSON per row (DVC metrics)")],
     detail: Annotated[Path, _opt("detail metrics JSON")],
     predictions: Annotated[Path, _opt("folder for caption_<variant>.jsonl")],
     scenes: Annotated[
@@ -274,7 +274,7 @@ def evaluate_vqa(
     emb: Annotated[Path, _opt("VG embeddings folder")],
     model: Annotated[Path, _opt("trained VQA model folder")],
     clip: Annotated[str, _opt("CLIP checkpoint for the zero-shot prompts")],
-    metrics: Annotated[Path, _opt("headline metrics JSON (DVC metric)")],
+    metrics: Annotated[Path, _opt("headline metrics folder, a JSON per row (DVC metrics)")],
     detail: Annotated[Path, _opt("detail metrics JSON")],
     predictions: Annotated[Path, _opt("predictions JSONL")],
     prompt_cache: Annotated[

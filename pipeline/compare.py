@@ -4,9 +4,10 @@ Sides. `clipda compare [A [B]]`: no argument compares a = HEAD with b = the work
 metrics/ (what `dvc repro` on a new machine leaves); one compares a = A with b = the
 workspace; two compare a = A with b = B. The difference is b - a, as in `dvc metrics diff`,
 and a is the baseline: the noise is estimated on its side. A side is a folder holding the
-metrics files (caption.json, vqa.json, clip.json and their _detail.json; a folder with a
-metrics/ subfolder, e.g. another clone, works too) or else a git revision or a DVC
-experiment name. Revisions are read with `git show REV:metrics/<file>`: every metrics file,
+metrics files (caption/, vqa/, clip.json and caption_detail.json, ...; the older one-file
+caption.json and vqa.json too: `pipeline.metrics.layout`; a folder with a metrics/
+subfolder, e.g. another clone, works too) or else a git revision or a DVC experiment name.
+Revisions are read with `git show REV:metrics/<file>`: every metrics file,
 the detail files with their intervals included, is committed to git (cache: false), so git
 reads them at any commit in milliseconds without DVC (`dvc metrics show` would leave out the
 detail files, `dvc.api` goes through DVC's repository machinery for files git already has).
@@ -44,9 +45,10 @@ import yaml
 
 from pipeline.errors import UserError
 from pipeline.experiments import exp_show, finished, flatten, summarise
+from pipeline.metrics.layout import STEMS, prefix, read_tree
 
-HEADLINE = ("caption", "clip", "vqa")
-FILES = HEADLINE + tuple(f"{stem}_detail" for stem in HEADLINE)
+HEADLINE = STEMS
+DETAILS = tuple(f"{stem}_detail" for stem in HEADLINE)
 SEED_SDS = 2.8  # within noise: |diff| <= SEED_SDS x the seed sd (95% band of a difference)
 BOOTSTRAP_NOTE = "bootstrap, test sampling only"
 KEY_WIDTH = 26  # metric keys (less the file) longer than this are shortened
@@ -93,16 +95,30 @@ def read_json(text: str, where: str) -> Any:
         raise UserError(f"{where}: not JSON ({exc})") from None
 
 
+def read_files(load, listdir) -> dict[str, Any]:
+    """{stem: headline tree} and {stem_detail: JSON} of one metrics folder, where present."""
+    files = {s: read_tree(load, listdir, s) for s in HEADLINE}
+    files |= {s: load(f"{s}.json") for s in DETAILS}
+    return {k: v for k, v in files.items() if v is not None}
+
+
 def read_folder(folder: Path, label: str) -> Side:
-    if (
-        not any((folder / f"{s}.json").is_file() for s in HEADLINE)
-        and (folder / "metrics").is_dir()
-    ):
+    def present(f: Path) -> bool:
+        return any((f / f"{s}.json").is_file() or (f / s).is_dir() for s in HEADLINE)
+
+    if not present(folder) and (folder / "metrics").is_dir():
         folder = folder / "metrics"
-    files = {s: read_json((folder / f"{s}.json").read_text(), str(folder / f"{s}.json"))
-             for s in FILES if (folder / f"{s}.json").is_file()}  # fmt: skip
+
+    def load(name: str) -> Any:
+        path = folder / name
+        return read_json(path.read_text(), str(path)) if path.is_file() else None
+
+    def listdir(name: str) -> list[str]:
+        return sorted(p.name for p in (folder / name).glob("*.json"))
+
+    files = read_files(load, listdir)
     if not any(s in files for s in HEADLINE):
-        raise UserError(f"{folder}: no metrics files ({', '.join(s + '.json' for s in HEADLINE)})")
+        raise UserError(f"{folder}: no metrics files (caption/, clip.json, vqa/)")
     params = next((p for p in (folder / "params.yaml", folder.parent / "params.yaml")
                    if p.is_file()), None)  # fmt: skip
     return Side(label, files, flatten(yaml.safe_load(params.read_text()) or {}) if params else None)
@@ -127,13 +143,18 @@ def resolve(repo: Path, rev: str) -> str:
 
 def read_rev(repo: Path, rev: str) -> Side:
     sha = resolve(repo, rev)
-    files = {}
-    for stem in FILES:
-        res = git(repo, "show", f"{sha}:metrics/{stem}.json")
-        if res.returncode == 0:
-            files[stem] = read_json(res.stdout, f"{rev}:metrics/{stem}.json")
+
+    def load(name: str) -> Any:
+        res = git(repo, "show", f"{sha}:metrics/{name}")
+        return read_json(res.stdout, f"{rev}:metrics/{name}") if res.returncode == 0 else None
+
+    def listdir(name: str) -> list[str]:
+        res = git(repo, "ls-tree", "--name-only", f"{sha}:metrics/{name}")
+        return res.stdout.split() if res.returncode == 0 else []
+
+    files = read_files(load, listdir)
     if not any(s in files for s in HEADLINE):
-        raise UserError(f"{rev}: no metrics files at this revision (metrics/caption.json, ...)")
+        raise UserError(f"{rev}: no metrics files at this revision (metrics/caption/, ...)")
     res = git(repo, "show", f"{sha}:params.yaml")
     params = flatten(yaml.safe_load(res.stdout) or {}) if res.returncode == 0 else None
     label = rev if sha.startswith(rev) else f"{rev} ({sha[:7]})"
@@ -181,7 +202,7 @@ def seeds_from_experiments(repo: Path, sha: str) -> tuple[dict[str, Any], list[s
     params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
     metrics = {}
     for file, entry in (data.get("metrics") or {}).items():
-        metrics.update(flatten(entry.get("data") or {}, Path(file).stem))
+        metrics.update(flatten(entry.get("data") or {}, prefix(file)))
     own = {"name": sha[:7], "params": params, "metrics": metrics}
 
     def setting(p):
@@ -256,7 +277,7 @@ def render(rows: list[Row], a: Side, b: Side, seeds_from: str, only: tuple[int, 
     for r in rows:
         if r.key.split(".")[0] != stem:
             stem = r.key.split(".")[0]
-            lines.append(f"{stem}.json")
+            lines.append(stem)
         lines.append(f"  {short(r.key.split('.', 1)[1]):<{KEY_WIDTH}} {num(r.a):>7} {num(r.b):>7} "
                      f"{num(r.diff, True):>8} {num(r.noise):>7}  {r.verdict:<6}  {r.source}")  # fmt: skip
     beyond = sum(r.verdict == "BEYOND" for r in rows)

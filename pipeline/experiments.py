@@ -2,7 +2,8 @@
 
 Run the pipeline once per seed as DVC experiments (see docs/results.md, "Seeds"), then
 `clipda seeds` reads them: each finished experiment's params (params.yaml, flattened to
-dotted keys) and headline metrics (`<file stem>.<key path>`, e.g. `caption.ada.cider`).
+dotted keys) and headline metrics (`<file path under metrics/>.<key path>`, e.g. `caption.ada.cider` from
+metrics/caption/ada.json: `pipeline.metrics.layout`).
 Experiments are grouped by the params named with `--by` (none: one group); inside a group
 every other param except `seed` must agree, or the summary would mix settings (a one-line
 error names the param that differs). Each metric gets mean, sample standard deviation, min
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.metrics.layout import prefix
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -59,9 +61,8 @@ def finished(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
             metrics = {}
-            for file, entry in data["metrics"].items():
-                stem = Path(file).stem
-                metrics.update(flatten(entry.get("data", {}), stem))
+            for file, entry in data["metrics"].items():  # metrics/caption/ada.json: caption.ada
+                metrics.update(flatten(entry.get("data", {}), prefix(file)))
             rows.append({"name": exp.get("name") or rev.get("rev"), "params": params,
                          "metrics": metrics})  # fmt: skip
     return rows

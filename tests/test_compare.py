@@ -11,15 +11,17 @@ from typer.testing import CliRunner
 from pipeline import compare
 from pipeline.cli import app
 from pipeline.compare import main
+from pipeline.metrics.layout import write_rows
 
 
 def iv(value, half):
     return {"value": value, "lo": round(value - half, 6), "hi": round(value + half, 6)}
 
 
-def write_metrics(folder, ada=1.0, noada=1.2, head=0.8, r1=0.5, half=0.1):
-    """Tiny metrics files in the shapes evaluate_caption, evaluate_vqa, clip_bootstrap write;
-    every interval is value +- `half`."""
+def write_metrics(folder, ada=1.0, noada=1.2, head=0.8, r1=0.5, half=0.1, one_file=True):
+    """Tiny metrics files in the shapes evaluate_caption, evaluate_vqa, clip_bootstrap write
+    (caption and vqa: one file, the older layout, or with `one_file` False a folder of row
+    files, as now); every interval is value +- `half`."""
     folder.mkdir(parents=True, exist_ok=True)
     diff = round(ada - noada, 6)
     caption = {"ada": {"cider": ada, "wellformed": 0.9}, "noada": {"cider": noada},
@@ -32,7 +34,10 @@ def write_metrics(folder, ada=1.0, noada=1.2, head=0.8, r1=0.5, half=0.1):
     clip = {"after": {"i2t_r1": r1}, "chance_r1": 0.01}
     for name, data in [("caption", caption), ("caption_detail", detail), ("vqa", vqa),
                        ("vqa_detail", vqa_detail), ("clip", clip), ("clip_detail", {})]:  # fmt: skip
-        (folder / f"{name}.json").write_text(json.dumps(data))
+        if one_file or name not in ("caption", "vqa"):
+            (folder / f"{name}.json").write_text(json.dumps(data))
+        else:
+            write_rows(folder / name, data)
     return folder
 
 
@@ -40,8 +45,8 @@ def rows(text):
     """{metric: (verdict, source)} from the table (keys with their file's stem)."""
     out, stem = {}, None
     for line in text.splitlines():
-        if line.endswith(".json") and not line.startswith(" "):
-            stem = line.removesuffix(".json")
+        if line in ("caption", "clip", "vqa"):
+            stem = line
         elif line.startswith("  "):
             cells = line.split(maxsplit=6)
             out[f"{stem}.{cells[0]}"] = (cells[5], cells[6])
@@ -63,7 +68,7 @@ def test_bootstrap_verdicts_both_ways(tmp_path):
     assert list(got) == ["caption.ada.cider", "caption.ada.wellformed", "caption.ada-noada.cider",
                          "caption.noada.cider", "clip.after.i2t_r1", "clip.chance_r1",
                          "vqa.overall.head", "vqa.overall_diff.head-prior"]  # fmt: skip
-    assert "caption.json" in text and "diff = b - a" in text
+    assert "\ncaption\n" in text and "diff = b - a" in text
     assert "  noada.cider                 1.2000  1.5000  +0.3000  0.1000  BEYOND" in text
     assert text.endswith("2 of 8 headline numbers differ beyond noise; "
                          "1 more differ with no noise estimate")  # fmt: skip
@@ -128,17 +133,21 @@ def git(repo, *args):
 
 @pytest.fixture
 def repo(tmp_path):
-    """A git repository with two commits of metrics/ (cider 1.0, then 1.05) and the
-    workspace at cider 1.5."""
+    """A git repository with two commits of metrics/ (cider 1.0 in one-file caption.json
+    and vqa.json, then 1.05 in the row folders caption/ and vqa/) and the workspace at
+    cider 1.5."""
     root = tmp_path / "repo"
     write_metrics(root / "metrics")
     (root / "params.yaml").write_text("seed: 0\n")
     git(root, "init", "-q")
     git(root, "add", ".")
     git(root, "commit", "-q", "-m", "first")
-    write_metrics(root / "metrics", ada=1.05)
-    git(root, "commit", "-q", "-am", "second")
-    write_metrics(root / "metrics", ada=1.5)
+    for name in ("caption", "vqa"):
+        (root / "metrics" / f"{name}.json").unlink()
+    write_metrics(root / "metrics", ada=1.05, one_file=False)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "second")
+    write_metrics(root / "metrics", ada=1.5, one_file=False)
     return root
 
 
@@ -194,7 +203,7 @@ def test_user_mistakes_are_one_line_errors(repo, tmp_path, monkeypatch):
     empty.mkdir()
     for args, message in [
         (["nosuch-rev"], "nosuch-rev: not a folder, a git revision or a DVC experiment name"),
-        ([str(empty)], f"{empty}: no metrics files (caption.json, clip.json, vqa.json)"),
+        ([str(empty)], f"{empty}: no metrics files (caption/, clip.json, vqa/)"),
         (["HEAD", "HEAD", "HEAD"], "at most two REV_OR_DIR"),
     ]:
         res = runner.invoke(app, ["compare", *args])
@@ -204,3 +213,13 @@ def test_user_mistakes_are_one_line_errors(repo, tmp_path, monkeypatch):
     res = runner.invoke(app, ["compare"])
     assert res.exit_code == 2 and "HEAD: not a folder, and" in res.output
     assert "is not a git repository" in res.output
+
+
+def test_the_row_layout_reads_as_the_one_file_layout(tmp_path):
+    """metrics/caption/ada.json gives caption.ada.cider, as metrics/caption.json did."""
+    old = write_metrics(tmp_path / "old")
+    new = write_metrics(tmp_path / "new", one_file=False)
+    assert (new / "caption" / "ada-noada.json").is_file() and not (new / "caption.json").exists()
+    got = rows(main([str(old), str(new)], None, tmp_path))
+    assert len(got) == 8 and {v[0] for v in got.values()} == {"same"}
+    assert compare.read_folder(new, "n").headline() == compare.read_folder(old, "o").headline()

@@ -111,3 +111,18 @@ def test_choose_the_trade_off_per_fraction_on_pooled_validation(tmp_path):
     one = CliRunner().invoke(app, ["seeds", "--exp-json", str(path), "--out", str(tmp_path / "x"),
                                    "--by", "train_caption.adv_weight", "--choose", "caption.ada.select_loss"])  # fmt: skip
     assert one.exit_code == 2 and "--choose needs two --by params" in one.output
+
+
+def test_row_files_are_named_as_the_one_file_layout_was():
+    """metrics/caption/ada.json (one file per row, `pipeline.metrics.layout`) names its
+    metrics caption.ada.*, as metrics/caption.json's "ada" did."""
+    from pipeline.metrics.layout import prefix
+
+    assert prefix("metrics/caption/ada-noada.json") == "caption.ada-noada"
+    assert prefix("metrics/clip.json") == "clip" and prefix("other/m.json") == "m"
+    e = exp("a", 0, 1.0, 0.6)
+    data = e["revs"][0]["data"]
+    data["metrics"] = {"metrics/caption/ada.json": {"data": {"cider": 0.6}},
+                       "metrics/caption/ada-noada.json": {"data": {"cider": 0.1}},
+                       "metrics/vqa/overall.json": {"data": {"head": 0.8}}}  # fmt: skip
+    assert finished(shown(e))[0]["metrics"] == finished(shown(exp("a", 0, 1.0, 0.6)))[0]["metrics"]

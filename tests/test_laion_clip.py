@@ -35,6 +35,7 @@ from pipeline.cli import app
 from pipeline.clip.backbone import embed_image, load_backbone, weights_sha256
 from pipeline.clip.token_table import clip_token_table, table_sha256
 from pipeline.embedding.files import read_dataset, read_table, vectors
+from pipeline.metrics.layout import read_rows
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 LEGACY_IDS = {"bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2}  # LAION's config.json
@@ -417,7 +418,7 @@ def vqa_world(tmp_path_factory, laion_clip):
         ("train-vqa", "--qa", root / "qa", "--emb", root / "emb", "--out", root / "model",
          "--plots", root / "vqa.tsv"),
         ("evaluate-vqa", "--qa", root / "qa", "--emb", root / "emb", "--model", root / "model",
-         "--clip", laion_clip, "--metrics", root / "vqa.json", "--detail", root / "detail.json",
+         "--clip", laion_clip, "--metrics", root / "vqa", "--detail", root / "detail.json",
          "--predictions", root / "vqa.jsonl", "--prompt-cache", root / "prompts.arrow"),
     ]  # fmt: skip
     for step in steps:
@@ -441,7 +442,7 @@ def test_vg_texts_and_zeroshot_metrics(vqa_world, laion_clip, bb):
     for k in ("top1", "top5", "mean_class_acc"):
         assert 0.0 <= detail["overall"][f"zeroshot_{k}"] <= 1.0
     assert detail["overall"]["zeroshot_top5"] == 1.0  # 3 candidates per question type
-    assert "zeroshot" in json.loads((vqa_world / "vqa.json").read_text())["overall"]
+    assert "zeroshot" in read_rows(vqa_world / "vqa")["overall"]
 
 
 def test_ask_scores_are_image_prompt_cosines(vqa_world, laion_clip, bb):

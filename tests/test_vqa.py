@@ -24,6 +24,7 @@ from pipeline.embedding.files import vector_array, write_table
 from pipeline.errors import UserError
 from pipeline.formats import qa_table
 from pipeline.formats.vg_qa import SCHEMA, split_of
+from pipeline.metrics.layout import read_rows
 from pipeline.nn.vqa_head import (
     HeadOutput,
     VQAHead,
@@ -166,15 +167,15 @@ def train(qa: Path, emb: Path, out: Path, plots: Path, **settings) -> str:
 
 
 def evaluate(qa: Path, emb: Path, model: Path, out: Path, clip="fake-clip", cache=None, **settings):
-    """`evaluate_vqa.main` writing out/{vqa.json,detail.json,vqa.jsonl} -> (summary, headline,
+    """`evaluate_vqa.main` writing out/{vqa/,detail.json,vqa.jsonl} -> (summary, headline,
     detail); `settings` is the params file's `evaluate_vqa:` section."""
     out.mkdir(parents=True, exist_ok=True)
     summary = evaluate_vqa.main(
-        qa=qa, emb=emb, model=model, clip=clip, metrics=out / "vqa.json",
+        qa=qa, emb=emb, model=model, clip=clip, metrics=out / "vqa",
         detail=out / "detail.json", predictions=out / "vqa.jsonl", prompt_cache=cache,
         params=write_params(out / "params.yaml", evaluate_vqa=settings),
     )  # fmt: skip
-    headline, detail = (json.loads((out / n).read_text()) for n in ("vqa.json", "detail.json"))
+    headline, detail = read_rows(out / "vqa"), json.loads((out / "detail.json").read_text())
     return summary, headline, detail
 
 
@@ -523,8 +524,8 @@ def test_evaluate_zeroshot_with_prompt_cache(tmp_path, monkeypatch):
     assert calls == []  # every prompt came from the cache
     assert summary.splitlines()[0].endswith(f"; prompts {n} (0 embedded, {n} cached)")
     assert m2 == m
-    for name in ("vqa.json", "vqa.jsonl"):
-        assert (tmp_path / "e1" / name).read_bytes() == (tmp_path / "e2" / name).read_bytes()
+    assert read_rows(tmp_path / "e1/vqa") == read_rows(tmp_path / "e2/vqa")
+    assert (tmp_path / "e1/vqa.jsonl").read_bytes() == (tmp_path / "e2/vqa.jsonl").read_bytes()
     # the CLIP must be the one the embeddings were made with (manifest revision r0)
     monkeypatch.setattr(zeroshot, "load_text_encoder", lambda clip: (encode, clip, "r1"))
     with pytest.raises(UserError, match="revision r1"):
@@ -548,12 +549,12 @@ def test_cli_train_and_evaluate(tmp_path):
     assert len((tmp_path / "vqa.tsv").read_text().splitlines()) == 3
     res = invoke(
         "evaluate-vqa", *paths, "--model", tmp_path / "m", "--clip", "fake-clip",
-        "--metrics", tmp_path / "vqa.json", "--detail", tmp_path / "vqa_detail.json",
+        "--metrics", tmp_path / "vqa", "--detail", tmp_path / "vqa_detail.json",
         "--predictions", tmp_path / "vqa.jsonl",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "relation (n=" in res.output and "prior" in res.output
-    headline = json.loads((tmp_path / "vqa.json").read_text())
+    headline = read_rows(tmp_path / "vqa")
     assert set(headline) == {"overall", "relation", "object", "overall_diff"}
     res = invoke("train-vqa", *paths[2:], "--qa", tmp_path / "nope", "--out", tmp_path / "m2",
                  "--plots", tmp_path / "p2.tsv")  # fmt: skip

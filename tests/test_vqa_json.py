@@ -150,7 +150,7 @@ def table_world(request, tmp_path_factory):
         "train": invoke("train-vqa", "--qa", root / "qa", "--emb", root / "emb", "--out",
                         root / "model", "--plots", root / "vqa.tsv", "--params", params),
         "evaluate": invoke("evaluate-vqa", "--qa", root / "qa", "--emb", root / "emb", "--model",
-                           root / "model", "--clip", clip, "--metrics", root / "vqa.json",
+                           root / "model", "--clip", clip, "--metrics", root / "vqa",
                            "--detail", root / "detail.json", "--predictions", root / "vqa.jsonl",
                            "--params", params),
     }  # fmt: skip

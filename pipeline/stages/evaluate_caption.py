@@ -4,9 +4,10 @@ RefCLIPScore (`pipeline.metrics.clipscore`; text embeddings from `clip`, image e
 from `emb`) and, where the scene truth exists (the sample world's `scenes.json`), grounding.
 
 Each `--model` folder is one system, named by its folder name (`noada`, `ada`); the
-baseline is `nn` (see `pipeline.caption.evaluation`). Outputs: `metrics` (headline only:
-{system: {bleu4, cider, clipscore, refclipscore, ground_p, ground_r}} and the paired
-differences {"ada-noada", "noada-nn", "ada-nn": the same but ground_r}), `detail` (every
+baseline is `nn` (see `pipeline.caption.evaluation`). Outputs: `metrics`, a folder of
+headline rows (`pipeline.metrics.layout`): one file per system ({bleu4, cider, clipscore,
+refclipscore, ground_p, ground_r, wellformed, repeat4, select_loss}) and per paired
+difference ("ada-noada", "noada-nn", "ada-nn": bleu4 ... ground_p), `detail` (every
 score, the 95% bootstrap intervals of every score and difference (`intervals`, grounding
 precision and recall per kind included), the grounding breakdown, the references' own
 grounding and CLIPScore, the settings, how it was computed),
@@ -82,6 +83,7 @@ from pipeline.metrics import (
 )
 from pipeline.metrics.clipscore import CLIPSCORE_DETAIL, PROMPT, ClipScorer, W, corpus
 from pipeline.metrics.form import FORM_DETAIL
+from pipeline.metrics.layout import write_rows
 from pipeline.nn.caption_decoder import read_model_info
 from pipeline.report import Report
 from pipeline.runtime import runtime
@@ -211,7 +213,7 @@ def _evaluate(
         for a, b in comparisons(list(scores)):
             headline[f"{a}-{b}"] = {k: ci[f"{a}-{b}"][k]["value"] for k in HEADLINE_DIFFS
                                     if k in ci[f"{a}-{b}"]}  # fmt: skip
-    write_json(metrics, headline)
+    write_rows(metrics, headline)
     settings = {
         "split": s.split, "n_images": len(test),
         "n_references": sum(len(c) for c in test.captions), "tokenization": TOKENIZATION,

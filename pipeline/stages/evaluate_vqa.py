@@ -12,8 +12,9 @@ the vocabulary answers seen for the question type in train.
 - prior, majority: the text-only frequency baselines (`pipeline.vqa.baselines`).
 
 Each top-1 has a 95% bootstrap interval over the questions (`bootstrap`), and so does each
-paired difference head - baseline. `--metrics` holds the headline top-1s and the overall
-differences, `--detail` everything (the full table and `intervals`), and
+paired difference head - baseline. `--metrics` is a folder of headline rows
+(`pipeline.metrics.layout`): overall, object and relation top-1s, and `overall_diff` (the
+overall differences); `--detail` holds everything (the full table and `intervals`), and
 `--predictions` one JSON line per question with each method's top answers.
 """
 
@@ -31,6 +32,7 @@ from pipeline.compute import Compute
 from pipeline.compute import session as compute_session
 from pipeline.embedding.provenance import check_trained_on
 from pipeline.errors import UserError
+from pipeline.metrics.layout import write_rows
 from pipeline.nn.vqa_head import load_head
 from pipeline.report import Report
 from pipeline.runtime import runtime
@@ -182,7 +184,7 @@ def _evaluate(
     top = headline(table)
     if ci:
         top["overall_diff"] = headline_diffs(ci)
-    write_json(metrics, top)
+    write_rows(metrics, top)
     how["runtime"] = runtime(pick_device("auto") if prompts else "cpu")  # CLIP's, the head's
     write_json(detail, {**table, "intervals": ci, "settings": how})
     write_predictions(predictions, data, rows_all, vocab.answers, pred, score)
