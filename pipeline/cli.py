@@ -419,11 +419,18 @@ def caption(
         float | None, _decode_opt("rank beams by log-score / length**this", "length_penalty")
     ] = None,
     device: Annotated[str | None, _decode_opt("auto | cpu | cuda | cuda:N", "device")] = None,
+    domain: Annotated[
+        str, _opt("the domain token read (models with one): target (Flickr30k's) or source")
+    ] = "target",
 ):
     """Print one caption per image (`path<TAB>caption`) with CLIP + a trained decoder,
     decoded as evaluate_caption decodes (its settings' defaults where an option is not given)."""
     from pipeline.caption.decode import caption_images
+    from pipeline.nn.caption_decoder import SOURCE, TARGET
     from pipeline.stages.evaluate_caption import Settings
+
+    if domain not in ("target", "source"):
+        raise UserError(f"--domain must be target or source, got {domain!r}")
 
     s = Settings()
     texts = caption_images(
@@ -433,6 +440,7 @@ def caption(
         s.no_repeat_ngram_size if no_repeat_ngram is None else no_repeat_ngram,
         s.length_penalty if length_penalty is None else length_penalty,
         s.device if device is None else device,
+        SOURCE if domain == "source" else TARGET,
     )  # fmt: skip
     for path, text in texts:
         typer.echo(f"{path}\t{text}")

@@ -251,7 +251,7 @@ def test_cli_rejects_a_clip_the_embeddings_were_not_made_with(tmp_path, clip_fol
     assert f"(abc123), but {tmp_path / 'emb'} holds those of" in msg
 
 
-def _save_tiny_decoder(folder: Path, clip: Path, seed: int) -> None:
+def _save_tiny_decoder(folder: Path, clip: Path, seed: int, domain_token: bool = False) -> None:
     import torch
 
     from pipeline.nn.caption_decoder import CaptionDecoder, DecoderConfig, save_caption_model
@@ -272,6 +272,7 @@ def _save_tiny_decoder(folder: Path, clip: Path, seed: int) -> None:
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=0,
+        domain_token=domain_token,
     )
     save_caption_model(CaptionDecoder(cfg, table), folder)
 
@@ -540,6 +541,36 @@ def test_form_of_the_captions_and_the_decode_with_the_rule_off(tmp_path, clip_fo
     assert "repeat4_rule_off" in detail["ada"]["form"]
     assert detail["form"]["scored"] is False and "--scenes" in detail["form"]["why"]
     assert detail["form"]["references"] == form(refs)
+
+
+def test_a_domain_token_model_is_also_decoded_with_the_source_token(tmp_path, clip_folder):
+    """For a model with a domain token, the detail file says what its captions look like
+    with the source (LAION) token instead of the target's: well-formed and alt-text shares."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.caption.decode import caption_embeddings, load_caption_model
+    from pipeline.metrics.form import form
+    from pipeline.nn.caption_decoder import SOURCE
+    from pipeline.synth.grammar import parses
+
+    embs = make_embeddings(tmp_path / "emb", clip_folder)
+    _save_tiny_decoder(tmp_path / "models" / "noada", clip_folder, 0)
+    _save_tiny_decoder(tmp_path / "models" / "ada", clip_folder, 1, domain_token=True)
+    params = _write_params(tmp_path / "params.yaml")
+    scenes = tmp_path / "scenes.json"
+    _write_scenes(scenes, N_TEST)
+    res = invoke(tmp_path, clip_folder, "--params", str(params), "--scenes", str(scenes), out="t")
+    assert res.exit_code == 0, res.output
+    detail = json.loads((tmp_path / "dt.json").read_text())
+    assert "source_token" not in detail["noada"]["form"]
+    tok = AutoTokenizer.from_pretrained(str(clip_folder))
+    test_emb = torch.from_numpy(embs["test_emb"].astype(np.float16).astype(np.float32))
+    model = load_caption_model(tmp_path / "models" / "ada")
+    src = caption_embeddings(model, test_emb, tok, 2, 8, domain=SOURCE)
+    want = form(src, parses)
+    assert detail["ada"]["form"]["source_token"] == {
+        "wellformed": want["wellformed"], "alt_text": want["alt_text"], "examples": src[:3]}  # fmt: skip
 
 
 def test_form_counts_shapes_against_each_image_scene():

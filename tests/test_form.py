@@ -37,6 +37,7 @@ def test_form_summary_of_one_system():
     assert out == {
         "n_captions": 5,
         "wellformed": pytest.approx(2 / 5),
+        "alt_text": 0.0,
         "repeat4": pytest.approx(2 / 5),
         "n_distinct": 4,
         "distinct": pytest.approx(4 / 5),
@@ -48,3 +49,15 @@ def test_form_summary_of_one_system():
     assert set(form(captions)) == {"n_captions", "repeat4", "n_distinct", "distinct", "mean_len"}
     empty = form([], parses, [])
     assert empty["n_captions"] == 0 and empty["wellformed"] == empty["count_right"] == 0.0
+
+
+def test_alt_text_is_a_caption_ending_in_a_stock_suffix():
+    from pipeline.metrics.form import alt_text
+
+    assert alt_text(tokenize("red heart blue parallelogram stock illustration"))
+    assert alt_text(tokenize("yellow hexagon green octagon clipart"))
+    assert not alt_text(tokenize("there is a small red circle on the blue square ."))
+    assert not alt_text(tokenize("clipart"))  # the suffix alone is no caption
+    assert (
+        form(["a red circle clipart", "there is a red circle ."], lambda w: True)["alt_text"] == 0.5
+    )

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.nn.caption_decoder import CaptionDecoder, read_model_info, reorder_cache
+from pipeline.nn.caption_decoder import TARGET, CaptionDecoder, read_model_info, reorder_cache
 from pipeline.nn.caption_decoder import load_caption_model as _load
 from pipeline.training import autocast, pick_device
 
@@ -135,16 +135,20 @@ def banned_tokens(seq: Sequence[int], n: int) -> set[int]:
 
 @torch.no_grad()
 def greedy_search(
-    model: CaptionDecoder, image_emb: torch.Tensor, max_len: int = 30, no_repeat_ngram_size: int = 0
+    model: CaptionDecoder,
+    image_emb: torch.Tensor,
+    max_len: int = 30,
+    no_repeat_ngram_size: int = 0,
+    domain: int = TARGET,
 ) -> list[list[int]]:
     """Nearest token (not banned by `no_repeat_ngram_size`) at every step until EOS or
-    `max_len` tokens."""
+    `max_len` tokens (`domain`: the domain token read, where the model has one)."""
     cfg, index, dev = model.config, token_index(model), _device(model)
     bos, eos = cfg.bos_token_id, cfg.eos_token_id
     n = len(image_emb)
     out: list[list[int]] = [[] for _ in range(n)]
     with autocast(dev):
-        prefix = model.context(image_emb.to(dev))
+        prefix = model.context(image_emb.to(dev), domain)
         last = torch.full((n, 1), bos, dtype=torch.long, device=dev)
         alive = torch.arange(n, device=dev)
         cache = None
@@ -176,6 +180,7 @@ def beam_search(
     length_penalty: float = 1.0,
     n_cand: int = 32,
     no_repeat_ngram_size: int = 0,
+    domain: int = TARGET,
 ) -> list[list[int]]:
     """Beam search with softmax-over-neighbours step scores, `length_penalty` and
     `no_repeat_ngram_size` (see module doc)."""
@@ -195,7 +200,7 @@ def beam_search(
         return score / max(length, 1) ** length_penalty
 
     with autocast(dev):
-        prefix = model.context(image_emb.to(dev))
+        prefix = model.context(image_emb.to(dev), domain)
         cache, parent = None, {}  # cache rows: the hypotheses of the previous step
         for _ in range(_max_steps(model, max_len)):
             rows = [(b, h) for b in active for h in range(len(beams[b]))]
@@ -250,8 +255,11 @@ def generate(
     batch_size: int = 256,
     no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
+    domain: int = TARGET,
 ) -> list[list[int]]:
-    """Token ids (no BOS/EOS) of one caption per image embedding (n, d)."""
+    """Token ids (no BOS/EOS) of one caption per image embedding (n, d), decoded with the
+    `domain` token (TARGET, Flickr30k's: what the model was fine-tuned to write; a model
+    without domain tokens ignores it)."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if no_repeat_ngram_size < 0:
@@ -263,11 +271,12 @@ def generate(
         for start in range(0, len(image_emb), batch_size):
             chunk = image_emb[start : start + batch_size].float()
             if beam_size == 1:
-                out.extend(greedy_search(model, chunk, max_len, no_repeat_ngram_size))
+                out.extend(greedy_search(model, chunk, max_len, no_repeat_ngram_size, domain))
             else:
                 out.extend(beam_search(model, chunk, beam_size, max_len,
                                        length_penalty=length_penalty,
-                                       no_repeat_ngram_size=no_repeat_ngram_size))  # fmt: skip
+                                       no_repeat_ngram_size=no_repeat_ngram_size,
+                                       domain=domain))  # fmt: skip
     finally:
         model.train(was_training)
     return out
@@ -299,6 +308,7 @@ def caption_embeddings(
     label: str = "",
     no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
+    domain: int = TARGET,
 ) -> list[str]:
     """One caption (text) per row of `image_emb`, decoded `batch_size` rows at a time."""
     from tqdm import tqdm
@@ -308,7 +318,7 @@ def caption_embeddings(
     for start in tqdm(starts, desc=f"caption {label}".strip(), disable=not sys.stderr.isatty()):
         out = generate(model, image_emb[start : start + batch_size], beam_size, max_len,
                        no_repeat_ngram_size=no_repeat_ngram_size,
-                       length_penalty=length_penalty)  # fmt: skip
+                       length_penalty=length_penalty, domain=domain)  # fmt: skip
         texts.extend(ids_to_text(tokenizer, ids) for ids in out)
     return texts
 
@@ -322,10 +332,12 @@ def caption_images(
     no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
     device: str = "auto",
+    domain: int = TARGET,
 ) -> Iterator[tuple[str | Path, str]]:
     """(path, caption) for each image file: CLIP `clip` embeds it (decoded as `embed`
     decodes images), the decoder in folder `model` captions it (`generate`'s settings),
-    both on `device`.
+    both on `device`, with the `domain` token (a `UserError` for SOURCE where the model
+    has none).
 
     `clip` None: the CLIP recorded in the model's config.json. A CLIP whose embedding size
     differs from the model's is a `UserError`; one with another revision than the model
@@ -341,6 +353,9 @@ def caption_images(
     if no_repeat_ngram_size < 0:
         raise UserError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
     decoder = load_caption_model(model, device)
+    if domain != TARGET and not decoder.config.domain_token:
+        raise UserError(f"--domain source: {model} has no domain token (train it with "
+                        "train_caption.model.domain_token: true)")  # fmt: skip
     trained_on = read_model_info(model).get("clip") or {}
     if clip is None:
         clip = trained_on.get("model")
@@ -356,5 +371,5 @@ def caption_images(
     emb = torch.cat([embed_image(bb, path) for path in images])
     texts = caption_embeddings(decoder, emb, bb.tokenizer, beam, max_len,
                                no_repeat_ngram_size=no_repeat_ngram_size,
-                               length_penalty=length_penalty)  # fmt: skip
+                               length_penalty=length_penalty, domain=domain)  # fmt: skip
     yield from zip(images, texts)

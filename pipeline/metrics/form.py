@@ -8,8 +8,11 @@ read each caption as every caption metric does (`tokenize`'s words):
 - `repeats(words)`: some 4-gram occurs twice in the caption (the references of the sample
   world: ~0.1%);
 - `stated_count(words)`: the N of "N shapes" ("there are 3 shapes : ..."), or None;
+- `alt_text(words)`: the caption ends in one of the sample world's LAION alt-text stock
+  suffixes ("... clipart", "... vector graphic"): the source domain's style;
 - `form(captions, grammar, n_objects)`: one system's summary: the share that parse under
-  `grammar` (`wellformed`; the sample world's, `pipeline.synth.grammar.parses`), the share
+  `grammar` (`wellformed`; the sample world's, `pipeline.synth.grammar.parses`) and, with
+  it, the share in the source's alt-text style (`alt_text`), the share
   that repeat a 4-gram (`repeat4`), distinct captions (`n_distinct`, share `distinct`),
   mean length in words (`mean_len`) and, against the number of objects of each image,
   how many state a count (`count_stated`) and the share of those that are right
@@ -23,6 +26,7 @@ from itertools import pairwise
 from typing import Any
 
 from pipeline.metrics.text import tokenize
+from pipeline.synth.captions import ALT_SUFFIXES
 
 REPEAT_N = 4  # `repeat4`: a caption repeats some n-gram of this many words
 
@@ -32,7 +36,10 @@ FORM_DETAIL = {
     "repeat4 = share of captions in which some 4-gram occurs twice; n_distinct / distinct "
     "= distinct captions (count, share); mean_len = mean words per caption; count_stated "
     "= captions stating 'N shapes', count_right = share of those whose N is the number of "
-    "objects in the image's scene (only where scenes.json exists)",
+    "objects in the image's scene (only where scenes.json exists); alt_text = share ending "
+    "in one of the sample world's LAION alt-text suffixes (its style; only where scenes.json "
+    "exists); source_token (models with a domain token): the same captions decoded with the "
+    "source (LAION) token instead of the target's",
 }
 
 
@@ -48,6 +55,14 @@ def stated_count(words: Sequence[str]) -> int | None:
         if w.isdigit() and nxt in ("shapes", "shape"):
             return int(w)
     return None
+
+
+SUFFIXES = [tokenize(s) for s in ALT_SUFFIXES]
+
+
+def alt_text(words: Sequence[str]) -> bool:
+    """`words` end in one of the sample world's alt-text suffixes."""
+    return any(len(words) > len(s) and list(words[-len(s) :]) == s for s in SUFFIXES)
 
 
 def _share(num: int, den: int) -> float:
@@ -66,6 +81,7 @@ def form(
     out: dict[str, Any] = {"n_captions": n}
     if grammar is not None:
         out["wellformed"] = _share(sum(map(grammar, words)), n)
+        out["alt_text"] = _share(sum(map(alt_text, words)), n)
     out["repeat4"] = _share(sum(map(repeats, words)), n)
     out["n_distinct"] = len({" ".join(w) for w in words})
     out["distinct"] = _share(out["n_distinct"], n)

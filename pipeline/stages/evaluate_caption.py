@@ -84,7 +84,7 @@ from pipeline.metrics import (
 from pipeline.metrics.clipscore import CLIPSCORE_DETAIL, PROMPT, ClipScorer, W, corpus
 from pipeline.metrics.form import FORM_DETAIL
 from pipeline.metrics.layout import write_rows
-from pipeline.nn.caption_decoder import read_model_info
+from pipeline.nn.caption_decoder import SOURCE, read_model_info
 from pipeline.report import Report
 from pipeline.runtime import runtime
 from pipeline.settings import Bootstrap, as_dict, check, check_device, load
@@ -188,6 +188,14 @@ def _evaluate(
                                        s.length_penalty)  # fmt: skip
         scores[name] = (score(preds, test.captions) | truth.score(preds)
                         | form_scores(preds, truth, loose))  # fmt: skip
+        if model.config.domain_token:  # does the source token bring back LAION's style?
+            src = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
+                                     s.batch_size, f"{name} source token",
+                                     s.no_repeat_ngram_size, s.length_penalty, SOURCE)  # fmt: skip
+            f = form_scores(src, truth)
+            scores[name]["form"]["source_token"] = {
+                "wellformed": f.get("wellformed"), "alt_text": f["form"].get("alt_text"),
+                "examples": src[:3]}  # fmt: skip
         captions[name] = preds
         write_predictions(predictions / f"caption_{name}.jsonl", test, preds, rule_off=loose)
     preds, neighbours = nearest_neighbour_captions(train, test)
