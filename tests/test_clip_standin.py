@@ -145,7 +145,7 @@ def test_an_interrupted_standin_resumes_to_the_same_weights(tmp_path, monkeypatc
     assert resume_file(tmp_path / "cut", "base").exists()
     monkeypatch.setattr(standin, "train_step", real)
     main(tmp_path / "cut", params)
-    assert not resume_file(tmp_path / "cut", "base").exists()
+    assert resume_file(tmp_path / "cut", "base").exists()  # kept: a later round starts from it
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == whole
     rows = [line.split("\t")[:3] for line in
@@ -169,3 +169,36 @@ def test_truth_labels_name_what_each_training_image_holds():
             assert len(held) == 3 and len(shapes) == 1
         else:  # the visible objects (`scene_labels`, tested in test_scene_probes)
             assert len(shapes) >= 1
+
+
+def test_more_rounds_train_only_the_new_ones(tmp_path, monkeypatch):
+    """A finished run keeps each phase's state; raised `hires_rounds`, it trains the new
+    round only (its own draw, seed + 2) and ends with the weights of a two-round run."""
+    from pipeline.clip import standin
+
+    hires = {"hires_steps": 2, "hires_images": 20, "hires_single_share": 0.0,
+             "hires_crop_share": 0.0, "eval_every": 2}  # fmt: skip
+
+    def params(name, rounds):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"seed": 0, "clip_standin": {
+            **TINY, **hires, "hires_rounds": rounds}}))  # fmt: skip
+        return path
+
+    summary = main(tmp_path / "two", params("two", 2))
+    assert summary.startswith("clip_standin: 4 + 2 x 2 steps on 48 + 2 x 20 images")
+    main(tmp_path / "grown", params("one", 1))
+    real, calls = standin.train_step, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(standin, "train_step", counted)
+    main(tmp_path / "grown", params("grown", 2))
+    assert len(calls) == 2  # the new round's steps only
+    two, grown = ((tmp_path / n / "model.safetensors").read_bytes() for n in ("two", "grown"))
+    assert grown == two
+    curve = (tmp_path / "grown" / "train_curve.tsv").read_text().splitlines()
+    assert [line.split("\t")[:2] for line in curve[1:]] == [
+        ["base", "2"], ["base", "4"], ["hires", "6"], ["hires2", "8"]]  # fmt: skip

@@ -8,7 +8,9 @@ vocabulary, and trains the small CLIP of `model` contrastively on colour-grouped
 (`pipeline.clip.standin`) for `steps` steps at `base_image_size`; with `hires_steps`, a
 second phase (a fresh learning-rate cycle, another draw of images) trains it on a
 scene-heavy mix at `model.image_size`, moved there by `pipeline.clip.resolution` when it
-differs from `base_image_size`, each scene followed by `twins` shape twins in its batch. `--out` is a
+differs from `base_image_size`, each scene followed by `twins` shape twins in its batch;
+`hires_rounds` repeats that phase, each round on its own draw of images with its own
+learning-rate cycle (a warm restart). `--out` is a
 Hugging Face checkpoint folder of a few MB, committed to git, that `data.clip` names by
 default; beside the weights,
 `standin.json` holds the settings, the training time and the validation probes (a probe
@@ -16,8 +18,10 @@ set drawn from another seed than synth's), and `train_curve.tsv` the curve.
 
 Rebuild: `dvc unfreeze clip_standin && dvc repro clip_standin` (then `dvc freeze`). A run
 that stops (a session's end) goes on from its last evaluation when started again with the
-same settings: each phase keeps its state in `.<out>.<phase>.resume.pt` beside `--out`
-until the stage finishes.
+same settings: each phase (`base`, `hires`, `hires2`, ...) keeps its state in
+`.<out>.<phase>.resume.pt` beside `--out`, and keeps it when finished. A phase's state
+holds for any `hires_rounds` (the fingerprint leaves it out), so raising `hires_rounds`
+after a finished run trains the new rounds only.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Settings:
     twins: int = 0  # shape twins drawn after each of its scenes, in the same batch
     hires_lr: float = 5e-4  # its peak learning rate
     hires_warmup_steps: int = 500  # its warm-up steps, then cosine decay to zero
+    hires_rounds: int = 1  # rounds of the second phase, each a new draw and lr cycle
     photo_share: float = 0.5  # share drawn photo-style (the rest clipart)
     canvas: tuple[int, int] = (192, 144)  # width, height of the scenes crops are cut from
     objects_per_image: tuple[int, int] = (2, 4)  # fewest, most objects in those scenes
@@ -76,7 +81,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         for key in ("weight_decay", "truth_weight", "warmup_steps", "grad_clip", "augment_shift",
-                    "colour_groups", "threads", "hires_steps", "hires_warmup_steps", "twins"):  # fmt: skip
+                    "colour_groups", "threads", "hires_steps", "hires_warmup_steps", "twins",
+                    "hires_rounds"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
         for key in ("images", "steps", "batch_size", "eval_every", "val_scenes", "hires_images"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
@@ -107,6 +113,22 @@ def _shares(single: float, crop: float) -> dict[str, float]:
     return {"single": single, "crop": crop, "scene": 1 - single - crop}
 
 
+def fingerprint(s: Settings, phase: str) -> str:
+    """What a phase's resumable state must match: every setting but `hires_rounds` (a round
+    does not depend on how many follow it), and the phase."""
+    settings = {k: v for k, v in as_dict(s).items() if k != "hires_rounds"}
+    return hashlib.sha256(json.dumps([settings, phase], sort_keys=True).encode()).hexdigest()
+
+
+def hires_phases(s: Settings) -> list[str]:
+    """The second phase's rounds: hires, hires2, hires3, ... (none without hires_steps)."""
+    return (
+        [f"hires{r if r > 1 else ''}" for r in range(1, s.hires_rounds + 1)]
+        if s.hires_steps
+        else []
+    )
+
+
 def resume_file(out: Path, phase: str) -> Path:
     """Where a phase's resumable state lives while the stage runs (beside `out`)."""
     return out.parent / f".{out.name}.{phase}.resume.pt"
@@ -130,7 +152,6 @@ def main(out: Path, params: Path) -> str:
     from pipeline.training import cpu_threads, pick_device, seed_everything, write_plot
 
     s = load(Settings, params)
-    fingerprint = hashlib.sha256(json.dumps(as_dict(s), sort_keys=True).encode()).hexdigest()
     t0, c0 = time.perf_counter(), time.process_time()
     with cpu_threads(s.threads), staged_folder(out) as tmp:
         seed_everything(s.seed)
@@ -165,7 +186,7 @@ def main(out: Path, params: Path) -> str:
             rows = train_steps(bb, torch.from_numpy(px), caps, cols, steps=steps, lr=lr,
                                warmup_steps=warmup, seed=seed, evaluate=evaluate, kinds=kinds,
                                labels=labels, truth_weight=s.truth_weight,
-                               resume=resume_file(out, name), fingerprint=fingerprint,
+                               resume=resume_file(out, name), fingerprint=fingerprint(s, name),
                                **common)  # fmt: skip
             save_backbone(bb, tmp, str(tmp))
             final = run_probes(bb, val_rows, val_px), scene_probe_scores(bb, val_rows, val_px)
@@ -175,17 +196,19 @@ def main(out: Path, params: Path) -> str:
                                           s.lr, s.warmup_steps, s.seed)  # fmt: skip
         del pixels, labels
         hires_kinds: list[str] = []
-        if s.hires_steps:
-            if s.model.image_size != s.base_image_size:
-                resize_checkpoint(tmp, s.model.image_size)
+        if s.hires_steps and s.model.image_size != s.base_image_size:
+            resize_checkpoint(tmp, s.model.image_size)
+        for k, name in enumerate(hires_phases(s), start=1):  # round k: seed + k
             pairs = training_pairs(
-                s.hires_images, s.seed + 1, s.model.image_size,
+                s.hires_images, s.seed + k, s.model.image_size,
                 _shares(s.hires_single_share, s.hires_crop_share), s.photo_share, s.canvas,
                 s.objects_per_image, s.crop_margin, s.twins,
             )  # fmt: skip
-            more, (probes, scenes), hires_kinds = phase(
-                "hires", pairs, s.hires_steps, s.hires_lr, s.hires_warmup_steps, s.seed + 1
+            more, (probes, scenes), kinds_r = phase(
+                name, pairs, s.hires_steps, s.hires_lr, s.hires_warmup_steps, s.seed + k
             )  # fmt: skip
+            hires_kinds += kinds_r
+            del pairs
             last = rows[-1]["step"]
             rows += [{**r, "step": r["step"] + last} for r in more]
         # each phase's rows count its own seconds, across resumes (the wall clock would not)
@@ -209,12 +232,12 @@ def main(out: Path, params: Path) -> str:
             "device": str(pick_device(s.device)),
             "settings": as_dict(s),
         })  # fmt: skip
-    for name in ("base", "hires"):  # finished: the resumable states are spent
-        resume_file(out, name).unlink(missing_ok=True)
     h = headline(probes, scenes)
     steps, images = f"{s.steps}", f"{s.images}"
-    if s.hires_steps:
-        steps, images = f"{steps} + {s.hires_steps}", f"{images} + {s.hires_images}"
+    rounds = len(hires_phases(s))
+    if rounds:
+        times = f"{rounds} x " if rounds > 1 else ""
+        steps, images = f"{steps} + {times}{s.hires_steps}", f"{images} + {times}{s.hires_images}"
     return (
         f"clip_standin: {steps} steps on {images} images in {t_train:.0f}s "
         f"(data {t_data:.0f}s); validation zero-shot category photo crops "
