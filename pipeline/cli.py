@@ -408,7 +408,7 @@ def compare(
 @one_line_errors
 def caption(
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    model: Annotated[Path, _opt("caption model folder")] = Path("models/caption/ada"),
+    model: Annotated[Path, _opt("caption model folder")] = Path("models/caption/noada"),
     clip: Annotated[str | None, _opt("CLIP checkpoint (default: the model's)")] = None,
     beam: Annotated[int | None, _decode_opt("beam size (1: greedy)", "beam_size")] = None,
     max_len: Annotated[int | None, _decode_opt("most tokens per caption", "max_len")] = None,

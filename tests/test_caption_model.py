@@ -397,7 +397,7 @@ def test_a_step_with_a_source_batch_is_the_weighted_sum_of_two_losses():
     losses = []
     for emb, ids, lengths in (target, source):
         inputs, targets, mask = split_batch(ids, lengths)
-        losses.append(ref.caption_loss(ref(emb, inputs), targets, mask))
+        losses.append(ref.caption_loss(ref(emb, inputs, SOURCE), targets, mask))  # step: SOURCE
     (losses[0] + 0.3 * losses[1]).backward()
     assert out["caption_loss"].item() == pytest.approx(losses[0].item(), rel=1e-5)
     assert out["source_loss"].item() == pytest.approx(losses[1].item(), rel=1e-5)

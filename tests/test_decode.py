@@ -44,6 +44,7 @@ def tiny_model(loss: str = "mse", seed: int = 0, **kw) -> CaptionDecoder:
         "bos_token_id": BOS,
         "eos_token_id": EOS,
         "pad_token_id": PAD,
+        "domain_token": False,  # decoding, not the token (the same random draws as before it)
         **kw,
     }
     return CaptionDecoder(DecoderConfig(**cfg), torch.randn(VOCAB, WIDTH))

@@ -552,6 +552,7 @@ def test_a_domain_token_model_is_also_decoded_with_the_source_token(tmp_path, cl
     from pipeline.caption.decode import caption_embeddings, load_caption_model
     from pipeline.metrics.form import form
     from pipeline.nn.caption_decoder import SOURCE
+    from pipeline.stages.evaluate_caption import Settings
     from pipeline.synth.grammar import parses
 
     embs = make_embeddings(tmp_path / "emb", clip_folder)
@@ -567,7 +568,9 @@ def test_a_domain_token_model_is_also_decoded_with_the_source_token(tmp_path, cl
     tok = AutoTokenizer.from_pretrained(str(clip_folder))
     test_emb = torch.from_numpy(embs["test_emb"].astype(np.float16).astype(np.float32))
     model = load_caption_model(tmp_path / "models" / "ada")
-    src = caption_embeddings(model, test_emb, tok, 2, 8, domain=SOURCE)
+    rule = Settings()  # the decode settings _write_params leaves at their defaults
+    src = caption_embeddings(model, test_emb, tok, 2, 8, no_repeat_ngram_size=rule.no_repeat_ngram_size,
+                             length_penalty=rule.length_penalty, domain=SOURCE)  # fmt: skip
     want = form(src, parses)
     assert detail["ada"]["form"]["source_token"] == {
         "wellformed": want["wellformed"], "alt_text": want["alt_text"], "examples": src[:3]}  # fmt: skip

@@ -69,12 +69,12 @@ class DecoderSettings:
     prefix_len: int = 4  # image prefix vectors the adapter makes (the discriminator's input)
     max_len: int = 32  # caption tokens incl. BOS and EOS (longer captions are cut)
     dropout: float = 0.0  # dropout in the blocks and after the embeddings
-    loss: Literal["mse", "cosine", "ce"] = "mse"  # caption loss (mse: the paper's)
+    loss: Literal["mse", "cosine", "ce"] = "ce"  # caption loss (mse: the paper's; docs/results.md)
     target_norm: bool = True  # regress unit-normalised token rows (raw rows if false)
     target_scale: float | None = None  # scale of the targets; null: sqrt(token width)
     ce_temperature: float = 0.05  # temperature of the ce logits (and of beam scores)
     aux_ce: float = 0.0  # weight of an auxiliary ce loss added to mse / cosine
-    domain_token: bool = False  # a learned per-domain vector after the prefix (target at test)
+    domain_token: bool = True  # a learned per-domain vector after the prefix (target at test)
 
     def __post_init__(self) -> None:
         for key in ("width", "layers", "heads", "mlp_ratio", "prefix_len"):
