@@ -112,3 +112,47 @@ def test_confusion_loss_is_bce_with_swapped_labels():
     assert out.loss.item() == pytest.approx(
         (math.log1p(math.exp(-3.0)) + math.log1p(math.exp(1.0))) / 2, abs=1e-6
     )
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, w: list[float]):
+        super().__init__()
+        self.lin = torch.nn.Linear(len(w), 1)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.tensor([w]))
+
+    def forward(self, f):
+        return self.lin(f).squeeze(-1)
+
+
+def test_gradient_penalty_of_a_linear_discriminator_is_its_squared_weight_norm():
+    disc = _Linear([3.0, -4.0])  # ∇_f D = w everywhere: E‖∇D‖² = 25
+    src, tgt = torch.randn(4, 2), torch.randn(3, 2)
+    out = domain_adversarial_loss(disc, src, tgt, coeff=1.0, penalty=10.0)
+    plain = domain_adversarial_loss(disc, src, tgt, coeff=1.0)
+    assert out.penalty.item() == pytest.approx(25.0)
+    assert out.loss.item() == pytest.approx(plain.loss.item() + 0.5 * 10.0 * 25.0, rel=1e-6)
+    assert plain.penalty.item() == 0.0
+    out.loss.backward()  # d/dw (γ/2 ‖w‖²) = γ w is added to the BCE's gradient
+    bce_grad = torch.autograd.grad(
+        domain_adversarial_loss(disc, src, tgt, 1.0).loss, disc.lin.weight
+    )[0]
+    torch.testing.assert_close(disc.lin.weight.grad, bce_grad + 10.0 * torch.tensor([[3.0, -4.0]]))
+
+
+def test_gradient_penalty_trains_the_discriminator_only():
+    """The features' gradient (through the GRL) is the same with and without the penalty."""
+    torch.manual_seed(0)
+    disc = DomainDiscriminator(8, hidden=16)
+    grads = []
+    for penalty in (0.0, 10.0):
+        src = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        tgt = torch.randn(3, 8, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        disc.zero_grad()
+        out = domain_adversarial_loss(disc, src, tgt, coeff=0.7, penalty=penalty)
+        out.loss.backward()
+        grads.append((src.grad, tgt.grad, disc.net[0].weight.grad.clone(), out.penalty))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+    assert grads[1][3] > 0
+    assert not torch.allclose(grads[0][2], grads[1][2])

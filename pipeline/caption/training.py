@@ -227,7 +227,8 @@ class Trainer:
             if domain is not None:
                 src, tgt = (x.to(dev).float() for x in domain)
                 feats = self.model.prefix(torch.cat([src, tgt]))
-                d = domain_adversarial_loss(self.disc, feats[: len(src)], feats[len(src) :], coeff)
+                d = domain_adversarial_loss(self.disc, feats[: len(src)], feats[len(src) :],
+                                            coeff, self.settings.disc_penalty)  # fmt: skip
                 loss = loss + d.loss
                 out |= {
                     "disc_loss": d.loss.detach(),

@@ -87,6 +87,9 @@ class Settings:
     disc_hidden: int = 128  # hidden width of the domain discriminator
     disc_dropout: float = 0.0  # dropout in the discriminator
     disc_lr: float = 1e-3  # AdamW learning rate of the discriminator
+    disc_penalty: float = 0.0  # γ of the discriminator's zero-centred gradient penalty
+    # (R1 on both domains, Mescheder et al. 2018): without it the GRL game can diverge
+    # (pipeline/nn/discriminator.py; docs/results.md, the offset control; 0: off, the paper)
     domain_batch: int = 32  # images of each domain per step (per rank)
     target_splits: tuple[str, ...] = ("train",)  # Flickr30k splits of the target-domain images
     # the epoch saved: the one with the lowest selection loss, or the last (recorded as
@@ -106,7 +109,7 @@ class Settings:
             check(getattr(self, key) > 0, key, "must be > 0")
         for key in ("weight_decay", "warmup_steps", "grad_clip", "adv_weight", "grl_gamma",
                     "pretrain_epochs", "adapt_epochs", "finetune_epochs", "threads",
-                    "source_weight", "text_weight", "text_noise"):  # fmt: skip
+                    "source_weight", "text_weight", "text_noise", "disc_penalty"):  # fmt: skip
             check(getattr(self, key) >= 0, key, "must be >= 0")
         check(0 <= self.labelled_fraction <= 1, "labelled_fraction", "must be in [0, 1]")
         check(self.labelled_fraction > 0 or self.source_weight > 0 or self.text_weight > 0
