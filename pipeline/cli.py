@@ -338,6 +338,9 @@ def seeds(
     ] = None,
     against: Annotated[str | None, _opt("with --choose: also report this metric's mean")] = None,
     higher: Annotated[bool, _opt("with --choose: higher is better (default: lower)")] = False,
+    intervals: Annotated[
+        bool, _opt("count the seeds whose own interval of each difference excludes 0 (git)")
+    ] = False,
 ):
     """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting; with
     --choose, the trade-off chosen on them (e.g. adv_weight per labelled fraction on the
@@ -346,7 +349,14 @@ def seeds(
 
     from pipeline.atomic import write_json, write_text
     from pipeline.experiments import choose as choose_setting
-    from pipeline.experiments import exp_show, finished, markdown, summarise, sweep_plot
+    from pipeline.experiments import (
+        detail_intervals,
+        exp_show,
+        finished,
+        markdown,
+        summarise,
+        sweep_plot,
+    )
 
     if plot is not None and (len(by or []) != 1 or not metric):
         raise UserError("--plot needs exactly one --by and the --metric names to draw")
@@ -357,7 +367,11 @@ def seeds(
     if (against is not None or higher) and choose is None:
         raise UserError("--against and --higher go with --choose")
     shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd(), rev)
-    groups = summarise(finished(shown), by or [], metric or ["*"])
+    rows = finished(shown)
+    if intervals:
+        for r in rows:
+            r["intervals"] = detail_intervals(Path.cwd(), r["rev"])
+    groups = summarise(rows, by or [], metric or ["*"])
     chosen = choose_setting(groups, by or [], choose, against, higher) if choose else None
     write_json(out, {"by": by or [], "groups": groups} | ({"chosen": chosen} if chosen else {}))
     if plot is not None:

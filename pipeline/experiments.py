@@ -7,7 +7,10 @@ metrics/caption/ada.json: `pipeline.metrics.layout`).
 Experiments are grouped by the params named with `--by` (none: one group); inside a group
 every other param except `seed` must agree, or the summary would mix settings (a one-line
 error names the param that differs). Each metric gets mean, sample standard deviation, min
-and max over the group's seeds.
+and max over the group's seeds. With `--intervals`, each experiment's own bootstrap
+intervals of the paired differences (`intervals` of its metrics/caption_detail.json, read
+from its commit with git) are counted per group: of n seeds, how many intervals lie wholly
+above 0 and how many wholly below.
 """
 
 from __future__ import annotations
@@ -63,9 +66,30 @@ def finished(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
             metrics = {}
             for file, entry in data["metrics"].items():  # metrics/caption/ada.json: caption.ada
                 metrics.update(flatten(entry.get("data", {}), prefix(file)))
-            rows.append({"name": exp.get("name") or rev.get("rev"), "params": params,
-                         "metrics": metrics})  # fmt: skip
+            rows.append({"name": exp.get("name") or rev.get("rev"), "rev": rev.get("rev"),
+                         "params": params, "metrics": metrics})  # fmt: skip
     return rows
+
+
+def detail_intervals(repo: Path, rev: str, detail: str = "metrics/caption_detail.json"
+                     ) -> dict[str, tuple[float, float]]:  # fmt: skip
+    """{"caption.ada-noada.cider": (lo, hi), ...} (named as the metrics): the paired
+    differences' intervals in the detail file at commit `rev` ({} when it has none)."""
+    res = subprocess.run(["git", "show", f"{rev}:{detail}"], cwd=repo, capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    if res.returncode != 0:
+        raise UserError(f"--intervals: no {detail} in experiment commit {rev}")
+    out = {}
+    for pair, node in (json.loads(res.stdout).get("intervals") or {}).items():
+        if "-" not in pair:
+            continue
+        for metric, iv in node.items():
+            if isinstance(iv, dict) and "lo" in iv and "hi" in iv:
+                out[f"{prefix(detail).removesuffix('_detail')}.{pair}.{metric}"] = (
+                    iv["lo"],
+                    iv["hi"],
+                )
+    return out
 
 
 def summarise(
@@ -102,8 +126,24 @@ def summarise(
                     if isinstance(r["metrics"].get(m), int | float)]  # fmt: skip
             if vals:
                 stats[m] = describe(vals)
-        out.append({"params": dict(zip(by, values)), "seeds": sorted(by_seed, key=str),
-                    "experiments": [r["name"] for r in by_seed.values()], "metrics": stats})  # fmt: skip
+        group = {"params": dict(zip(by, values)), "seeds": sorted(by_seed, key=str),
+                 "experiments": [r["name"] for r in by_seed.values()], "metrics": stats}  # fmt: skip
+        if any("intervals" in r for r in by_seed.values()):
+            group["intervals"] = interval_counts([r.get("intervals", {}) for r in by_seed.values()])
+        out.append(group)
+    return out
+
+
+def interval_counts(per_seed: list[dict[str, tuple[float, float]]]) -> dict[str, dict[str, int]]:
+    """For each difference: of the n seeds that have its interval, how many lie wholly
+    above 0 and how many wholly below."""
+    out: dict[str, dict[str, int]] = {}
+    for ivs in per_seed:
+        for key, (lo, hi) in sorted(ivs.items()):
+            c = out.setdefault(key, {"above": 0, "below": 0, "n": 0})
+            c["above"] += lo > 0
+            c["below"] += hi < 0
+            c["n"] += 1
     return out
 
 
@@ -147,7 +187,8 @@ def describe(values: Sequence[float]) -> dict[str, float]:
 
 
 def markdown(groups: list[dict[str, Any]]) -> str:
-    """Metrics as rows, groups as columns: `mean ± std (n)`."""
+    """Metrics as rows, groups as columns: `mean ± std (n)`, and for a difference whose
+    per-seed intervals were counted `[a↑ b↓]`: a seeds' intervals above 0, b below."""
     heads = [", ".join(f"{k}={v}" for k, v in g["params"].items()) or "all" for g in groups]
     names = sorted({m for g in groups for m in g["metrics"]})
     lines = ["| metric | " + " | ".join(heads) + " |", "|---" * (len(groups) + 1) + "|"]
@@ -155,7 +196,9 @@ def markdown(groups: list[dict[str, Any]]) -> str:
         cells = []
         for g in groups:
             s = g["metrics"].get(m)
-            cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n']})" if s else "–")
+            c = (g.get("intervals") or {}).get(m)
+            mark = f" [{c['above']}↑ {c['below']}↓]" if c else ""
+            cells.append(f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n']}){mark}" if s else "–")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -126,3 +126,32 @@ def test_row_files_are_named_as_the_one_file_layout_was():
                        "metrics/caption/ada-noada.json": {"data": {"cider": 0.1}},
                        "metrics/vqa/overall.json": {"data": {"head": 0.8}}}  # fmt: skip
     assert finished(shown(e))[0]["metrics"] == finished(shown(exp("a", 0, 1.0, 0.6)))[0]["metrics"]
+
+
+def test_per_seed_intervals_are_counted_above_and_below_zero(tmp_path):
+    import subprocess
+
+    from pipeline.experiments import detail_intervals, markdown
+
+    repo = tmp_path / "repo"
+    (repo / "metrics").mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    revs = []
+    for lo, hi in ((0.05, 0.2), (-0.1, 0.1), (-0.3, -0.01)):  # above, neither, below
+        detail = {"intervals": {"ada": {"cider": {"value": 1.0, "lo": 0.9, "hi": 1.1}},
+                                "ada-noada": {"cider": {"value": 0.0, "lo": lo, "hi": hi}}}}  # fmt: skip
+        (repo / "metrics" / "caption_detail.json").write_text(json.dumps(detail))
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", "x"], check=True)
+        revs.append(subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                   check=True).stdout.strip())  # fmt: skip
+    assert detail_intervals(repo, revs[0]) == {"caption.ada-noada.cider": (0.05, 0.2)}
+    rows = finished(shown(exp("a", 0, 1.0, 0.6), exp("b", 1, 1.0, 0.8), exp("c", 2, 1.0, 0.7)))
+    for r, rev in zip(rows, revs, strict=True):
+        r["intervals"] = detail_intervals(repo, rev)
+    (group,) = summarise(rows, [], ["caption.ada-noada.*"])
+    assert group["intervals"] == {"caption.ada-noada.cider": {"above": 1, "below": 1, "n": 3}}
+    assert "0.200 ± 0.100 (3) [1↑ 1↓]" in markdown([group])
+    with pytest.raises(UserError, match="no metrics/caption_detail.json in experiment commit"):
+        detail_intervals(repo, "0" * 40)
