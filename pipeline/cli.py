@@ -310,12 +310,15 @@ def report(
     vg: Annotated[Path, _opt("Visual Genome folder (question images)")],
     out: Annotated[Path, _opt("the HTML page to write")],
     params: Params = PARAMS,
+    sweeps: Annotated[
+        Path | None, _opt("folder of sweep summaries (metrics/seeds: adaptation_*.json)")
+    ] = None,
 ):
-    """One self-contained HTML page: tables with intervals, curves, galleries."""
+    """One self-contained HTML page: tables with intervals, sweeps, curves, galleries."""
     from pipeline.stages import report as stage
 
     typer.echo(stage.main(metrics=metrics, predictions=predictions, qa=qa, flickr30k=flickr30k,
-                          vg=vg, out=out, params=params))  # fmt: skip
+                          vg=vg, out=out, params=params, sweeps=sweeps))  # fmt: skip
 
 
 @app.command()
@@ -326,7 +329,7 @@ def seeds(
     metric: Annotated[
         list[str] | None, _opt("metrics to keep, glob on e.g. caption.ada.cider (repeat)")
     ] = None,
-    plot: Annotated[Path | None, _opt("SVG of the --metric means against the one --by")] = None,
+    plot: Annotated[Path | None, _opt("SVG of the --metric means against the first --by")] = None,
     rev: Annotated[
         str | None, _opt("the commit the experiments derive from (default HEAD)")
     ] = None,
@@ -341,6 +344,7 @@ def seeds(
     intervals: Annotated[
         bool, _opt("count the seeds whose own interval of each difference excludes 0 (git)")
     ] = False,
+    note: Annotated[str, _opt("a line on what the sweep is, kept in the summary")] = "",
 ):
     """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting; with
     --choose, the trade-off chosen on them (e.g. adv_weight per labelled fraction on the
@@ -358,8 +362,9 @@ def seeds(
         sweep_plot,
     )
 
-    if plot is not None and (len(by or []) != 1 or not metric):
-        raise UserError("--plot needs exactly one --by and the --metric names to draw")
+    if plot is not None and (not by or not metric):
+        raise UserError("--plot needs a --by (its x axis: the first) and the --metric names "
+                        "to draw")  # fmt: skip
     if choose is not None and len(by or []) != 2:
         raise UserError("--choose needs two --by params: the setting to choose per value of the "
                         "first (e.g. --by train_caption.labelled_fraction --by "
@@ -373,11 +378,12 @@ def seeds(
             r["intervals"] = detail_intervals(Path.cwd(), r["rev"])
     groups = summarise(rows, by or [], metric or ["*"])
     chosen = choose_setting(groups, by or [], choose, against, higher) if choose else None
-    write_json(out, {"by": by or [], "groups": groups} | ({"chosen": chosen} if chosen else {}))
+    write_json(out, {"by": by or [], "groups": groups} | ({"note": note} if note else {})
+               | ({"chosen": chosen} if chosen else {}))  # fmt: skip
     if plot is not None:
         assert by is not None
         names = sorted({m for g in groups for m in g["metrics"]})
-        write_text(plot, sweep_plot(groups, by[0], names))
+        write_text(plot, sweep_plot(groups, by, names))
     typer.echo(markdown(groups))
     for row in chosen or []:
         assert by is not None and choose is not None

@@ -203,19 +203,30 @@ def markdown(groups: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def sweep_plot(groups: list[dict[str, Any]], by: str, metrics: Sequence[str]) -> str:
-    """SVG of each metric's mean over seeds (band: min..max) against the values of the one
-    param `by`, placed at even steps in the order given."""
+def sweep_plot(groups: list[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]) -> str:
+    """SVG of each metric's mean over seeds (band: min..max) against the values of the
+    first param of `by`, placed at even steps in sorted order; one line per metric and per
+    combination of the other `by` params' values."""
     from pipeline.webpage.charts import line_chart
 
-    values = [g["params"][by] for g in groups]
-    order = sorted(range(len(values)), key=lambda i: (not isinstance(values[i], int | float),
-                                                      values[i]))  # fmt: skip
-    series, bands = {}, {}
-    for m in metrics:
-        pts = [(x, groups[i]["metrics"].get(m)) for x, i in enumerate(order)]
-        series[m] = [(x, s["mean"]) for x, s in pts if s]
-        bands[m] = [(x, s["min"], s["max"]) for x, s in pts if s]
-    ticks = [(x, str(values[i])) for x, i in enumerate(order)]
-    return line_chart(f"mean over seeds (band: min-max) by {by}", series, by, "",
+    x_key, rest = by[0], list(by[1:])
+    values = sorted({g["params"][x_key] for g in groups},
+                    key=lambda v: (not isinstance(v, int | float), v))  # fmt: skip
+    pos = {v: i for i, v in enumerate(values)}
+    series: dict[str, list[tuple[float, float]]] = {}
+    bands: dict[str, list[tuple[float, float, float]]] = {}
+    for g in groups:
+        other = ", ".join(f"{k.rsplit('.', 1)[-1]}={g['params'][k]}" for k in rest)
+        x = pos[g["params"][x_key]]
+        for m in metrics:
+            st = g["metrics"].get(m)
+            if st:
+                name = f"{m} ({other})" if other else m
+                series.setdefault(name, []).append((x, st["mean"]))
+                bands.setdefault(name, []).append((x, st["min"], st["max"]))
+    for name, points in series.items():
+        points.sort()
+        bands[name].sort()
+    ticks = [(i, str(v)) for i, v in enumerate(values)]
+    return line_chart(f"mean over seeds (band: min-max) by {x_key}", series, x_key, "",
                       x_ticks=ticks, bands=bands)  # fmt: skip

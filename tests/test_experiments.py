@@ -74,7 +74,24 @@ def test_cli_writes_json_table_and_plot(tmp_path):
     assert svg.startswith("<svg") and "caption.ada.cider" in svg and "<polygon" in svg
     res = CliRunner().invoke(app, ["seeds", "--out", str(out), "--exp-json", str(saved),
                                    "--plot", str(plot)])  # fmt: skip
-    assert res.exit_code == 2 and "--plot needs exactly one --by" in res.output
+    assert res.exit_code == 2 and "--plot needs a --by" in res.output
+
+
+def test_plot_draws_a_line_per_value_of_the_other_params(tmp_path):
+    saved = tmp_path / "exps.json"
+    saved.write_text(json.dumps(shown(
+        exp("a", 0, 1.0, 0.6), exp("b", 0, 0.0, 0.2),
+        exp("c", 0, 1.0, 0.9, lr=0.01), exp("d", 0, 0.0, 0.5, lr=0.01),
+    )))  # fmt: skip
+    plot = tmp_path / "sweep.svg"
+    res = CliRunner().invoke(app, [
+        "seeds", "--out", str(tmp_path / "s.json"), "--exp-json", str(saved), "--plot", str(plot),
+        "--by", "train_caption.labelled_fraction", "--by", "train_caption.lr",
+        "--metric", "caption.ada.cider",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    svg = plot.read_text()
+    assert "caption.ada.cider (lr=0.001)" in svg and "caption.ada.cider (lr=0.01)" in svg
 
 
 def test_choose_the_trade_off_per_fraction_on_pooled_validation(tmp_path):

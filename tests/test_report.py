@@ -114,6 +114,34 @@ def test_page_is_self_contained_with_tables_intervals_and_galleries(tmp_path):
     assert html.count("<svg") == 1  # the one plot TSV given
 
 
+def test_sweep_summaries_get_a_table_and_their_plot(tmp_path):
+    paths = world(tmp_path)
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    group = {"params": {"train_caption.labelled_fraction": 0.01, "train_caption.adv_weight": 1.0},
+             "seeds": [0, 1, 2], "metrics": {
+                 "caption.ada.cider": {"mean": 1.2, "std": 0.1, "min": 1.1, "max": 1.3, "n": 3},
+                 "caption.ada-noada.cider": {"mean": 0.15, "std": 0.05, "min": 0.1, "max": 0.2,
+                                             "n": 3}},
+             "intervals": {"caption.ada-noada.cider": {"above": 2, "below": 0, "n": 3}}}  # fmt: skip
+    other = json.loads(json.dumps(group))
+    other["params"]["train_caption.labelled_fraction"] = 0
+    summary = {"by": ["train_caption.labelled_fraction", "train_caption.adv_weight"],
+               "groups": [other, group], "note": "the offset control"}  # fmt: skip
+    (seeds / "adaptation_offset.json").write_text(json.dumps(summary))
+    (seeds / "adaptation_offset.svg").write_text('<svg id="sweep-plot"></svg>')
+    (seeds / "objectives.json").write_text(json.dumps(summary))  # not an adaptation sweep
+    args = [f"--{k}={v}" for k, v in paths.items()]
+    res = CliRunner().invoke(app, ["report", *args, "--sweeps", str(seeds)])
+    assert res.exit_code == 0, res.output
+    html = paths["out"].read_text()
+    assert "<h3>offset</h3>" in html and "the offset control" in html
+    assert html.count("<h3>") == 1 and '<svg id="sweep-plot">' in html
+    # rows name the params that vary (not adv_weight), cells mean ± std and the seed counts
+    assert "<td>labelled_fraction=0.01</td><td>3</td>" in html
+    assert 'class="sig">0.150 ± 0.050\n<span class="ci">2↑ 0↓ of 3</span>' in html
+
+
 def test_missing_metrics_folder_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["report", "--metrics", str(tmp_path / "nope"),
                                    "--predictions", ".", "--qa", ".", "--flickr30k", ".",

@@ -4,7 +4,9 @@ Reads the evaluation details (`--metrics`: clip_detail.json, caption_detail.json
 vqa_detail.json and plots/*.tsv), the predictions (`--predictions`: caption_*.jsonl,
 vqa.jsonl), the QA tables (`--qa`, for the question boxes) and the images (`--flickr30k`,
 `--vg`), and writes `--out` (index.html): the CLIP probes, the VQA and caption tables with
-their 95% intervals and paired differences, the training curves as inline SVG, and
+their 95% intervals and paired differences, the adaptation sweeps summarised over seeds
+(`--sweeps`: metrics/seeds/adaptation_*.json, committed from DVC experiments; a table and a
+plot per world), the training curves as inline SVG, and
 galleries of test images with their captions (references, each system) and of test
 questions with the box drawn and each method's answer, correct ones marked. Images are
 inlined as small JPEG thumbnails; the page loads nothing from the network and runs no
@@ -40,7 +42,7 @@ SETTINGS = (Settings,)
 
 def main(
     metrics: Path, predictions: Path, qa: Path, flickr30k: Path, vg: Path, out: Path,
-    params: Path,
+    params: Path, sweeps: Path | None = None,
 ) -> str:  # fmt: skip
     """Write the report page `out`; the one-line summary."""
     from jinja2 import Environment
@@ -73,7 +75,7 @@ def main(
         run=run, clip_rows=content.clip_rows(clip), scene_rows=content.scene_rows(clip),
         vqa=content.vqa_tables(vqa),
         caption=captions, charts=content.curves(metrics / "plots"),
-        caption_gallery=cap_items, vqa_gallery=vqa_items,
+        caption_gallery=cap_items, vqa_gallery=vqa_items, sweeps=content.sweeps(sweeps),
     )  # fmt: skip
     write_text(Path(out), page)
     size = Path(out).stat().st_size

@@ -91,6 +91,17 @@ rule on (the captions scored) and off (the model's own looping); count right = o
 captions stating "N shapes", the share whose N is the scene's (of how many).</p>{% endif %}
 {% else %}<p class="note">No caption evaluation found.</p>{% endif %}
 
+{% if sweeps %}<h2>Adaptation sweeps (DVC experiments, mean ± std over seeds)</h2>
+<p class="note">From metrics/seeds/adaptation_*.json (<code>clipda seeds --intervals</code>):
+one table and plot per world. Under a paired difference: of its seeds, how many have their
+own 95% interval wholly above / below 0 (green: at least 2 above).</p>
+{% for w in sweeps %}<h3>{{ w.name }}</h3>{% if w.note %}<p class="note">{{ w.note }}</p>{% endif %}
+<table><tr><th>setting</th><th>seeds</th>{% for m in w.metrics %}<th>{{ m }}</th>{% endfor %}</tr>
+{% for r in w.rows %}<tr><td>{{ r.setting }}</td><td>{{ r.seeds }}</td>
+{% for c in r.cells %}<td class="{{ 'sig' if c.excludes_zero }}">{{ c.text }}
+<span class="ci">{{ c.ci }}</span></td>{% endfor %}</tr>{% endfor %}</table>
+<div class="charts">{{ w.svg|safe }}</div>{% endfor %}{% endif %}
+
 <h2>Training curves</h2>
 <div class="charts">{% for svg in charts %}{{ svg|safe }}{% endfor %}</div>
 
