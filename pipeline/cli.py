@@ -345,6 +345,9 @@ def seeds(
         bool, _opt("count the seeds whose own interval of each difference excludes 0 (git)")
     ] = False,
     note: Annotated[str, _opt("a line on what the sweep is, kept in the summary")] = "",
+    where: Annotated[
+        list[str] | None, _opt("keep only the experiments with this param value: KEY=VALUE")
+    ] = None,
 ):
     """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting; with
     --choose, the trade-off chosen on them (e.g. adv_weight per labelled fraction on the
@@ -358,6 +361,7 @@ def seeds(
         exp_show,
         finished,
         markdown,
+        select,
         summarise,
         sweep_plot,
     )
@@ -372,7 +376,7 @@ def seeds(
     if (against is not None or higher) and choose is None:
         raise UserError("--against and --higher go with --choose")
     shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd(), rev)
-    rows = finished(shown)
+    rows = select(finished(shown), where or [])
     if intervals:
         for r in rows:
             r["intervals"] = detail_intervals(Path.cwd(), r["rev"])

@@ -71,6 +71,22 @@ def finished(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def select(rows: list[dict[str, Any]], where: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows whose params match every `KEY=VALUE` of `where` (VALUE read as YAML, so
+    `false`, `0.01` and `clipart` compare as the params file's values do)."""
+    import yaml
+
+    wanted = {}
+    for item in where:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--where {item!r}: expected KEY=VALUE")
+        if rows and not any(key in r["params"] for r in rows):
+            raise UserError(f"--where {key}: no experiment has this param")
+        wanted[key] = yaml.safe_load(raw)
+    return [r for r in rows if all(r["params"].get(k) == v for k, v in wanted.items())]
+
+
 def detail_intervals(repo: Path, rev: str, detail: str = "metrics/caption_detail.json"
                      ) -> dict[str, tuple[float, float]]:  # fmt: skip
     """{"caption.ada-noada.cider": (lo, hi), ...} (named as the metrics): the paired

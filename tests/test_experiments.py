@@ -172,3 +172,15 @@ def test_per_seed_intervals_are_counted_above_and_below_zero(tmp_path):
     assert "0.200 ± 0.100 (3) [1↑ 1↓]" in markdown([group])
     with pytest.raises(UserError, match="no metrics/caption_detail.json in experiment commit"):
         detail_intervals(repo, "0" * 40)
+
+
+def test_where_keeps_the_experiments_of_one_setting():
+    from pipeline.experiments import select
+
+    rows = finished(shown(exp("a", 0, 1.0, 0.6), exp("b", 0, 0.01, 0.8), exp("c", 1, 0.01, 0.7)))
+    assert [r["name"] for r in select(rows, ["train_caption.labelled_fraction=0.01"])] == ["b", "c"]
+    assert [r["name"] for r in select(rows, ["seed=1", "train_caption.lr=0.001"])] == ["c"]
+    with pytest.raises(UserError, match="--where nope: no experiment has this param"):
+        select(rows, ["nope=1"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        select(rows, ["seed"])
