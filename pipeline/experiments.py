@@ -145,7 +145,10 @@ def summarise(
         group = {"params": dict(zip(by, values)), "seeds": sorted(by_seed, key=str),
                  "experiments": [r["name"] for r in by_seed.values()], "metrics": stats}  # fmt: skip
         if any("intervals" in r for r in by_seed.values()):
-            group["intervals"] = interval_counts([r.get("intervals", {}) for r in by_seed.values()])
+            group["intervals"] = interval_counts([
+                {k: v for k, v in r.get("intervals", {}).items()
+                 if any(fnmatch.fnmatchcase(k, p) for p in metrics)}
+                for r in by_seed.values()])  # fmt: skip
         out.append(group)
     return out
 

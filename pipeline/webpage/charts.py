@@ -48,8 +48,11 @@ def line_chart(
     def sy(y: float) -> float:
         return H - BOTTOM + (y - y0) / (y1 - y0) * -(H - TOP - BOTTOM)
 
-    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="10">'),
+    # legend: three columns of short names (two rows at most), else one name per line below
+    wide = len(series) > 6 or any(len(n) > 20 for n in series)
+    height = H + (len(series) - 1) * 11 if wide else H
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" '
+           f'viewBox="0 0 {W} {height}" font-family="sans-serif" font-size="10">'),
            f'<text x="{W / 2}" y="14" text-anchor="middle" font-size="12">{escape(title)}</text>',
            (f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" '
            'fill="none" stroke="#999"/>')]  # fmt: skip
@@ -82,8 +85,11 @@ def line_chart(
                        'stroke-width="1.5"/>')  # fmt: skip
         for x, y in line:
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{colour}"/>')
-        lx = LEFT + 4 + (k % 3) * 125
-        ly = H - 14 + (k // 3) * 11 - (11 if len(series) > 3 else 0)
+        if wide:
+            lx, ly = LEFT + 4, H - 14 + k * 11
+        else:
+            lx = LEFT + 4 + (k % 3) * 125
+            ly = H - 14 + (k // 3) * 11 - (11 if len(series) > 3 else 0)
         out.append(f'<rect x="{lx}" y="{ly - 7}" width="10" height="3" fill="{colour}"/>'
                    f'<text x="{lx + 14}" y="{ly - 2}">{escape(name)}</text>')  # fmt: skip
     out.append("</svg>")
