@@ -27,3 +27,18 @@ def test_separable_domains_are_far_apart_and_one_domain_is_not():
 def test_too_few_rows_is_an_error():
     with pytest.raises(ValueError, match="at least 4 rows"):
         proxy_a_distance(np.zeros((3, 2)), np.ones((10, 2)))
+
+
+def test_centroid_gap_measures_a_shift_in_units_of_the_source_spread():
+    from pipeline.metrics.domain_gap import centroid_gap
+
+    src = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # spread 1 around 0
+    assert centroid_gap(src, src + [0.0, 3.0]) == 3.0
+    assert centroid_gap(src, src[::-1]) == 0.0
+    # d_A saturates for any shift a line separates; the centroid gap keeps its scale
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 2)) * [1.0, 0.01]
+    small, large = a[200:] + [0.0, 0.1], a[200:] + [0.0, 1.0]
+    assert proxy_a_distance(a[:200], small)["a_distance"] > 1.9
+    assert proxy_a_distance(a[:200], large)["a_distance"] > 1.9
+    assert centroid_gap(a[:200], large) > 5 * centroid_gap(a[:200], small)

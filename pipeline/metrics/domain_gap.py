@@ -9,6 +9,12 @@ unit length) fit on one half of class-balanced rows (the larger domain subsample
 smaller, seeded) and scored on the other half. d_A is 2 for domains a line separates, 0
 for domains it cannot tell apart (ε = 0.5; a negative d_A is chance noise). The interval
 is the Wilson score interval of ε over the test rows (a binomial count), mapped to d_A.
+
+d_A saturates: a shift that a line separates gives 2 however small it is next to the rows'
+spread (on issue 20's offset control the adversarially trained prefix still scored 2.0
+while its domains' distance had shrunk 3-fold). `centroid_gap` is the scale beside it:
+the distance between the two domains' mean rows over the mean distance of a source row to
+its mean (0: the same centre; 1: centres a typical row's spread apart).
 """
 
 from __future__ import annotations
@@ -23,8 +29,17 @@ HOW = (
     "linear domain classifier (L2 logistic regression, L-BFGS, on rows centred on the fit "
     "half's mean and unit-normalised) fit on half of class-balanced rows (the larger domain "
     "subsampled to the smaller, seeded), scored on the other half; interval: the Wilson score "
-    "interval of ε over the test rows, mapped to d_A. 2: separable, 0: indistinguishable"
+    "interval of ε over the test rows, mapped to d_A. 2: separable, 0: indistinguishable; "
+    "centroid_gap: ‖mean target - mean source‖ / mean ‖source row - mean source‖"
 )
+
+
+def centroid_gap(source: np.ndarray, target: np.ndarray) -> float:
+    """‖mean(target) - mean(source)‖ / mean ‖source row - mean(source)‖ (module docstring)."""
+    s, t = np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    centre = s.mean(0)
+    spread = float(np.linalg.norm(s - centre, axis=1).mean())
+    return round(float(np.linalg.norm(t.mean(0) - centre)) / max(spread, 1e-12), 4)
 
 
 def wilson(errors: int, n: int, level: float) -> tuple[float, float]:

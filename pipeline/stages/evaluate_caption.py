@@ -279,7 +279,7 @@ def domain_gaps(
 
     from pipeline.caption.data import load_images
     from pipeline.embedding.files import vectors
-    from pipeline.metrics.domain_gap import HOW, proxy_a_distance
+    from pipeline.metrics.domain_gap import HOW, centroid_gap, proxy_a_distance
 
     laion = Path(laion)
     if not laion.is_dir():
@@ -291,7 +291,8 @@ def domain_gaps(
     images[1] = shift.apply(images[1])
 
     def gap(a, b) -> dict[str, Any]:
-        return proxy_a_distance(np.asarray(a), np.asarray(b), boot.seed, boot.level)
+        a, b = np.asarray(a), np.asarray(b)
+        return proxy_a_distance(a, b, boot.seed, boot.level) | {"centroid_gap": centroid_gap(a, b)}
 
     text = [vectors(t.column("text_emb")) for t in (source_table, table)]
     out: dict[str, Any] = {"measured": True, "how": HOW, "source": str(laion), "target": str(emb),

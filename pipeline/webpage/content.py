@@ -125,6 +125,7 @@ def gap_rows(gap: dict[str, Any]) -> list[dict[str, str]]:
     named += [(f"{k} decoder's image prefix", v) for k, v in gap.get("prefix", {}).items()]
     return [{"what": what, "d": f"{g['a_distance']:.3f}",
              "ci": "[{:.3f}, {:.3f}]".format(*g["a_distance_ci"]), "error": f"{g['error']:.3f}",
+             "centroid": f"{g['centroid_gap']:.3f}" if "centroid_gap" in g else "–",
              "n": str(g["n_test"])} for what, g in named]  # fmt: skip
 
 

@@ -79,12 +79,14 @@ with the best cosine with a reference (Hessel et al. 2021). References: each aga
 image, RefCLIPScore against the image's other references (leave one out). Its scale is the
 CLIP's own: compare systems with the references' score, not with published values.</p>{% endif %}
 {% if caption.gap %}<table><tr><th>LAION vs Flickr30k</th><th>proxy A-distance</th>
-<th>domain classifier error</th><th>test rows</th></tr>
+<th>domain classifier error</th><th>centroid gap</th><th>test rows</th></tr>
 {% for g in caption.gap %}<tr><td>{{ g.what }}</td><td>{{ g.d }} <span class="ci">{{ g.ci }}</span>
-</td><td>{{ g.error }}</td><td>{{ g.n }}</td></tr>{% endfor %}</table>
+</td><td>{{ g.error }}</td><td>{{ g.centroid }}</td><td>{{ g.n }}</td></tr>{% endfor %}</table>
 <p class="note">Domain gap: d_A = 2(1 - 2&epsilon;), &epsilon; the held-out error of a linear
 classifier telling the two datasets' rows apart (balanced); 2: separable, 0: indistinguishable.
-</p>{% endif %}
+It saturates at 2 for any shift a line separates, however small; the centroid gap is the
+distance between the two domains' mean rows in units of the source rows' mean distance to
+theirs (0: same centre).</p>{% endif %}
 {% if caption.form_heads %}<p class="note">Form: well-formed = parses under the sample
 world's caption grammar; repeats a 4-gram = some 4 words occur twice, with the repetition
 rule on (the captions scored) and off (the model's own looping); count right = of the
