@@ -330,6 +330,9 @@ def seeds(
         list[str] | None, _opt("metrics to keep, glob on e.g. caption.ada.cider (repeat)")
     ] = None,
     plot: Annotated[Path | None, _opt("SVG of the --metric means against the first --by")] = None,
+    plot_metric: Annotated[
+        list[str] | None, _opt("with --plot: draw only these of the --metric (glob, repeat)")
+    ] = None,
     rev: Annotated[
         str | None, _opt("the commit the experiments derive from (default HEAD)")
     ] = None,
@@ -352,6 +355,7 @@ def seeds(
     """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting; with
     --choose, the trade-off chosen on them (e.g. adv_weight per labelled fraction on the
     pooled validation score caption.ada.select_loss, against caption.noada.select_loss)."""
+    import fnmatch
     import json
 
     from pipeline.atomic import write_json, write_text
@@ -386,7 +390,8 @@ def seeds(
                | ({"chosen": chosen} if chosen else {}))  # fmt: skip
     if plot is not None:
         assert by is not None
-        names = sorted({m for g in groups for m in g["metrics"]})
+        names = sorted({m for g in groups for m in g["metrics"]
+                        if any(fnmatch.fnmatchcase(m, p) for p in plot_metric or ["*"])})  # fmt: skip
         write_text(plot, sweep_plot(groups, by, names))
     typer.echo(markdown(groups))
     for row in chosen or []:

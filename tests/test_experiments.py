@@ -92,6 +92,18 @@ def test_plot_draws_a_line_per_value_of_the_other_params(tmp_path):
     assert res.exit_code == 0, res.output
     svg = plot.read_text()
     assert "caption.ada.cider (lr=0.001)" in svg and "caption.ada.cider (lr=0.01)" in svg
+    res = CliRunner().invoke(app, [
+        "seeds", "--out", str(tmp_path / "s.json"), "--exp-json", str(saved), "--plot", str(plot),
+        "--by", "train_caption.labelled_fraction", "--metric", "caption.*",
+        "--where", "train_caption.lr=0.01", "--plot-metric", "caption.ada-noada.*",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    svg = plot.read_text()
+    assert "caption.ada-noada.cider" in svg and "caption.ada.cider" not in svg
+    assert json.loads((tmp_path / "s.json").read_text())["groups"][0]["metrics"].keys() == {
+        "caption.ada.cider",
+        "caption.ada-noada.cider",
+    }
 
 
 def test_choose_the_trade_off_per_fraction_on_pooled_validation(tmp_path):
