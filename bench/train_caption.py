@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="default 10 on CUDA, 2 on CPU")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--disc-penalty", type=float, default=0.0,
+                    help="train_caption.disc_penalty: the discriminator's gradient penalty")  # fmt: skip
     args = ap.parse_args()
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     )  # fmt: skip
     model = CaptionDecoder(cfg, table)
     n_params = sum(p.numel() for p in model.parameters())
-    trainer = Trainer(model, Settings(warmup_steps=0), device)
+    trainer = Trainer(model, Settings(warmup_steps=0, disc_penalty=args.disc_penalty), device)
     where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
     print(
         f"device {device} ({where}), "
