@@ -713,8 +713,18 @@ def test_the_text_arm_learns_every_flickr30k_train_caption_from_its_noisy_text(e
         weights = load_caption_model(tmp_path / name).state_dict()
         return summary, curve, weights
 
+    # with no labelled image the kept epoch is chosen on the val captions' own unit text
+    # embeddings (the text arm's kind of label), not on LAION's
+    from pipeline.stages.train_caption import selection_set
+
+    chosen, info = selection_set(data, 7)
+    assert chosen is data.flickr30k_val_text and info["on"] == "flickr30k_val_text"
+    assert chosen.row_ids == data.flickr30k_val.row_ids and info["domain"] == 1
+    norms = chosen.image_emb.float().norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
     summary, curve, text_only = run("text", source_weight=0.0, text_weight=1.0)
-    assert "text loss" in summary
+    assert "text loss" in summary and "selection flickr30k_val_text" in summary
     finetune = [r for r in curve if r["phase"] == "finetune"]
     assert finetune and all(float(r["text_loss"]) > 0 for r in finetune)
     assert all(r["text_loss"] == "nan" for r in curve if r["phase"] != "finetune")

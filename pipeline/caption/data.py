@@ -188,6 +188,8 @@ class TrainingData:
     clip: dict[str, Any]  # model, revision, dim and token_embedding of the manifests
     flickr30k_text: CaptionSet | None = None  # all Flickr30k train captions with their
     # text embeddings in `image_emb` (the text arm; None: not loaded)
+    flickr30k_val_text: CaptionSet | None = None  # the val captions with their unit text
+    # embeddings (the selection set of a text arm without labelled images)
 
     @property
     def image_dim(self) -> int:
@@ -241,7 +243,8 @@ def load_training_data(
     LAION images (drawn with `labelled_seed`) are held out of `laion` as `laion_val`; the
     discriminator still sees every LAION image. With `text`, also every Flickr30k train
     caption with its CLIP text embedding (`flickr30k_text`; the offset control leaves it:
-    it moves images)."""
+    it moves images) and every val caption with its unit text embedding
+    (`flickr30k_val_text`)."""
     info = same_clip(read_manifest(laion), read_manifest(flickr30k))
     if not (clip or info["model"]):
         raise UserError(f"{laion}/manifest.json names no CLIP: pass one with --clip")
@@ -255,6 +258,10 @@ def load_training_data(
     f_train = load_captions(flickr30k, ("train",), **ids)
     f_val = load_captions(flickr30k, ("val",), **ids)
     f_text = load_captions(flickr30k, ("train",), **ids, emb_column="text_emb") if text else None
+    f_val_text = None
+    if text:
+        f_val_text = load_captions(flickr30k, ("val",), **ids, emb_column="text_emb")
+        f_val_text.image_emb = torch.nn.functional.normalize(f_val_text.image_emb.float(), dim=-1)
     if len(source) == 0 or len(f_train) == 0:
         raise UserError(
             f"no training captions (LAION {len(source)}, Flickr30k train {len(f_train)})"
@@ -273,7 +280,8 @@ def load_training_data(
     tgt_images = shift.apply(tgt_images) if shift is not None else tgt_images
     if len(tgt_images) == 0:
         raise UserError(f"no Flickr30k images in target_splits {list(target_splits)}")
-    sets = (source, source_val, f_train, f_labelled, f_val, *([f_text] if f_text else []))
+    sets = (source, source_val, f_train, f_labelled, f_val,
+            *(c for c in (f_text, f_val_text) if c is not None))  # fmt: skip
     for cs in {id(c): c for c in sets}.values():
         # small enough to live on the device (145k x 512 fp16)
         cs.image_emb, cs.ids, cs.lengths = (
@@ -281,5 +289,5 @@ def load_training_data(
         )
     return TrainingData(
         source, source_val, f_train, f_labelled, f_val, src_images, tgt_images.to(device),
-        table.weight, special, info, f_text,
+        table.weight, special, info, f_text, f_val_text,
     )  # fmt: skip

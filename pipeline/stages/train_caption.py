@@ -14,7 +14,8 @@ default) is the offset control of `pipeline.caption.shift`.
 The kept epoch (`keep: best_val_loss`) is the one with the lowest loss on a selection set
 that holds no more target labels than training had (`selection_set`): the Flickr30k val
 captions of as many val images as there are labelled train images (at least 16), or, with
-none labelled, the captions of `laion_val_images` LAION images held out of training.
+none labelled, the captions of `laion_val_images` LAION images held out of training (with
+a text arm and none labelled: the Flickr30k val captions decoded from their text embeddings).
 
 Outputs: the model folder (model.safetensors + config.json: the `DecoderConfig`, the
 CLIP the embeddings came from and a training summary) and the per-epoch `plots` TSV.
@@ -133,8 +134,15 @@ def selection_set(data, seed: int):
     """The captions whose loss chooses the kept epoch, and what they are: the Flickr30k
     val captions of as many val images as there are labelled train images (at least 16,
     at most all; a seeded draw), or with none labelled the held-out LAION captions, so
-    the choice never uses more target labels than training had."""
+    the choice never uses more target labels than training had. A text arm without
+    labelled images (`text_weight` > 0, fraction 0) trains on unpaired Flickr30k text, so
+    it is chosen on the same kind of label: the val captions decoded from their own unit
+    text embeddings (no image, no noise) with the target token; LAION's loss would keep
+    the epoch before the text arm starts."""
     n_labelled = len(data.flickr30k_labelled.image_ids)
+    if n_labelled == 0 and data.flickr30k_val_text is not None:
+        return data.flickr30k_val_text, {"on": "flickr30k_val_text", "domain": TARGET,
+                                         "images": len(data.flickr30k_val_text.image_ids)}  # fmt: skip
     if n_labelled == 0:
         return data.laion_val, {"on": "laion_val", "images": len(data.laion_val.image_ids),
                                 "domain": SOURCE}  # fmt: skip
