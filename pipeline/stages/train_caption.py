@@ -88,7 +88,7 @@ class Settings:
     disc_hidden: int = 128  # hidden width of the domain discriminator
     disc_dropout: float = 0.0  # dropout in the discriminator
     disc_lr: float = 1e-3  # AdamW learning rate of the discriminator
-    disc_penalty: float = 0.0  # γ of the discriminator's zero-centred gradient penalty
+    disc_penalty: float = 10.0  # γ of the discriminator's zero-centred gradient penalty
     # (R1 on both domains, Mescheder et al. 2018): without it the GRL game can diverge
     # (pipeline/nn/discriminator.py; docs/results.md, the offset control; 0: off, the paper)
     domain_batch: int = 32  # images of each domain per step (per rank)
