@@ -140,6 +140,11 @@ def test_sweep_summaries_get_a_table_and_their_plot(tmp_path):
     # rows name the params that vary (not adv_weight), cells mean ± std and the seed counts
     assert "<td>labelled_fraction=0.01</td><td>3</td>" in html
     assert 'class="sig">0.150 ± 0.050\n<span class="ci">2↑ 0↓ of 3</span>' in html
+    (seeds / "adaptation_broken.json").write_text("{not json")
+    res = CliRunner().invoke(app, ["report", *args, "--sweeps", str(seeds)])
+    assert res.exit_code == 2 and "adaptation_broken.json: not a `clipda seeds` summary" in (
+        res.output
+    )
 
 
 def test_missing_metrics_folder_is_one_line(tmp_path):

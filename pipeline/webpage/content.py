@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.webpage.charts import line_chart
 from pipeline.webpage.thumbs import thumbnail
 
@@ -173,27 +174,34 @@ def sweeps(folder: Path | None) -> list[dict[str, Any]]:
     the SVG of the same stem beside it if there is one."""
     out: list[dict[str, Any]] = []
     for path in sorted(folder.glob(SWEEPS)) if folder and folder.is_dir() else []:
-        summary = json.loads(path.read_text())
-        groups = summary.get("groups") or []
-        varying = [k for k in summary.get("by", [])
-                   if len({str(g["params"].get(k)) for g in groups}) > 1]  # fmt: skip
-        metrics = sorted({m for g in groups for m in g["metrics"]})
-        rows = []
-        for g in groups:
-            cells = []
-            for m in metrics:
-                st, c = g["metrics"].get(m), (g.get("intervals") or {}).get(m)
-                text = f"{st['mean']:.3f} ± {st['std']:.3f}" if st else "–"
-                cells.append({"text": text, "ci": f"{c['above']}↑ {c['below']}↓ of {c['n']}"
-                              if c else "", "excludes_zero": bool(c and c["above"] >= 2)})  # fmt: skip
-            rows.append({"setting": ", ".join(f"{k.rsplit('.', 1)[-1]}={g['params'][k]}"
-                                              for k in varying) or "all",
-                         "seeds": len(g.get("seeds", [])), "cells": cells})  # fmt: skip
-        svg = path.with_suffix(".svg")
-        out.append({"name": path.stem.removeprefix("adaptation_"), "metrics": metrics,
-                    "rows": rows, "svg": svg.read_text() if svg.is_file() else "",
-                    "note": summary.get("note", "")})  # fmt: skip
+        try:
+            out.append(_sweep(path, json.loads(path.read_text())))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{path}: not a `clipda seeds` summary ({err!r})") from None
     return out
+
+
+def _sweep(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """One sweep summary as `sweeps` shows it."""
+    groups = summary.get("groups") or []
+    varying = [k for k in summary.get("by", [])
+               if len({str(g["params"].get(k)) for g in groups}) > 1]  # fmt: skip
+    metrics = sorted({m for g in groups for m in g["metrics"]})
+    rows = []
+    for g in groups:
+        cells = []
+        for m in metrics:
+            st, c = g["metrics"].get(m), (g.get("intervals") or {}).get(m)
+            text = f"{st['mean']:.3f} ± {st['std']:.3f}" if st else "–"
+            cells.append({"text": text, "ci": f"{c['above']}↑ {c['below']}↓ of {c['n']}"
+                          if c else "", "excludes_zero": bool(c and c["above"] >= 2)})  # fmt: skip
+        rows.append({"setting": ", ".join(f"{k.rsplit('.', 1)[-1]}={g['params'][k]}"
+                                          for k in varying) or "all",
+                     "seeds": len(g.get("seeds", [])), "cells": cells})  # fmt: skip
+    svg = path.with_suffix(".svg")
+    return {"name": path.stem.removeprefix("adaptation_"), "metrics": metrics,
+            "rows": rows, "svg": svg.read_text() if svg.is_file() else "",
+            "note": summary.get("note", "")}  # fmt: skip
 
 
 def _num(v: str | None) -> float:
