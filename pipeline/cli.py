@@ -433,6 +433,33 @@ def compare(
     typer.echo(compare_metrics(sides or [], seeds, Path.cwd()))
 
 
+@app.command("caption-diff")
+@one_line_errors
+def caption_diff(
+    a: Annotated[str, typer.Argument(help="predictions JSONL, or REV:PATH (git rev or DVC exp)")],
+    b: Annotated[str, typer.Argument(help="the other side, on the same images and references")],
+    scenes: Annotated[
+        str | None, _opt("scenes.json (or REV:PATH) of the world: grounding too")
+    ] = None,
+    out: Annotated[Path | None, _opt("write the result as JSON here")] = None,
+    params: Params = PARAMS,
+):
+    """The paired difference b - a of two runs' captions (BLEU, CIDEr-D, grounding with
+    --scenes) with its bootstrap interval, e.g. an arm in one DVC experiment against noada in
+    another: `clipda caption-diff EXP1:data/eval/caption_noada.jsonl EXP2:data/eval/...`."""
+    import json
+
+    from pipeline.atomic import write_text
+    from pipeline.caption.paired import paired, render
+    from pipeline.settings import Bootstrap, load
+
+    boot = load(Bootstrap, params)
+    result = paired(a, b, boot.resamples, boot.level, boot.seed, scenes, Path.cwd())
+    if out is not None:
+        write_text(out, json.dumps(result, indent=1) + "\n")
+    typer.echo(render(result))
+
+
 @app.command()
 @one_line_errors
 def caption(

@@ -265,6 +265,7 @@ def intervals(
     predictions: dict[str, Sequence[str]], references: Sequence[Sequence[str]],
     truth: SceneTruth, resamples: int, level: float, seed: int,
     per_image: dict[str, dict[str, np.ndarray]] | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
     """Bootstrap intervals over the images (`pipeline.metrics.bootstrap`: corpus BLEU-1..4
     and CIDEr-D recomputed on each resample; grounding where scored: `ground_p`,
@@ -272,7 +273,7 @@ def intervals(
     every system and of each `comparisons` difference: {system or "a-b": {metric: {value,
     lo, hi}}}. `per_image` adds means of per-image scores ({name: {metric: (n,) values}},
     NaN: not scored), e.g. CLIPScore; a name that is not a system (the references) gets
-    intervals but no differences."""
+    intervals but no differences. `pairs` replaces the `comparisons` differences."""
     refs = [[tokenize(r) for r in rs] for rs in references]
     by_metric: dict[str, dict[str, Metric]] = {}
     for name, preds in predictions.items():
@@ -291,7 +292,7 @@ def intervals(
             if scored.any():
                 mask = None if scored.all() else scored
                 by_metric.setdefault(metric, {})[name] = mean_metric(values, mask)
-    pairs = comparisons(list(predictions))
+    pairs = comparisons(list(predictions)) if pairs is None else pairs
     out: dict[str, dict[str, dict[str, float]]] = {}
     for metric, systems in by_metric.items():
         summary = summarise(systems, len(refs), resamples, level, seed, pairs)
