@@ -37,10 +37,10 @@ from scale import with_overrides
 
 from pipeline.caption.data import load_training_data
 from pipeline.caption.shift import TargetShift
-from pipeline.caption.training import Adversary, Arm, Trainer, grl_strength, steps_per_epoch
-from pipeline.nn.caption_decoder import SOURCE, TARGET, CaptionDecoder, DecoderConfig
+from pipeline.caption.training import Trainer, grl_strength
+from pipeline.nn.caption_decoder import SOURCE, CaptionDecoder, DecoderConfig
 from pipeline.settings import load
-from pipeline.stages.train_caption import Settings
+from pipeline.stages.train_caption import Settings, training_plan
 from pipeline.training import cpu_threads, seed_everything
 
 
@@ -76,7 +76,7 @@ def main() -> None:
         seed_everything(s.seed)
         data = load_training_data(a.laion, a.flickr30k, a.clip, s.model.max_len,
                                   s.target_splits, dev, s.labelled_fraction, s.seed + 2, shift,
-                                  s.laion_val_images)  # fmt: skip
+                                  s.laion_val_images, text=s.text_weight > 0)  # fmt: skip
         config = DecoderConfig.for_data(
             s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
         )
@@ -85,29 +85,20 @@ def main() -> None:
         o = None if o is None else torch.from_numpy(o)
         val_t = torch.unique(data.flickr30k_val.image_emb, dim=0)
         val_s = torch.unique(data.laion_val.image_emb, dim=0)
-        beside = [Arm("source_loss", s.source_weight, SOURCE, data.laion,
-                      torch.Generator().manual_seed(s.seed + 3))] if s.source_weight else []  # fmt: skip
-        plan = [("pretrain", data.laion, SOURCE, len(data.laion), [], s.pretrain_epochs, s.lr),
-                ("adapt", data.laion, SOURCE, len(data.laion), [], s.adapt_epochs, s.lr),
-                ("finetune", data.flickr30k_labelled, TARGET, len(data.flickr30k_train), beside,
-                 s.finetune_epochs, s.finetune_lr)]  # fmt: skip
-        steps = {p[0]: p[5] * steps_per_epoch(p[3], s.batch_size) for p in plan}
-        adversary = Adversary(data.source_images, data.target_images, s.domain_batch,
-                              torch.Generator().manual_seed(s.seed + 1), grl_strength(a.variant),
-                              s.grl_gamma, s.adv_weight, steps["adapt"] + steps["finetune"])  # fmt: skip
+        plan = training_plan(s, data, grl_strength(a.variant))
         g = torch.Generator().manual_seed(s.seed)
         print(f"# {a.variant} {' '.join(a.set)}")
         print(
             "epoch\tphase\tval_loss\tlaion_val\tdisc_acc\tdisc_loss\tlambda\tgap\toffset\tseconds"
         )
         t0, epoch = time.perf_counter(), 0
-        for phase, caps, dom, rows, arms, n_epochs, lr in plan:
-            for _ in range(n_epochs):
-                st = tr.epoch(caps, lr, g, adversary if phase != "pretrain" else None,
-                              rows=rows, beside=arms, data_domain=dom)  # fmt: skip
+        for phase in plan:
+            for _ in range(phase.epochs):
+                st = tr.epoch(phase.captions, phase.lr, g, phase.adversary, rows=phase.rows,
+                              beside=phase.beside, data_domain=phase.domain)  # fmt: skip
                 gap, off = distances(tr.model, val_s, val_t, o)
                 epoch += 1
-                print(f"{epoch}\t{phase}\t{tr.eval_loss(data.flickr30k_val):.3f}\t"
+                print(f"{epoch}\t{phase.name}\t{tr.eval_loss(data.flickr30k_val):.3f}\t"
                       f"{tr.eval_loss(data.laion_val, domain=SOURCE):.3f}\t{st['disc_acc']:.3f}\t"
                       f"{st['disc_loss']:.3f}\t{st['lambda']:.2f}\t{gap:.2f}\t{off:.2f}\t"
                       f"{time.perf_counter() - t0:.0f}", flush=True)  # fmt: skip

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.caption.data import load_training_data, split_images
+from pipeline.caption.data import CaptionSet, TrainingData, load_training_data, split_images
 from pipeline.caption.shift import TargetShift
 from pipeline.caption.training import (
     PLOT_COLUMNS,
@@ -152,6 +152,54 @@ def selection_set(data, seed: int):
     return chosen, {"on": "flickr30k_val", "images": k, "of": n_val, "domain": TARGET}
 
 
+@dataclasses.dataclass
+class Phase:
+    """One phase of training: its captions (and their domain token), rows per epoch, the
+    arms trained beside, epochs, lr, and the adversary (None: no domain loss)."""
+
+    name: str
+    captions: CaptionSet
+    domain: int
+    rows: int
+    beside: list[Arm]
+    epochs: int
+    lr: float
+    adversary: Adversary | None = None
+
+    def steps(self, batch_size: int) -> int:
+        return self.epochs * steps_per_epoch(self.rows, batch_size)
+
+
+def training_plan(
+    s: Settings, data: TrainingData, strength: float
+) -> tuple[list[Phase], Adversary]:
+    """pretrain (LAION captions), adapt (the same + the domain loss) and finetune (the
+    labelled Flickr30k captions; one epoch = as many rows as all train captions, the same
+    steps whatever the fraction; the LAION captions and the text arm beside), and the
+    adversary over the adapt and finetune steps (`strength` 0: noada's λ = 0)."""
+    beside = []
+    if s.source_weight > 0:
+        beside.append(Arm("source_loss", s.source_weight, SOURCE, data.laion,
+                          torch.Generator().manual_seed(s.seed + 3)))  # fmt: skip
+    if data.flickr30k_text is not None:
+        beside.append(Arm("text_loss", s.text_weight, TARGET, data.flickr30k_text,
+                          torch.Generator().manual_seed(s.seed + 5), s.text_noise**0.5))  # fmt: skip
+    plan = [
+        Phase("pretrain", data.laion, SOURCE, len(data.laion), [], s.pretrain_epochs, s.lr),
+        Phase("adapt", data.laion, SOURCE, len(data.laion), [], s.adapt_epochs, s.lr),
+        Phase("finetune", data.flickr30k_labelled, TARGET, len(data.flickr30k_train), beside,
+              s.finetune_epochs, s.finetune_lr),
+    ]  # fmt: skip
+    adversary = Adversary(
+        data.source_images, data.target_images, s.domain_batch,
+        torch.Generator().manual_seed(s.seed + 1), strength, s.grl_gamma, s.adv_weight,
+        total_steps=sum(p.steps(s.batch_size) for p in plan[1:]),
+    )  # fmt: skip
+    for p in plan[1:]:
+        p.adversary = adversary
+    return plan
+
+
 def main(
     variant: str,
     laion: Path,
@@ -181,62 +229,26 @@ def main(
         trainer = Trainer(CaptionDecoder(config, data.token_table), s, device)
         distributed.broadcast_params(trainer.model, trainer.disc)  # same start on every rank
         g_data = torch.Generator().manual_seed(s.seed)
-        # finetune: the labelled captions, one epoch = as many rows as all train captions
-        # (the same steps whatever the fraction), the LAION captions and the text arm beside
-        beside = (
-            [
-                Arm(
-                    "source_loss",
-                    s.source_weight,
-                    SOURCE,
-                    data.laion,
-                    torch.Generator().manual_seed(s.seed + 3),
-                )
-            ]
-            if s.source_weight > 0
-            else []
-        )
-        if data.flickr30k_text is not None:
-            beside.append(
-                Arm(
-                    "text_loss",
-                    s.text_weight,
-                    TARGET,
-                    data.flickr30k_text,
-                    torch.Generator().manual_seed(s.seed + 5),
-                    s.text_noise**0.5,
-                )
-            )
-        plan = [  # phase, captions, their domain, rows per epoch, beside arms, epochs, lr
-            ("pretrain", data.laion, SOURCE, len(data.laion), [], s.pretrain_epochs, s.lr),
-            ("adapt", data.laion, SOURCE, len(data.laion), [], s.adapt_epochs, s.lr),
-            ("finetune", data.flickr30k_labelled, TARGET, len(data.flickr30k_train), beside,
-             s.finetune_epochs, s.finetune_lr),
-        ]  # fmt: skip
-        steps = {p[0]: p[5] * steps_per_epoch(p[3], s.batch_size) for p in plan}
-        adversary = Adversary(
-            data.source_images, data.target_images, s.domain_batch,
-            torch.Generator().manual_seed(s.seed + 1), strength, s.grl_gamma, s.adv_weight,
-            total_steps=steps["adapt"] + steps["finetune"],
-        )  # fmt: skip
-        bar = tqdm(total=sum(steps.values()), desc=f"train_caption[{variant}]",
+        plan = training_plan(s, data, strength)
+        total = sum(p.steps(s.batch_size) for p in plan)
+        bar = tqdm(total=total, desc=f"train_caption[{variant}]",
                    disable=None if distributed.is_main() else True)  # fmt: skip
         rows, best = [], BestEpoch()
-        for phase, captions, domain_id, n_rows, beside, n_epochs, lr in plan:
-            for _ in range(n_epochs):
-                domains = adversary if phase != "pretrain" else None
-                stats = trainer.epoch(captions, lr, g_data, domains, bar, rows=n_rows,
-                                      beside=beside, data_domain=domain_id)  # fmt: skip
+        for phase in plan:
+            for _ in range(phase.epochs):
+                stats = trainer.epoch(phase.captions, phase.lr, g_data, phase.adversary, bar,
+                                      rows=phase.rows, beside=phase.beside,
+                                      data_domain=phase.domain)  # fmt: skip
                 val_loss = trainer.eval_loss(data.flickr30k_val)
                 laion_val = trainer.eval_loss(data.laion_val, domain=SOURCE)
                 chosen_on = (val_loss if select is data.flickr30k_val
                              else trainer.eval_loss(select, domain=selection["domain"]))  # fmt: skip
-                row = {"epoch": len(rows) + 1, "phase": phase, **stats, "val_loss": val_loss,
+                row = {"epoch": len(rows) + 1, "phase": phase.name, **stats, "val_loss": val_loss,
                        "laion_val_loss": laion_val, "select_loss": chosen_on}  # fmt: skip
                 rows.append({c: row[c] for c in PLOT_COLUMNS})
                 if s.keep == "best_val_loss":
                     best.update(len(rows), trainer.model, -chosen_on)
-                bar.set_postfix(phase=phase, loss=f"{stats['caption_loss']:.4f}",
+                bar.set_postfix(phase=phase.name, loss=f"{stats['caption_loss']:.4f}",
                                 source=f"{stats['source_loss']:.4f}",
                                 val=f"{val_loss:.4f}")  # fmt: skip
         bar.close()
