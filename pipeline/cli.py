@@ -351,10 +351,15 @@ def seeds(
     where: Annotated[
         list[str] | None, _opt("keep only the experiments with this param value: KEY=VALUE")
     ] = None,
+    diffs: Annotated[
+        Path | None, _opt("summarise this folder of `caption-diff --label` results instead")
+    ] = None,
 ):
     """Mean, std, min and max over seeds of the DVC experiments' metrics, per setting; with
     --choose, the trade-off chosen on them (e.g. adv_weight per labelled fraction on the
-    pooled validation score caption.ada.select_loss, against caption.noada.select_loss)."""
+    pooled validation score caption.ada.select_loss, against caption.noada.select_loss).
+    With --diffs, of `clipda caption-diff` results (arms in different experiments against
+    one reference): their labels group them, and each seed's b - a interval is counted."""
     import fnmatch
     import json
 
@@ -379,8 +384,15 @@ def seeds(
                         "train_caption.adv_weight)")  # fmt: skip
     if (against is not None or higher) and choose is None:
         raise UserError("--against and --higher go with --choose")
-    shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd(), rev)
-    rows = select(finished(shown), where or [])
+    if diffs is not None:
+        from pipeline.caption.paired import diff_rows
+
+        if exp_json or rev or intervals:
+            raise UserError("--diffs reads caption-diff results: no --exp-json, --rev, --intervals")
+        rows = select(diff_rows(diffs), where or [])
+    else:
+        shown = json.loads(exp_json.read_text()) if exp_json else exp_show(Path.cwd(), rev)
+        rows = select(finished(shown), where or [])
     if intervals:
         for r in rows:
             r["intervals"] = detail_intervals(Path.cwd(), r["rev"])
@@ -442,6 +454,9 @@ def caption_diff(
         str | None, _opt("scenes.json (or REV:PATH) of the world: grounding too")
     ] = None,
     out: Annotated[Path | None, _opt("write the result as JSON here")] = None,
+    label: Annotated[
+        list[str] | None, _opt("KEY=VALUE kept in --out, e.g. seed=0, arm=token (repeat)")
+    ] = None,
     params: Params = PARAMS,
 ):
     """The paired difference b - a of two runs' captions (BLEU, CIDEr-D, grounding with
@@ -450,11 +465,13 @@ def caption_diff(
     import json
 
     from pipeline.atomic import write_text
-    from pipeline.caption.paired import paired, render
+    from pipeline.caption.paired import paired, parse_labels, render
     from pipeline.settings import Bootstrap, load
 
+    labels = parse_labels(label or [])
     boot = load(Bootstrap, params)
     result = paired(a, b, boot.resamples, boot.level, boot.seed, scenes, Path.cwd())
+    result["labels"] = labels
     if out is not None:
         write_text(out, json.dumps(result, indent=1) + "\n")
     typer.echo(render(result))

@@ -124,3 +124,28 @@ def test_rev_path_reads_a_file_at_a_git_revision(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "+0.0000" in res.output
     one_error(invoke("HEAD~1:p.jsonl", "HEAD:p.jsonl"), "cannot read p.jsonl at HEAD~1")
+
+
+def test_labelled_results_summarise_over_seeds(tmp_path):
+    ids, refs = world(24)
+    worse = write(tmp_path / "w.jsonl", ids, ["there is a red circle ."] * len(ids), refs)
+    better = write(tmp_path / "b.jsonl", ids, [r[0] for r in refs], refs)
+    folder = tmp_path / "diffs"
+    folder.mkdir()
+    for seed in (0, 1):
+        for arm, b in (("same", worse), ("better", better)):
+            res = invoke(worse, b, "--label", f"seed={seed}", "--label", f"arm={arm}",
+                         "--out", folder / f"{arm}{seed}.json")  # fmt: skip
+            assert res.exit_code == 0, res.output
+    out = tmp_path / "summary.json"
+    res = CliRunner().invoke(app, ["seeds", "--diffs", str(folder), "--by", "arm",
+                                   "--metric", "diff.b-a.cider", "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    groups = {g["params"]["arm"]: g for g in json.loads(out.read_text())["groups"]}
+    assert groups["better"]["seeds"] == [0, 1]
+    assert groups["better"]["intervals"]["diff.b-a.cider"] == {"above": 2, "below": 0, "n": 2}
+    assert groups["same"]["intervals"]["diff.b-a.cider"] == {"above": 0, "below": 0, "n": 2}
+    assert groups["same"]["metrics"]["diff.b-a.cider"]["mean"] == 0.0
+    (folder / "x.json").write_text(json.dumps({"scores": {}, "labels": {"arm": "x"}}))
+    res = CliRunner().invoke(app, ["seeds", "--diffs", str(folder), "--out", str(out)])
+    one_error(res, "x.json")

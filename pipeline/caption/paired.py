@@ -8,12 +8,18 @@ same images against the same references (same world, same split), and the differ
 
 A side is a predictions JSONL file (`data/eval/caption_<system>.jsonl`) or `REV:PATH`,
 that file at a git revision or DVC experiment (read from the DVC cache with `dvc.api`).
+
+Labels (`--label arm=token --label seed=0`) travel in the result, so that a folder of
+results summarises over seeds like experiments do (`clipda seeds --diffs`, `diff_rows`):
+the labels are the params, the metrics `diff.a.<m>`, `diff.b.<m>` and `diff.b-a.<m>`, and
+each seed's interval of b - a is counted above / below 0.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +94,41 @@ def paired(
     return {"a": a, "b": b, "n": len(ids_a), "resamples": resamples, "level": level,
             "seed": seed, "grounding": truth.absent or "scored",
             "scores": {"a": ci["a"], "b": ci["b"], "b-a": ci["b-a"]}}  # fmt: skip
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` items as {KEY: VALUE}, VALUE read as YAML (0.01, true, token)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--label {item!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def diff_rows(folder: Path) -> list[dict[str, Any]]:
+    """Each result JSON in `folder` as `clipda seeds` takes an experiment: {name, params
+    (its labels, `seed` among them), metrics, intervals (b - a's)}."""
+    files = sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []
+    if not files:
+        raise UserError(f"--diffs {folder}: no caption-diff results (*.json) there")
+    rows = []
+    for f in files:
+        try:
+            res = json.loads(f.read_text())
+            labels, scores = res["labels"], res["scores"]
+            metrics = {f"diff.{side}.{m}": v["value"] for side in ("a", "b", "b-a")
+                       for m, v in scores[side].items()}  # fmt: skip
+            ivs = {f"diff.b-a.{m}": (v["lo"], v["hi"]) for m, v in scores["b-a"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{f}: not a caption-diff result with labels") from None
+        if "seed" not in labels:
+            raise UserError(f"{f}: no seed label (caption-diff --label seed=N)")
+        rows.append({"name": f.stem, "params": labels, "metrics": metrics, "intervals": ivs})
+    return rows
 
 
 def render(result: dict[str, Any]) -> str:
