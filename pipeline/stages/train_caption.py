@@ -268,10 +268,11 @@ def main(
             save_caption_model(trainer.model, out, {"clip": data.clip, "training": training})
             write_plot(plots, rows)
 
+    losses = [(name, last[key]) for name, key in (("caption", "caption_loss"),
+              ("LAION", "source_loss"), ("text", "text_loss")) if last[key] == last[key]]  # fmt: skip
     summary = (
         f"train_caption[{variant}]: {trainer.step_no} steps, {len(rows)} epochs on {device}, "
-        f"caption loss {last['caption_loss']:.4f}, LAION loss {last['source_loss']:.4f}, "
-        + (f"text loss {last['text_loss']:.4f}, " if s.text_weight > 0 else "")
+        + "".join(f"{name} loss {v:.4f}, " for name, v in losses)  # nan: not trained on
         + f"val loss {last['val_loss']:.4f}, selection {selection['on']} "
         f"({selection['images']} images), "
         f"disc acc {last['disc_acc']:.3f}; kept epoch {kept} ({s.keep})"
