@@ -732,3 +732,30 @@ def test_the_text_arm_learns_every_flickr30k_train_caption_from_its_noisy_text(e
     assert any(not torch.equal(text_only[k], without[k]) for k in without)
     with pytest.raises(UserError, match="source_weight"):
         load(Settings, {"train_caption": {"labelled_fraction": 0.0, "source_weight": 0.0}})
+
+
+def test_training_plan_phases_arms_and_one_adversary():
+    from types import SimpleNamespace
+
+    from pipeline.nn.caption_decoder import SOURCE, TARGET
+    from pipeline.stages.train_caption import Settings, training_plan
+
+    s = Settings(batch_size=10, pretrain_epochs=2, adapt_epochs=1, finetune_epochs=3,
+                 lr=1e-3, finetune_lr=5e-4, text_weight=0.5, text_noise=0.04, seed=7)  # fmt: skip
+    emb = torch.zeros(5, 4)
+    data = SimpleNamespace(laion=list(range(45)), flickr30k_labelled=list(range(3)),
+                           flickr30k_train=list(range(30)), flickr30k_text=list(range(30)),
+                           source_images=emb, target_images=emb)  # fmt: skip
+    plan = training_plan(s, data, strength=1.0)
+    assert [(p.name, p.domain, p.rows, p.epochs, p.lr) for p in plan] == [
+        ("pretrain", SOURCE, 45, 2, 1e-3), ("adapt", SOURCE, 45, 1, 1e-3),
+        ("finetune", TARGET, 30, 3, 5e-4)]  # fmt: skip
+    assert plan[0].adversary is None and plan[1].adversary is plan[2].adversary
+    assert plan[1].adversary.total_steps == 1 * 5 + 3 * 3  # adapt + finetune steps
+    assert plan[1].adversary.peak == s.adv_weight and plan[1].adversary.strength == 1.0
+    assert [(a.name, a.domain, a.weight) for a in plan[2].beside] == [
+        ("source_loss", SOURCE, 1.0), ("text_loss", TARGET, 0.5)]  # fmt: skip
+    assert plan[2].beside[1].noise_std == pytest.approx(0.2)
+    assert plan[0].beside == plan[1].beside == []
+    no_source = training_plan(dataclasses.replace(s, source_weight=0.0), data, 0.0)
+    assert [a.name for a in no_source[2].beside] == ["text_loss"]

@@ -98,32 +98,42 @@ def test_runs_on_other_images_or_references_are_one_line_errors(tmp_path):
 
 
 def test_rev_path_reads_a_file_at_a_git_revision(tmp_path, monkeypatch):
-    ids, refs = world(6)
+    ids, refs = world(24)
     repo = tmp_path / "repo"
     repo.mkdir()
-    run = lambda *c: subprocess.run(c, cwd=repo, check=True, capture_output=True)
-    run("git", "init", "-q")
-    run(
-        "git",
-        "-c",
-        "user.email=t@t",
-        "-c",
-        "user.name=t",
-        "commit",
-        "-q",
-        "--allow-empty",
-        "-m",
-        "0",
-    )
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo,
+                       check=True, capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "0")
+    write(repo / "p.jsonl", ids, ["there is a red circle ."] * len(ids), refs)
+    git("add", "p.jsonl")
+    git("commit", "-q", "-m", "1")
     write(repo / "p.jsonl", ids, [r[0] for r in refs], refs)
-    run("git", "add", "p.jsonl")
-    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "1")
-    (repo / "p.jsonl").write_text("changed since\n")
+    git("commit", "-q", "-am", "2")
+    (repo / "p.jsonl").write_text("changed since\n")  # the revisions are read, not this
     monkeypatch.chdir(repo)
-    res = invoke("HEAD:p.jsonl", "HEAD~0:p.jsonl")
+    res = invoke("HEAD~1:p.jsonl", "HEAD:p.jsonl", "--out", tmp_path / "d.json")
     assert res.exit_code == 0, res.output
-    assert "+0.0000" in res.output
-    one_error(invoke("HEAD~1:p.jsonl", "HEAD:p.jsonl"), "cannot read p.jsonl at HEAD~1")
+    diff = json.loads((tmp_path / "d.json").read_text())["scores"]["b-a"]["cider"]
+    assert diff["lo"] > 0
+    one_error(invoke("HEAD~2:p.jsonl", "HEAD:p.jsonl"), "cannot read p.jsonl at HEAD~2")
+    one_error(invoke("nope:p.jsonl", "HEAD:p.jsonl"), "no such file, and 'nope' is not")
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+    ids, refs = world(6)
+    a = write(tmp_path / "a.jsonl", ids, [r[0] for r in refs], refs)
+    one_error(invoke(a, tmp_path), "no such file")
+    one_error(invoke(a, tmp_path / "missing.jsonl"), "no such file")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    one_error(invoke(a, tmp_path / "bin.jsonl"), "not a text file")
+    one_error(invoke(a, a, "--label", "seed"), "expected KEY=VALUE")
+    one_error(invoke(a, a, "--label", "arm=[x"), "one number, word or boolean")
+    one_error(invoke(a, a, "--label", "arm=[1, 2]"), "one number, word or boolean")
+    one_error(invoke(a, a, resamples=0), "resamples is 0")
 
 
 def test_labelled_results_summarise_over_seeds(tmp_path):
@@ -146,6 +156,10 @@ def test_labelled_results_summarise_over_seeds(tmp_path):
     assert groups["better"]["intervals"]["diff.b-a.cider"] == {"above": 2, "below": 0, "n": 2}
     assert groups["same"]["intervals"]["diff.b-a.cider"] == {"above": 0, "below": 0, "n": 2}
     assert groups["same"]["metrics"]["diff.b-a.cider"]["mean"] == 0.0
-    (folder / "x.json").write_text(json.dumps({"scores": {}, "labels": {"arm": "x"}}))
+    unlabelled = json.loads((folder / "same0.json").read_text()) | {"labels": {"arm": "x"}}
+    (folder / "x.json").write_text(json.dumps(unlabelled))
     res = CliRunner().invoke(app, ["seeds", "--diffs", str(folder), "--out", str(out)])
-    one_error(res, "x.json")
+    one_error(res, "x.json: no seed label")
+    (folder / "x.json").write_text(json.dumps({"scores": {}, "labels": {"seed": 0}}))
+    res = CliRunner().invoke(app, ["seeds", "--diffs", str(folder), "--out", str(out)])
+    one_error(res, "x.json: not a caption-diff result")

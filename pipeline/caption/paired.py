@@ -33,16 +33,25 @@ METRICS = ("bleu4", "cider", "ground_p", "ground_r")  # printed; the JSON keeps 
 
 def read_text(spec: str, repo: Path) -> str:
     """The text of a file, or of `REV:PATH` (a DVC-tracked or git file at that revision)."""
-    if Path(spec).is_file() or ":" not in spec:
-        return Path(spec).read_text()
+    if Path(spec).is_file():
+        try:
+            return Path(spec).read_text()
+        except UnicodeDecodeError:
+            raise UserError(f"{spec}: not a text file") from None
+    if ":" not in spec or Path(spec).exists():
+        raise UserError(f"{spec}: no such file")
     rev, path = spec.split(":", 1)
     import dvc.api
     from dvc.exceptions import DvcException
 
-    sha = resolve(repo, rev)
+    try:
+        sha = resolve(repo, rev)
+    except UserError:
+        raise UserError(f"{spec}: no such file, and {rev!r} is not a git revision or DVC "
+                        "experiment") from None  # fmt: skip
     try:
         return dvc.api.read(path, repo=str(repo), rev=sha)
-    except (DvcException, OSError) as exc:  # not at that revision, not in the cache, ...
+    except (DvcException, OSError, UnicodeDecodeError) as exc:  # not there, not cached, ...
         raise UserError(f"{spec}: cannot read {path} at {rev} ({type(exc).__name__})") from None
 
 
@@ -66,9 +75,9 @@ def read_predictions(spec: str, repo: Path) -> tuple[list[str], list[str], list[
 
 
 def scene_truth(spec: str | None, images: ImageSet, repo: Path) -> SceneTruth:
-    if spec is None:
-        return SceneTruth.load(None, images, Report("caption-diff"))
-    with tempfile.TemporaryDirectory() as tmp:
+    if spec is None or Path(spec).is_file():
+        return SceneTruth.load(spec and Path(spec), images, Report("caption-diff"))
+    with tempfile.TemporaryDirectory() as tmp:  # REV:PATH
         path = Path(tmp) / "scenes.json"
         path.write_text(read_text(spec, repo))
         return SceneTruth.load(path, images, Report("caption-diff"))
@@ -78,8 +87,11 @@ def paired(
     a: str, b: str, resamples: int, level: float, seed: int, scenes: str | None = None,
     repo: Path = Path("."),
 ) -> dict[str, Any]:  # fmt: skip
-    """{"a", "b", "n", "scores": {"a"|"b"|"b-a": {metric: {value, lo, hi}}}}: BLEU-1..4,
-    CIDEr-D (and grounding with `scenes`) of both sides and of b - a on the same resamples."""
+    """{"a", "b", "n", "resamples", "level", "seed", "grounding" ("scored" or why not),
+    "scores": {"a"|"b"|"b-a": {metric: {value, lo, hi}}}}: BLEU-1..4, CIDEr-D (and
+    grounding with `scenes`) of both sides and of b - a on the same resamples."""
+    if resamples < 1:
+        raise UserError("bootstrap.resamples is 0: a paired difference needs resamples")
     ids_a, preds_a, refs_a = read_predictions(a, repo)
     ids_b, preds_b, refs_b = read_predictions(b, repo)
     if ids_a != ids_b:
@@ -105,7 +117,13 @@ def parse_labels(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--label {item!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = None
+        if isinstance(value, list | dict) or (value is None and raw.strip() not in ("", "null")):
+            raise UserError(f"--label {item!r}: VALUE must be one number, word or boolean")
+        out[key] = value
     return out
 
 

@@ -57,6 +57,7 @@ from pipeline.nn.caption_decoder import (
 from pipeline.settings import as_dict, check, check_device, load
 from pipeline.training import BestEpoch, cpu_threads, seed_everything, write_plot
 
+LOSS_NAMES = {"caption_loss": "caption", "source_loss": "LAION", "text_loss": "text"}  # summary
 MIN_SELECT_IMAGES = 16  # fewest Flickr30k val images the kept epoch is chosen on
 
 
@@ -170,13 +171,12 @@ class Phase:
         return self.epochs * steps_per_epoch(self.rows, batch_size)
 
 
-def training_plan(
-    s: Settings, data: TrainingData, strength: float
-) -> tuple[list[Phase], Adversary]:
+def training_plan(s: Settings, data: TrainingData, strength: float) -> list[Phase]:
     """pretrain (LAION captions), adapt (the same + the domain loss) and finetune (the
     labelled Flickr30k captions; one epoch = as many rows as all train captions, the same
-    steps whatever the fraction; the LAION captions and the text arm beside), and the
-    adversary over the adapt and finetune steps (`strength` 0: noada's λ = 0)."""
+    steps whatever the fraction; the LAION captions and the text arm beside). Adapt and
+    finetune share one adversary, its λ schedule over their steps (`strength` 0: noada's
+    λ = 0)."""
     beside = []
     if s.source_weight > 0:
         beside.append(Arm("source_loss", s.source_weight, SOURCE, data.laion,
@@ -268,11 +268,12 @@ def main(
             save_caption_model(trainer.model, out, {"clip": data.clip, "training": training})
             write_plot(plots, rows)
 
-    losses = [(name, last[key]) for name, key in (("caption", "caption_loss"),
-              ("LAION", "source_loss"), ("text", "text_loss")) if last[key] == last[key]]  # fmt: skip
+    final = next((p for p in reversed(plan) if p.epochs), plan[-1])  # `last`'s phase
+    trained = (["caption_loss"] if len(final.captions) else []) + [a.name for a in final.beside]
+    losses = [(LOSS_NAMES[k], last[k]) for k in trained]
     summary = (
         f"train_caption[{variant}]: {trainer.step_no} steps, {len(rows)} epochs on {device}, "
-        + "".join(f"{name} loss {v:.4f}, " for name, v in losses)  # nan: not trained on
+        + "".join(f"{name} loss {v:.4f}, " for name, v in losses)
         + f"val loss {last['val_loss']:.4f}, selection {selection['on']} "
         f"({selection['images']} images), "
         f"disc acc {last['disc_acc']:.3f}; kept epoch {kept} ({s.keep})"
