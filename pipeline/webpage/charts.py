@@ -7,7 +7,8 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf",
+           "#e377c2", "#7f7f7f", "#bcbd22")  # matplotlib's tab10  # fmt: skip
 W, H, LEFT, RIGHT, TOP, BOTTOM = 420, 240, 52, 12, 28, 58
 
 
