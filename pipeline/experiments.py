@@ -71,19 +71,29 @@ def finished(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def select(rows: list[dict[str, Any]], where: Sequence[str]) -> list[dict[str, Any]]:
-    """The rows whose params match every `KEY=VALUE` of `where` (VALUE read as YAML, so
-    `false`, `0.01` and `clipart` compare as the params file's values do)."""
+def key_value(item: str, option: str) -> tuple[str, Any]:
+    """`KEY=VALUE` as (KEY, VALUE), VALUE read as YAML, so that `false`, `0.01` and `clipart`
+    compare as the params file's values do; a malformed item is a one-line error naming
+    `option`. A VALUE that is not YAML reads as None."""
     import yaml
 
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"{option} {item!r}: expected KEY=VALUE")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key, None
+
+
+def select(rows: list[dict[str, Any]], where: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows whose params match every `KEY=VALUE` of `where` (`key_value`)."""
     wanted = {}
     for item in where:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--where {item!r}: expected KEY=VALUE")
+        key, value = key_value(item, "--where")
         if rows and not any(key in r["params"] for r in rows):
             raise UserError(f"--where {key}: no experiment has this param")
-        wanted[key] = yaml.safe_load(raw)
+        wanted[key] = value
     return [r for r in rows if all(r["params"].get(k) == v for k, v in wanted.items())]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.caption.evaluation import ImageSet, SceneTruth, intervals
 from pipeline.compare import resolve
 from pipeline.errors import UserError
+from pipeline.experiments import key_value
 from pipeline.report import Report
 
 METRICS = ("bleu4", "cider", "ground_p", "ground_r")  # printed; the JSON keeps all
@@ -109,18 +110,11 @@ def paired(
 
 
 def parse_labels(items: Sequence[str]) -> dict[str, Any]:
-    """`KEY=VALUE` items as {KEY: VALUE}, VALUE read as YAML (0.01, true, token)."""
-    import yaml
-
+    """`KEY=VALUE` items as {KEY: VALUE} (`key_value`: 0.01, true, token), scalars only."""
     out = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--label {item!r}: expected KEY=VALUE")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = None
+        key, value = key_value(item, "--label")
+        raw = item.partition("=")[2]
         if isinstance(value, list | dict) or (value is None and raw.strip() not in ("", "null")):
             raise UserError(f"--label {item!r}: VALUE must be one number, word or boolean")
         out[key] = value
