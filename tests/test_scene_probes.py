@@ -61,11 +61,32 @@ def test_linearly_coded_labels_are_read_out_and_random_features_are_at_chance():
     assert abs(bad["chance_recall_at_k"] - good["chance_recall_at_k"]) < 1e-9
 
 
+def test_the_penalty_is_chosen_on_the_train_half_only():
+    rows = _rows(400, 1)
+    vocab = SP.vocabulary()["shape"]
+    y = np.zeros((len(rows), len(vocab)), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for o in r["objects"]:
+            y[i, vocab.index(o["category"])] = 1
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.from_numpy(y) @ torch.randn(22, 32, generator=gen)
+                                        + 0.3 * torch.randn(len(rows), 32, generator=gen), dim=1)  # fmt: skip
+    a = SP.run_scene_probes(emb, rows)["photo_scene"]["shape"]
+    # other objects behind the test half's embeddings: its score falls, the choice stays
+    moved = [dict(r, objects=rows[(i + 2) % len(rows)]["objects"]) if r["split"] == "test" else r
+             for i, r in enumerate(rows)]  # fmt: skip
+    b = SP.run_scene_probes(emb, moved)["photo_scene"]["shape"]
+    assert a["l2"] in SP.LP_L2_GRID
+    assert (a["l2"], a["cv_recall_at_k"]) == (b["l2"], b["cv_recall_at_k"])
+    assert b["recall_at_k"] < a["recall_at_k"] - 0.3 and a["cv_recall_at_k"] > 0.5
+
+
 def test_score_multilabel_by_hand():
     y = np.array([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=np.float32)
     s = np.array([[2.0, 1.0, -1.0, -3.0], [-1.0, 0.5, 0.2, -2.0]])
     got = SP.score_multilabel(s, y)
     assert got["recall_at_k"] == 0.75  # image 0: top-2 {0, 1} holds 1 of 2; image 1: 1 of 1
+    assert got["recall_at_k_ci"] == [0.5, 1.0]  # resamples of two scenes: 0.5, 0.75 or 1
     assert got["precision"] == round(2 / 4, 4) and got["recall"] == round(2 / 3, 4)
     assert got["chance_recall_at_k"] == round((2 / 4 + 1 / 4) / 2, 4)
 

@@ -36,7 +36,7 @@ class Settings:
     )
     quirks: bool = True  # plant the real releases' flaws (see pipeline.synth.world)
     probe_images: int = 440  # CLIP probe set: images per style x kind (single, crop); 0 = none
-    probe_scenes: int = 2400  # CLIP scene probes: whole scenes per style (half train, half test)
+    probe_scenes: int = 4800  # CLIP scene probes: whole scenes per style (half train, half test)
     seed: int = 0  # top-level `seed`: the world is a pure function of it
 
     def __post_init__(self) -> None:
