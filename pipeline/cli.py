@@ -495,6 +495,14 @@ def caption(
     domain: Annotated[
         str, _opt("the domain token read (models with one): target (Flickr30k's) or source")
     ] = "target",
+    mbr_samples: Annotated[
+        int | None, _decode_opt("sampled captions per image, MBR choice (0: off)", "mbr_samples")
+    ] = None,
+    mbr_temperature: Annotated[
+        float | None,
+        _decode_opt("their temperature, times the model's own", "mbr_temperature"),
+    ] = None,
+    seed: Annotated[int, _opt("seed of the sampled captions")] = 0,
 ):
     """Print one caption per image (`path<TAB>caption`) with CLIP + a trained decoder,
     decoded as evaluate_caption decodes (its settings' defaults where an option is not given)."""
@@ -514,6 +522,9 @@ def caption(
         s.length_penalty if length_penalty is None else length_penalty,
         s.device if device is None else device,
         SOURCE if domain == "source" else TARGET,
+        s.mbr_samples if mbr_samples is None else mbr_samples,
+        s.mbr_temperature if mbr_temperature is None else mbr_temperature,
+        seed,
     )  # fmt: skip
     for path, text in texts:
         typer.echo(f"{path}\t{text}")

@@ -12,6 +12,7 @@ from pipeline.caption.decode import (
     generate,
     greedy_search,
     load_caption_model,
+    sample_search,
     token_index,
 )
 from pipeline.caption.training import Trainer
@@ -217,6 +218,42 @@ def test_save_load_round_trip_gives_identical_captions(tmp_path):
         assert generate(back, img, beam_size=beam) == generate(model, img, beam_size=beam)
 
 
+def test_sampling_is_seeded_and_obeys_the_repetition_rule():
+    model = tiny_model(seed=0, max_len=24).eval()
+    img = torch.randn(4, DIM, generator=torch.Generator().manual_seed(3))
+    a = sample_search(model, img, 5, max_len=23, temperature=3.0, no_repeat_ngram_size=3, seed=1)
+    assert [len(per) for per in a] == [5, 5, 5, 5]
+    assert a == sample_search(model, img, 5, max_len=23, temperature=3.0,
+                              no_repeat_ngram_size=3, seed=1)  # fmt: skip
+    assert a != sample_search(model, img, 5, max_len=23, temperature=3.0,
+                              no_repeat_ngram_size=3, seed=2)  # fmt: skip
+    assert len({tuple(seq) for per in a for seq in per}) > 4  # they differ
+    assert not any(_repeats(seq, 3) for per in a for seq in per)
+    assert all(EOS not in seq and BOS not in seq for per in a for seq in per)
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_a_trained_decoder_samples_and_mbr_give_its_captions(loss):
+    model, img, caps = _memorising_model(loss)
+    got = sample_search(model, img, 4, temperature=0.1, seed=0)
+    assert got == [[c] * 4 for c in caps]
+    assert generate(model, img, beam_size=3, mbr_samples=4) == caps
+
+
+def test_mbr_chooses_among_the_samples_and_the_beam_caption():
+    model = tiny_model(seed=0, max_len=24).eval()
+    img = torch.randn(6, DIM, generator=torch.Generator().manual_seed(4))
+    beam = generate(model, img, beam_size=2, max_len=10, no_repeat_ngram_size=3)
+    drawn = sample_search(model, img, 3, max_len=10, temperature=2.0, no_repeat_ngram_size=3,
+                          seed=7 * 1_000_003)  # fmt: skip
+    got = generate(model, img, beam_size=2, max_len=10, no_repeat_ngram_size=3, mbr_samples=3,
+                   mbr_temperature=2.0, seed=7)  # fmt: skip
+    assert all(g in [*d, b] for g, d, b in zip(got, drawn, beam))
+    assert got != beam  # some image chose a sample
+    with pytest.raises(ValueError):
+        generate(model, img, mbr_samples=-1)
+
+
 def test_generate_batches_and_rejects_bad_beam():
     model = tiny_model().eval()
     img = torch.randn(7, DIM, generator=torch.Generator().manual_seed(9))
@@ -285,14 +322,24 @@ def test_cli_caption_prints_one_decoded_caption_per_image(tmp_path):
 
     # evaluate_caption's defaults for what is not given
     d = Decoding()
+    mbr = {"mbr_samples": d.mbr_samples, "mbr_temperature": d.mbr_temperature}
     want = texts(beam_size=2, max_len=d.max_len, no_repeat_ngram_size=d.no_repeat_ngram_size,
-                 length_penalty=d.length_penalty)  # fmt: skip
+                 length_penalty=d.length_penalty, **mbr)  # fmt: skip
     assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, want)]
     given = ["--no-repeat-ngram", "1", "--length-penalty", "2.5", "--beam", "3"]
     res = CliRunner().invoke(app, [*args, *given])
     assert res.exit_code == 0, res.output
-    other = texts(beam_size=3, max_len=d.max_len, no_repeat_ngram_size=1, length_penalty=2.5)
+    other = texts(beam_size=3, max_len=d.max_len, no_repeat_ngram_size=1, length_penalty=2.5,
+                  **mbr)  # fmt: skip
     assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, other)]
+    given = ["--mbr-samples", "3", "--mbr-temperature", "2", "--seed", "5"]
+    res = CliRunner().invoke(app, [*args, *given])
+    assert res.exit_code == 0, res.output
+    drawn = texts(beam_size=2, max_len=d.max_len, no_repeat_ngram_size=d.no_repeat_ngram_size,
+                  length_penalty=d.length_penalty, mbr_samples=3, mbr_temperature=2.0, seed=5)  # fmt: skip
+    assert res.output.splitlines() == [f"{p}\t{t}" for p, t in zip(paths, drawn)]
+    bad = CliRunner().invoke(app, [*args, "--mbr-samples", "-1"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: mbr_samples must be >= 0")
     assert all(len(set(t.split())) == len(t.split()) for t in other)  # no word twice
     bad = CliRunner().invoke(app, [*args, "--no-repeat-ngram", "-1"])
     assert bad.exit_code == 2 and bad.output == "error: no_repeat_ngram_size must be >= 0, got -1\n"

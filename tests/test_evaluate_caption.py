@@ -200,6 +200,11 @@ def test_cli_user_errors(tmp_path, clip_folder):
         invoke(tmp_path, clip_folder, "--params", str(bad)),
         "params evaluate_caption.no_repeat_ngram_size: must be >= 0 (0: off)",
     )
+    bad = _write_params(tmp_path / "bad.yaml", mbr_samples=-2)
+    one_line(
+        invoke(tmp_path, clip_folder, "--params", str(bad)),
+        "params evaluate_caption.mbr_samples: must be >= 0 (0: beam search alone)",
+    )
     typo = _write_params(tmp_path / "typo.yaml", beam=3)
     one_line(
         invoke(tmp_path, clip_folder, "--params", str(typo)),
@@ -541,6 +546,32 @@ def test_form_of_the_captions_and_the_decode_with_the_rule_off(tmp_path, clip_fo
     assert "repeat4_rule_off" in detail["ada"]["form"]
     assert detail["form"]["scored"] is False and "--scenes" in detail["form"]["why"]
     assert detail["form"]["references"] == form(refs)
+
+
+def test_minimum_bayes_risk_decoding_is_what_the_stage_scores(tmp_path, clip_folder):
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.caption.decode import caption_embeddings, load_caption_model
+
+    embs = make_embeddings(tmp_path / "emb", clip_folder)
+    for seed, variant in enumerate(("noada", "ada")):
+        _save_tiny_decoder(tmp_path / "models" / variant, clip_folder, seed)
+    params = _write_params(tmp_path / "params.yaml", mbr_samples=3, mbr_temperature=2.0)
+    res = invoke(tmp_path, clip_folder, "--params", str(params), out="b")
+    assert res.exit_code == 0, res.output
+    detail = json.loads((tmp_path / "db.json").read_text())
+    assert (detail["settings"]["mbr_samples"], detail["settings"]["mbr_temperature"]) == (3, 2.0)
+    tok = AutoTokenizer.from_pretrained(str(clip_folder))
+    test_emb = torch.from_numpy(embs["test_emb"].astype(np.float16).astype(np.float32))
+    model = load_caption_model(tmp_path / "models" / "noada")
+    rule = Settings()
+    kw = {"no_repeat_ngram_size": rule.no_repeat_ngram_size, "length_penalty": 1.0}
+    want = caption_embeddings(model, test_emb, tok, 2, 8, 4, **kw, mbr_samples=3,
+                              mbr_temperature=2.0, seed=0)  # fmt: skip
+    rows = _jsonl(tmp_path / "evalb" / "caption_noada.jsonl")
+    assert [r["prediction"] for r in rows] == want
+    assert want != caption_embeddings(model, test_emb, tok, 2, 8, 4, **kw)  # not the beam's
 
 
 def test_a_domain_token_model_is_also_decoded_with_the_source_token(tmp_path, clip_folder):

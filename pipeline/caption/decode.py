@@ -247,6 +247,57 @@ def beam_search(
     return [max(f, key=lambda c: c[0])[1] for f in finished]
 
 
+@torch.no_grad()
+def sample_search(
+    model: CaptionDecoder,
+    image_emb: torch.Tensor,
+    samples: int,
+    max_len: int = 30,
+    temperature: float = 1.0,
+    n_cand: int = 32,
+    no_repeat_ngram_size: int = 0,
+    domain: int = TARGET,
+    seed: int = 0,
+) -> list[list[list[int]]]:
+    """`samples` captions per image, each token drawn from the beam's step distribution
+    (softmax over the `n_cand` nearest rows at the model's own temperature times
+    `temperature`), tokens banned by `no_repeat_ngram_size` never drawn (module doc)."""
+    cfg, index, dev = model.config, token_index(model), _device(model)
+    bos, eos = cfg.bos_token_id, cfg.eos_token_id
+    t = cfg.ce_temperature * temperature
+    if model.search_space == "l2":
+        t *= float(cfg.target_scale) ** 2
+    gen = torch.Generator().manual_seed(seed)
+    m = len(image_emb) * samples
+    out: list[list[int]] = [[] for _ in range(m)]
+    with autocast(dev):
+        prefix = model.context(image_emb.to(dev).repeat_interleave(samples, 0), domain)
+        last = torch.full((m, 1), bos, dtype=torch.long, device=dev)
+        alive, cache = torch.arange(m, device=dev), None
+        for _ in range(_max_steps(model, max_len)):
+            pred, cache = model.decode_step(prefix if cache is None else None, last, cache)
+            bans = [banned_tokens(out[row], no_repeat_ngram_size) for row in alive.tolist()]
+            sims, ids = index.search(pred, min(n_cand + max(map(len, bans)), index.size))
+            ids = ids.cpu()
+            allowed = torch.ones(ids.shape, dtype=torch.bool)
+            for r, ban in enumerate(bans):  # banned: never drawn
+                if ban:
+                    allowed[r] = torch.tensor([tok not in ban for tok in ids[r].tolist()])
+            allowed &= allowed.cumsum(1) <= n_cand  # the n_cand nearest not banned
+            scaled = (sims.double().cpu() / t).masked_fill(~allowed, float("-inf"))
+            pick = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen)
+            nxt = ids.gather(1, pick).squeeze(1).to(dev)
+            for row, tok in zip(alive.tolist(), nxt.tolist()):
+                if tok != eos:
+                    out[row].append(tok)
+            keep_rows = nxt != eos
+            alive, last = alive[keep_rows], nxt[keep_rows][:, None]
+            if len(alive) == 0:
+                break
+            cache = reorder_cache(cache, keep_rows.nonzero().squeeze(1))
+    return [out[i * samples : (i + 1) * samples] for i in range(len(image_emb))]
+
+
 def generate(
     model: CaptionDecoder,
     image_emb: torch.Tensor,
@@ -256,14 +307,25 @@ def generate(
     no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
     domain: int = TARGET,
+    mbr_samples: int = 0,
+    mbr_temperature: float = 1.0,
+    seed: int = 0,
 ) -> list[list[int]]:
     """Token ids (no BOS/EOS) of one caption per image embedding (n, d), decoded with the
     `domain` token (TARGET, Flickr30k's: what the model was fine-tuned to write; a model
-    without domain tokens ignores it)."""
+    without domain tokens ignores it). With `mbr_samples` > 0, the caption is chosen by
+    minimum Bayes risk (`pipeline.caption.mbr`) among that many sampled captions
+    (`sample_search` at `mbr_temperature`, seeded by `seed` and the batch's first row)
+    and the beam (or greedy) caption."""
+    from pipeline.caption.mbr import consensus_index
+
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    if mbr_samples < 0 or mbr_temperature <= 0:
+        raise ValueError(f"mbr_samples must be >= 0 and mbr_temperature > 0, got "
+                         f"{mbr_samples} and {mbr_temperature}")  # fmt: skip
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
@@ -271,12 +333,18 @@ def generate(
         for start in range(0, len(image_emb), batch_size):
             chunk = image_emb[start : start + batch_size].float()
             if beam_size == 1:
-                out.extend(greedy_search(model, chunk, max_len, no_repeat_ngram_size, domain))
+                best = greedy_search(model, chunk, max_len, no_repeat_ngram_size, domain)
             else:
-                out.extend(beam_search(model, chunk, beam_size, max_len,
-                                       length_penalty=length_penalty,
-                                       no_repeat_ngram_size=no_repeat_ngram_size,
-                                       domain=domain))  # fmt: skip
+                best = beam_search(model, chunk, beam_size, max_len,
+                                   length_penalty=length_penalty,
+                                   no_repeat_ngram_size=no_repeat_ngram_size, domain=domain)  # fmt: skip
+            if mbr_samples:
+                drawn = sample_search(model, chunk, mbr_samples, max_len, mbr_temperature,
+                                      no_repeat_ngram_size=no_repeat_ngram_size, domain=domain,
+                                      seed=seed * 1_000_003 + start)  # fmt: skip
+                pools = [[*d, b] for d, b in zip(drawn, best)]
+                best = [pool[consensus_index(pool)] for pool in pools]
+            out.extend(best)
     finally:
         model.train(was_training)
     return out
@@ -309,8 +377,12 @@ def caption_embeddings(
     no_repeat_ngram_size: int = 0,
     length_penalty: float = 1.0,
     domain: int = TARGET,
+    mbr_samples: int = 0,
+    mbr_temperature: float = 1.0,
+    seed: int = 0,
 ) -> list[str]:
-    """One caption (text) per row of `image_emb`, decoded `batch_size` rows at a time."""
+    """One caption (text) per row of `image_emb`, decoded `batch_size` rows at a time
+    (`generate`'s settings; the samples of batch i are seeded by `seed` + its first row)."""
     from tqdm import tqdm
 
     texts: list[str] = []
@@ -318,7 +390,8 @@ def caption_embeddings(
     for start in tqdm(starts, desc=f"caption {label}".strip(), disable=not sys.stderr.isatty()):
         out = generate(model, image_emb[start : start + batch_size], beam_size, max_len,
                        no_repeat_ngram_size=no_repeat_ngram_size,
-                       length_penalty=length_penalty, domain=domain)  # fmt: skip
+                       length_penalty=length_penalty, domain=domain, mbr_samples=mbr_samples,
+                       mbr_temperature=mbr_temperature, seed=seed + start)  # fmt: skip
         texts.extend(ids_to_text(tokenizer, ids) for ids in out)
     return texts
 
@@ -333,6 +406,9 @@ def caption_images(
     length_penalty: float = 1.0,
     device: str = "auto",
     domain: int = TARGET,
+    mbr_samples: int = 0,
+    mbr_temperature: float = 1.0,
+    seed: int = 0,
 ) -> Iterator[tuple[str | Path, str]]:
     """(path, caption) for each image file: CLIP `clip` embeds it (decoded as `embed`
     decodes images), the decoder in folder `model` captions it (`generate`'s settings),
@@ -352,6 +428,9 @@ def caption_images(
         raise UserError(f"max_len must be >= 1, got {max_len}")
     if no_repeat_ngram_size < 0:
         raise UserError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
+    if mbr_samples < 0 or mbr_temperature <= 0:
+        raise UserError(f"mbr_samples must be >= 0 and mbr_temperature > 0, got "
+                        f"{mbr_samples} and {mbr_temperature}")  # fmt: skip
     decoder = load_caption_model(model, device)
     if domain != TARGET and not decoder.config.domain_token:
         raise UserError(f"--domain source: {model} has no domain token (train it with "
@@ -371,5 +450,7 @@ def caption_images(
     emb = torch.cat([embed_image(bb, path) for path in images])
     texts = caption_embeddings(decoder, emb, bb.tokenizer, beam, max_len,
                                no_repeat_ngram_size=no_repeat_ngram_size,
-                               length_penalty=length_penalty, domain=domain)  # fmt: skip
+                               length_penalty=length_penalty, domain=domain,
+                               mbr_samples=mbr_samples, mbr_temperature=mbr_temperature,
+                               seed=seed)  # fmt: skip
     yield from zip(images, texts)

@@ -27,6 +27,12 @@ length; with the scenes also the share that parse under the sample world's capti
 grammar (`wellformed`, headline; `pipeline.synth.grammar`) and, of the captions that state
 a count of shapes, the share that is right.
 
+Decoding: beam search (`beam_size`, `no_repeat_ngram_size`, `length_penalty`); with
+`mbr_samples` > 0, each caption is chosen by minimum Bayes risk (`pipeline.caption.mbr`)
+among that many captions sampled from the model at `mbr_temperature` (seeded by the
+top-level `seed`) and the beam's. Every decoding of this stage (rule off, source token)
+uses the same settings.
+
 Domain gap (`pipeline.metrics.domain_gap`, `domain_gap` in the detail file), where `laion`
 (the source domain's embeddings) is given: the proxy A-distance between the LAION and the
 Flickr30k images (all rows, every split: unique images) on the raw CLIP image embeddings,
@@ -107,13 +113,18 @@ class Settings:
     baseline_split: str = "train"  # split the nearest-neighbour baseline searches
     no_repeat_ngram_size: int = 4  # no token may complete an n-gram already in the caption (0: off)
     length_penalty: float = 1.0  # beam: finished captions ranked by log-score / length**this
+    mbr_samples: int = 0  # captions sampled per image; > 0: chosen among them + beam's by MBR
+    mbr_temperature: float = 0.7  # their sampling temperature, a multiple of the model's own
     device: str = "auto"  # auto | cpu | cuda | cuda:N (decoders and the CLIP text encoder)
+    seed: int = 0  # top-level `seed`: the samples
 
     def __post_init__(self) -> None:
         for key in ("beam_size", "max_len", "batch_size"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0 (0: off)")
         check(self.length_penalty >= 0, "length_penalty", "must be >= 0 (0: summed log-scores)")
+        check(self.mbr_samples >= 0, "mbr_samples", "must be >= 0 (0: beam search alone)")
+        check(self.mbr_temperature > 0, "mbr_temperature", "must be > 0")
         check_device(self.device)
 
 
@@ -176,22 +187,24 @@ def _evaluate(
     scores: dict[str, dict[str, Any]] = {}
     captions: dict[str, list[str]] = {}
     image_emb = torch.from_numpy(test.emb)
+    mbr = {"mbr_samples": s.mbr_samples, "mbr_temperature": s.mbr_temperature, "seed": s.seed}
     for name, folder in systems.items():
         model = load_caption_model(folder, s.device)
         preds = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
                                    s.batch_size, name, s.no_repeat_ngram_size,
-                                   s.length_penalty)  # fmt: skip
+                                   s.length_penalty, **mbr)  # fmt: skip
         loose = preds  # the same decoded with the repetition rule off (form only)
         if s.no_repeat_ngram_size:
             loose = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
                                        s.batch_size, f"{name} rule off", 0,
-                                       s.length_penalty)  # fmt: skip
+                                       s.length_penalty, **mbr)  # fmt: skip
         scores[name] = (score(preds, test.captions) | truth.score(preds)
                         | form_scores(preds, truth, loose))  # fmt: skip
         if model.config.domain_token:  # does the source token bring back LAION's style?
             src = caption_embeddings(model, image_emb, tokenizer, s.beam_size, s.max_len,
                                      s.batch_size, f"{name} source token",
-                                     s.no_repeat_ngram_size, s.length_penalty, SOURCE)  # fmt: skip
+                                     s.no_repeat_ngram_size, s.length_penalty, SOURCE,
+                                     **mbr)  # fmt: skip
             f = form_scores(src, truth)
             scores[name]["form"]["source_token"] = {
                 "wellformed": f.get("wellformed"), "alt_text": f["form"].get("alt_text"),
@@ -227,6 +240,7 @@ def _evaluate(
         "n_references": sum(len(c) for c in test.captions), "tokenization": TOKENIZATION,
         **BLEU_SETTINGS, **CIDER_SETTINGS, "beam_size": s.beam_size, "max_len": s.max_len,
         "no_repeat_ngram_size": s.no_repeat_ngram_size, "length_penalty": s.length_penalty,
+        "mbr_samples": s.mbr_samples, "mbr_temperature": s.mbr_temperature,
         "baseline": f"nn-{s.baseline_split}-first-caption", "baseline_n_images": len(train),
         "target_shift": as_dict(shift), "runtime": runtime(pick_device(s.device)),
         **PAPER_BLEU,

@@ -35,14 +35,18 @@ th:first-child, td:first-child { text-align: left; }
 {% else %}<p class="note">No probes measured.</p>{% endif %}
 {% if scene_rows %}
 <p>Whole scenes: a multi-label linear probe of what is present (what a decoder can read).</p>
-<table><tr><th>style</th><th>labels</th><th>recall@k</th><th>chance</th><th>precision</th>
-<th>recall</th><th>objects present</th><th>test n</th></tr>
+<table><tr><th>style</th><th>labels</th><th>recall@k [95%]</th><th>chance</th><th>precision</th>
+<th>recall</th><th>objects present</th><th>L2 (CV)</th><th>fit n / test n</th></tr>
 {% for r in scene_rows %}<tr><td>{{ r.style }}</td><td>{{ r.set }} ({{ r.labels }})</td>
-<td>{{ "%.3f"|format(r.recall_at_k) }}</td><td>{{ "%.3f"|format(r.chance_recall_at_k) }}</td>
+<td>{{ "%.3f"|format(r.recall_at_k) }}{% if r.recall_at_k_ci %} [{{ "%.3f"|format(r.recall_at_k_ci[0]) }}, {{ "%.3f"|format(r.recall_at_k_ci[1]) }}]{% endif %}</td>
+<td>{{ "%.3f"|format(r.chance_recall_at_k) }}</td>
 <td>{{ "%.3f"|format(r.precision) }}</td><td>{{ "%.3f"|format(r.recall) }}</td>
-<td>{{ r.mean_present }}</td><td>{{ r.n_test }}</td></tr>
+<td>{{ r.mean_present }}</td><td>{{ r.l2 if r.l2 is defined else "–" }}</td>
+<td>{{ r.n_train }} / {{ r.n_test }}</td></tr>
 {% endfor %}</table>
-<p class="note">recall@k: share of the k labels present found among the k top-scored.</p>
+<p class="note">recall@k: share of the k labels present found among the k top-scored;
+the interval: bootstrap over the test scenes, the fit held fixed; L2: the probe's penalty,
+chosen by 3-fold cross-validation on the fit scenes.</p>
 {% endif %}
 
 <h2>VQA: top-1 on the test split</h2>
