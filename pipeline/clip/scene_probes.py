@@ -40,7 +40,7 @@ from pipeline.synth.scene import CATEGORIES, COLOURS
 DIRECTIONS = ("left of", "right of", "above", "below")
 LABEL_SETS = ("shape", "colour", "object", "relation")
 LP_L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)  # L2 penalties tried (on the mean loss)
-LP_FOLDS = 3  # folds of the train half that choose the penalty, per label set and style
+LP_FOLDS = 2  # folds of the train half that choose the penalty, per label set and style
 LP_ITERS = 300  # L-BFGS iterations
 HOW = (
     "multi-label linear probe per label set on L2-normalised embeddings of whole scenes "
