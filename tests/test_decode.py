@@ -245,11 +245,18 @@ def test_mbr_chooses_among_the_samples_and_the_beam_caption():
     img = torch.randn(6, DIM, generator=torch.Generator().manual_seed(4))
     beam = generate(model, img, beam_size=2, max_len=10, no_repeat_ngram_size=3)
     drawn = sample_search(model, img, 3, max_len=10, temperature=2.0, no_repeat_ngram_size=3,
-                          seed=7 * 1_000_003)  # fmt: skip
+                          seed=7)  # fmt: skip
     got = generate(model, img, beam_size=2, max_len=10, no_repeat_ngram_size=3, mbr_samples=3,
                    mbr_temperature=2.0, seed=7)  # fmt: skip
     assert all(g in [*d, b] for g, d, b in zip(got, drawn, beam))
     assert got != beam  # some image chose a sample
+    # an image's samples are its own: the same in any batch, at any position
+    late = sample_search(model, img[3:], 3, max_len=10, temperature=2.0,
+                         no_repeat_ngram_size=3, seed=7, first_row=3)  # fmt: skip
+    assert late == drawn[3:]
+    for batch in (1, 4):
+        assert generate(model, img, beam_size=2, max_len=10, no_repeat_ngram_size=3,
+                        mbr_samples=3, mbr_temperature=2.0, seed=7, batch_size=batch) == got  # fmt: skip
     with pytest.raises(ValueError):
         generate(model, img, mbr_samples=-1)
 

@@ -258,23 +258,30 @@ def sample_search(
     no_repeat_ngram_size: int = 0,
     domain: int = TARGET,
     seed: int = 0,
+    first_row: int = 0,
 ) -> list[list[list[int]]]:
-    """`samples` captions per image, each token drawn from the beam's step distribution
-    (softmax over the `n_cand` nearest rows at the model's own temperature times
-    `temperature`), tokens banned by `no_repeat_ngram_size` never drawn (module doc)."""
+    """`samples` captions per image, each token drawn from the softmax over the `n_cand`
+    nearest token rows not banned by `no_repeat_ngram_size` (the similarities of beam
+    search's step scores, at the model's own temperature times `temperature`; beam search
+    normalises over the `n_cand` nearest, banned ones included). Image i's draws come from
+    its own stream, seeded by (`seed`, `first_row` + i): an image gets the same samples
+    whatever else is in its batch."""
     cfg, index, dev = model.config, token_index(model), _device(model)
     bos, eos = cfg.bos_token_id, cfg.eos_token_id
     t = cfg.ce_temperature * temperature
     if model.search_space == "l2":
         t *= float(cfg.target_scale) ** 2
-    gen = torch.Generator().manual_seed(seed)
+    steps = _max_steps(model, max_len)
+    uniform = torch.from_numpy(np.concatenate([  # (rows, steps): one draw per token
+        np.random.default_rng([seed, first_row + i]).random((samples, steps))
+        for i in range(len(image_emb))] or [np.zeros((0, steps))]))  # fmt: skip
     m = len(image_emb) * samples
     out: list[list[int]] = [[] for _ in range(m)]
     with autocast(dev):
         prefix = model.context(image_emb.to(dev).repeat_interleave(samples, 0), domain)
         last = torch.full((m, 1), bos, dtype=torch.long, device=dev)
         alive, cache = torch.arange(m, device=dev), None
-        for _ in range(_max_steps(model, max_len)):
+        for step in range(steps):
             pred, cache = model.decode_step(prefix if cache is None else None, last, cache)
             bans = [banned_tokens(out[row], no_repeat_ngram_size) for row in alive.tolist()]
             sims, ids = index.search(pred, min(n_cand + max(map(len, bans)), index.size))
@@ -285,7 +292,9 @@ def sample_search(
                     allowed[r] = torch.tensor([tok not in ban for tok in ids[r].tolist()])
             allowed &= allowed.cumsum(1) <= n_cand  # the n_cand nearest not banned
             scaled = (sims.double().cpu() / t).masked_fill(~allowed, float("-inf"))
-            pick = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen)
+            cdf = torch.softmax(scaled, dim=-1).cumsum(1)
+            u = uniform[alive.cpu(), step][:, None] * cdf[:, -1:]  # inverse-CDF draw
+            pick = (cdf <= u).sum(1, keepdim=True).clamp(max=ids.shape[1] - 1)
             nxt = ids.gather(1, pick).squeeze(1).to(dev)
             for row, tok in zip(alive.tolist(), nxt.tolist()):
                 if tok != eos:
@@ -310,13 +319,14 @@ def generate(
     mbr_samples: int = 0,
     mbr_temperature: float = 1.0,
     seed: int = 0,
+    first_row: int = 0,
 ) -> list[list[int]]:
     """Token ids (no BOS/EOS) of one caption per image embedding (n, d), decoded with the
     `domain` token (TARGET, Flickr30k's: what the model was fine-tuned to write; a model
     without domain tokens ignores it). With `mbr_samples` > 0, the caption is chosen by
-    minimum Bayes risk (`pipeline.caption.mbr`) among that many sampled captions
-    (`sample_search` at `mbr_temperature`, seeded by `seed` and the batch's first row)
-    and the beam (or greedy) caption."""
+    minimum Bayes risk (`pipeline.caption.mbr`) among the beam (or greedy) caption and
+    that many sampled captions (`sample_search` at `mbr_temperature`; image i of
+    `image_emb` seeded by (`seed`, `first_row` + i), so batches do not matter)."""
     from pipeline.caption.mbr import consensus_index
 
     if beam_size < 1:
@@ -341,8 +351,8 @@ def generate(
             if mbr_samples:
                 drawn = sample_search(model, chunk, mbr_samples, max_len, mbr_temperature,
                                       no_repeat_ngram_size=no_repeat_ngram_size, domain=domain,
-                                      seed=seed * 1_000_003 + start)  # fmt: skip
-                pools = [[*d, b] for d, b in zip(drawn, best)]
+                                      seed=seed, first_row=first_row + start)  # fmt: skip
+                pools = [[b, *d] for d, b in zip(drawn, best)]  # a tie keeps the beam's
                 best = [pool[consensus_index(pool)] for pool in pools]
             out.extend(best)
     finally:
@@ -382,7 +392,7 @@ def caption_embeddings(
     seed: int = 0,
 ) -> list[str]:
     """One caption (text) per row of `image_emb`, decoded `batch_size` rows at a time
-    (`generate`'s settings; the samples of batch i are seeded by `seed` + its first row)."""
+    (`generate`'s settings)."""
     from tqdm import tqdm
 
     texts: list[str] = []
@@ -391,7 +401,7 @@ def caption_embeddings(
         out = generate(model, image_emb[start : start + batch_size], beam_size, max_len,
                        no_repeat_ngram_size=no_repeat_ngram_size,
                        length_penalty=length_penalty, domain=domain, mbr_samples=mbr_samples,
-                       mbr_temperature=mbr_temperature, seed=seed + start)  # fmt: skip
+                       mbr_temperature=mbr_temperature, seed=seed, first_row=start)  # fmt: skip
         texts.extend(ids_to_text(tokenizer, ids) for ids in out)
     return texts
 

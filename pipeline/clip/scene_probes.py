@@ -46,7 +46,8 @@ HOW = (
     "multi-label linear probe per label set on L2-normalised embeddings of whole scenes "
     "(one logistic regression per label, BCE, L2 penalty on the mean loss chosen per label "
     f"set and style from {list(LP_L2_GRID)} by {LP_FOLDS}-fold cross-validation of recall@k "
-    f"on the train half, L-BFGS {LP_ITERS} iterations), refit on each style's train half, "
+    f"on the train half, the folds' fits warm-started along the grid, L-BFGS {LP_ITERS} "
+    "iterations), refit from a cold start on each style's train half, "
     "scored on its test half: "
     "recall@k = share of the k present labels among the k top-scored (k = number present, "
     "mean over images), 95% interval by the percentile bootstrap over the scored scenes "
@@ -156,10 +157,14 @@ def fit_multilabel(x: torch.Tensor, y: torch.Tensor, l2: float, seed: int = 0,
     return w.detach() * scale, b.detach()
 
 
-def choose_l2(x: torch.Tensor, y: np.ndarray, seed: int = 0) -> tuple[float, float]:
+def choose_l2(x: torch.Tensor, y: np.ndarray, seed: int = 0) -> tuple[float, float | None]:
     """The penalty of `LP_L2_GRID` with the best mean held-out recall@k over `LP_FOLDS`
-    folds of (x, y) (ties: the larger penalty), and that recall. Each fold walks the grid
-    from the largest penalty down, each fit warm-started from the one before."""
+    folds of (x, y) (ties: the larger penalty), and that recall (None: fewer than two
+    scenes a fold, the grid's middle penalty). Each fold walks the grid from the largest
+    penalty down, each fit warm-started from the one before; the caller refits the chosen
+    penalty from a cold start."""
+    if len(y) < 2 * LP_FOLDS:  # too few scenes to hold any out: the grid's middle
+        return sorted(LP_L2_GRID)[len(LP_L2_GRID) // 2], None
     fold = np.random.default_rng([seed, 7]).permutation(len(y)) % LP_FOLDS
     grid = sorted(LP_L2_GRID, reverse=True)
     got = np.zeros((LP_FOLDS, len(grid)))

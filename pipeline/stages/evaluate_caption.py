@@ -240,7 +240,7 @@ def _evaluate(
         "n_references": sum(len(c) for c in test.captions), "tokenization": TOKENIZATION,
         **BLEU_SETTINGS, **CIDER_SETTINGS, "beam_size": s.beam_size, "max_len": s.max_len,
         "no_repeat_ngram_size": s.no_repeat_ngram_size, "length_penalty": s.length_penalty,
-        "mbr_samples": s.mbr_samples, "mbr_temperature": s.mbr_temperature,
+        "mbr_samples": s.mbr_samples, "mbr_temperature": s.mbr_temperature, "mbr_seed": s.seed,
         "baseline": f"nn-{s.baseline_split}-first-caption", "baseline_n_images": len(train),
         "target_shift": as_dict(shift), "runtime": runtime(pick_device(s.device)),
         **PAPER_BLEU,

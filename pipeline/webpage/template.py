@@ -46,7 +46,7 @@ th:first-child, td:first-child { text-align: left; }
 {% endfor %}</table>
 <p class="note">recall@k: share of the k labels present found among the k top-scored;
 the interval: bootstrap over the test scenes, the fit held fixed; L2: the probe's penalty,
-chosen by 2-fold cross-validation on the fit scenes.</p>
+chosen by cross-validation on the fit scenes.</p>
 {% endif %}
 
 <h2>VQA: top-1 on the test split</h2>
