@@ -43,15 +43,21 @@ def _rows(n: int, seed: int):
     return rows
 
 
-def test_linearly_coded_labels_are_read_out_and_random_features_are_at_chance():
-    rows = _rows(600, 0)
+def _shapes(rows: list[dict]) -> np.ndarray:
+    """(rows, 22) 0/1: the shapes of each row's objects."""
     vocab = SP.vocabulary()["shape"]
     y = np.zeros((len(rows), len(vocab)), dtype=np.float32)
     for i, r in enumerate(rows):
         for o in r["objects"]:
             y[i, vocab.index(o["category"])] = 1
+    return y
+
+
+def test_linearly_coded_labels_are_read_out_and_random_features_are_at_chance():
+    rows = _rows(600, 0)
+    y = _shapes(rows)
     gen = torch.Generator().manual_seed(0)
-    proj = torch.randn(len(vocab), 64, generator=gen)
+    proj = torch.randn(y.shape[1], 64, generator=gen)
     coded = torch.nn.functional.normalize(torch.from_numpy(y) @ proj, dim=1)
     good = SP.run_scene_probes(coded, rows)["photo_scene"]["shape"]
     assert good["recall_at_k"] > 0.95 and good["n_test"] == 300 and good["labels"] == 22
@@ -63,11 +69,7 @@ def test_linearly_coded_labels_are_read_out_and_random_features_are_at_chance():
 
 def test_the_penalty_is_chosen_on_the_train_half_only():
     rows = _rows(400, 1)
-    vocab = SP.vocabulary()["shape"]
-    y = np.zeros((len(rows), len(vocab)), dtype=np.float32)
-    for i, r in enumerate(rows):
-        for o in r["objects"]:
-            y[i, vocab.index(o["category"])] = 1
+    y = _shapes(rows)
     gen = torch.Generator().manual_seed(1)
     emb = torch.nn.functional.normalize(torch.from_numpy(y) @ torch.randn(22, 32, generator=gen)
                                         + 0.3 * torch.randn(len(rows), 32, generator=gen), dim=1)  # fmt: skip

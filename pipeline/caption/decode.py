@@ -133,6 +133,18 @@ def banned_tokens(seq: Sequence[int], n: int) -> set[int]:
     return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == tail}
 
 
+def _advance(out: list[list[int]], alive: torch.Tensor, nxt: torch.Tensor, eos: int, cache):
+    """Append each alive row's next token (not EOS) to `out`; the rows still going, their
+    last tokens and their cache rows (the cache unchanged once every row has ended)."""
+    for row, tok in zip(alive.tolist(), nxt.tolist()):
+        if tok != eos:
+            out[row].append(tok)
+    keep = nxt != eos
+    if not keep.any():
+        return alive[keep], nxt[keep][:, None], cache
+    return alive[keep], nxt[keep][:, None], reorder_cache(cache, keep.nonzero().squeeze(1))
+
+
 @torch.no_grad()
 def greedy_search(
     model: CaptionDecoder,
@@ -159,14 +171,9 @@ def greedy_search(
             nxt = torch.tensor(  # EOS is never banned: some candidate is always left
                 [next(t for t in row if t not in ban) for row, ban in zip(ids, bans)], device=dev
             )
-            for row, tok in zip(alive.tolist(), nxt.tolist()):
-                if tok != eos:
-                    out[row].append(tok)
-            keep = nxt != eos
-            alive, last = alive[keep], nxt[keep][:, None]
+            alive, last, cache = _advance(out, alive, nxt, eos, cache)
             if len(alive) == 0:
                 break
-            cache = reorder_cache(cache, keep.nonzero().squeeze(1))
     return out
 
 
@@ -296,14 +303,9 @@ def sample_search(
             u = uniform[alive.cpu(), step][:, None] * cdf[:, -1:]  # inverse-CDF draw
             pick = (cdf <= u).sum(1, keepdim=True).clamp(max=ids.shape[1] - 1)
             nxt = ids.gather(1, pick).squeeze(1).to(dev)
-            for row, tok in zip(alive.tolist(), nxt.tolist()):
-                if tok != eos:
-                    out[row].append(tok)
-            keep_rows = nxt != eos
-            alive, last = alive[keep_rows], nxt[keep_rows][:, None]
+            alive, last, cache = _advance(out, alive, nxt, eos, cache)
             if len(alive) == 0:
                 break
-            cache = reorder_cache(cache, keep_rows.nonzero().squeeze(1))
     return [out[i * samples : (i + 1) * samples] for i in range(len(image_emb))]
 
 
