@@ -212,9 +212,14 @@ def scene_probe_scores(bb, rows: list[dict], pixels: torch.Tensor) -> dict:
 
 def run_scene_probes(emb: torch.Tensor, rows: list[dict]) -> dict:
     """`{style_scene: {label_set: scores, n_train, n_test}}` over the rows of kind `scene`
-    (`emb`: their L2-normalised embeddings, row for row)."""
+    (`emb`: their L2-normalised embeddings, row for row). The (style, label set) probes are
+    independent: they run on as many threads as there are CPU cores, each with the same
+    single-threaded numbers it would give alone (every fit seeds its own generator)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     vocab = vocabulary()
-    out: dict = {}
+    jobs = []
     for style in sorted({r["style"] for r in rows if r["kind"] == "scene"}):
         idx = [i for i, r in enumerate(rows) if r["kind"] == "scene" and r["style"] == style]
         tr = [i for i in idx if rows[i]["split"] == "train"]
@@ -222,18 +227,25 @@ def run_scene_probes(emb: torch.Tensor, rows: list[dict]) -> dict:
         if not tr or not te:
             continue
         labels = {i: scene_labels(rows[i]["objects"], tuple(rows[i]["canvas"])) for i in idx}
-        res = {}
         for name in LABEL_SETS:
             pos = {lab: j for j, lab in enumerate(vocab[name])}
             y = np.zeros((len(rows), len(pos)), dtype=np.float32)
             for i in idx:
                 for lab in labels[i][name]:
                     y[i, pos[lab]] = 1.0
-            x = emb[tr].float()
-            l2, cv = choose_l2(x, y[tr])
-            w, b = fit_multilabel(x, torch.from_numpy(y[tr]), l2)
-            s = (emb[te].float() @ w + b).numpy()
-            res[name] = {**score_multilabel(s, y[te]), "labels": len(pos), "l2": l2,
-                         "cv_recall_at_k": cv, "n_train": len(tr), "n_test": len(te)}  # fmt: skip
-        out[f"{style}_scene"] = res
+            jobs.append((style, name, emb[tr].float(), y[tr], emb[te].float(), y[te]))
+
+    def probe(job) -> dict:
+        _, _, x, y, x_test, y_test = job
+        l2, cv = choose_l2(x, y)
+        w, b = fit_multilabel(x, torch.from_numpy(y), l2)
+        return {**score_multilabel((x_test @ w + b).numpy(), y_test), "labels": y.shape[1],
+                "l2": l2, "cv_recall_at_k": cv, "n_train": len(y), "n_test": len(y_test)}  # fmt: skip
+
+    workers = max(1, min(len(jobs), len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(probe, jobs))
+    out: dict = {}
+    for (style, name, *_), res in zip(jobs, results):
+        out.setdefault(f"{style}_scene", {})[name] = res
     return out
