@@ -227,13 +227,14 @@ def run_scene_probes(emb: torch.Tensor, rows: list[dict]) -> dict:
         if not tr or not te:
             continue
         labels = {i: scene_labels(rows[i]["objects"], tuple(rows[i]["canvas"])) for i in idx}
+        x_fit, x_test = emb[tr].float(), emb[te].float()  # shared by the style's label sets
         for name in LABEL_SETS:
             pos = {lab: j for j, lab in enumerate(vocab[name])}
             y = np.zeros((len(rows), len(pos)), dtype=np.float32)
             for i in idx:
                 for lab in labels[i][name]:
                     y[i, pos[lab]] = 1.0
-            jobs.append((style, name, emb[tr].float(), y[tr], emb[te].float(), y[te]))
+            jobs.append((style, name, x_fit, y[tr], x_test, y[te]))
 
     def probe(job) -> dict:
         _, _, x, y, x_test, y_test = job
