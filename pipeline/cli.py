@@ -189,31 +189,28 @@ def embed(
 @app.command("train-caption")
 @one_line_errors
 def train_caption(
-    variant: Annotated[str, _opt("noada | ada (adversarial domain adaptation)")],
+    variant: Annotated[
+        list[str], _opt("noada | ada (adversarial domain adaptation); repeat to train several")
+    ],
     laion: Annotated[Path, _opt("LAION embeddings folder")],
     flickr30k: Annotated[Path, _opt("Flickr30k embeddings folder")],
-    out: Annotated[Path, _opt("model folder")],
-    plots: Annotated[Path, _opt("per-epoch TSV curve")],
+    out: Annotated[str, _opt("model folder; {variant} in it: the variant's name")],
+    plots: Annotated[str, _opt("per-epoch TSV curve; {variant} in it: the variant's name")],
     clip: Annotated[
         str | None,
         _opt("the CLIP the embeddings came from (its token table); default: the one they name"),
     ] = None,
     params: Params = PARAMS,
 ):
-    """Train the embedding-space caption decoder: LAION pretrain, adapt, Flickr30k fine-tune."""
+    """Train the embedding-space caption decoder: LAION pretrain, adapt, Flickr30k fine-tune.
+    Several variants train at once on a CPU with a core for each (same numbers)."""
     from pipeline.stages import train_caption as stage
 
-    typer.echo(
-        stage.main(
-            variant=variant,
-            laion=laion,
-            flickr30k=flickr30k,
-            out=out,
-            plots=plots,
-            params=params,
-            clip=clip,
-        )
+    summaries = stage.run(
+        variant, laion=laion, flickr30k=flickr30k, out=out, plots=plots, params=params, clip=clip
     )
+    for line in summaries:
+        typer.echo(line)
 
 
 @app.command("evaluate-caption")

@@ -26,7 +26,8 @@ from pipeline.nn.caption_decoder import (
     split_batch,
 )
 from pipeline.settings import SettingError, load
-from pipeline.stages.train_caption import Settings, main
+from pipeline.stages import train_caption as stage
+from pipeline.stages.train_caption import Settings, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -309,6 +310,43 @@ def test_stage_writes_model_and_curves_deterministically(emb_dirs, tmp_path):
     assert model.config.target_scale == WIDTH**0.5
     with pytest.raises(UserError, match="variant"):
         main("both", laion, flickr, tmp_path / "x", tmp_path / "x.tsv", params, clip)
+
+
+def test_variants_trained_together_are_those_trained_alone(emb_dirs, tmp_path):
+    """`run` trains both variants (at once where the cores allow: CI has 2) with the
+    numbers each gets alone."""
+    laion, flickr, clip = emb_dirs
+    params = {"seed": 3, "train_caption": TINY}
+    lines = run(["noada", "ada"], laion, flickr, tmp_path / "m_{variant}",
+                tmp_path / "p_{variant}.tsv", params, clip)  # fmt: skip
+    assert [ln.split(":")[0] for ln in lines] == ["train_caption[noada]", "train_caption[ada]"]
+    for v in ("noada", "ada"):
+        main(v, laion, flickr, tmp_path / f"alone_{v}", tmp_path / f"alone_{v}.tsv", params, clip)
+        for name in ("model.safetensors", "config.json"):
+            got = (tmp_path / f"m_{v}" / name).read_bytes()
+            assert got == (tmp_path / f"alone_{v}" / name).read_bytes()
+        want = (tmp_path / f"alone_{v}.tsv").read_text()
+        assert (tmp_path / f"p_{v}.tsv").read_text() == want
+    with pytest.raises(UserError, match=r"--out .* must hold \{variant\}"):
+        run(["noada", "ada"], laion, flickr, tmp_path / "m", tmp_path / "p_{variant}.tsv",
+            params, clip)  # fmt: skip
+    with pytest.raises(UserError, match="named twice"):
+        run(["ada", "ada"], laion, flickr, tmp_path / "{variant}", tmp_path / "{variant}.tsv",
+            params, clip)  # fmt: skip
+    with pytest.raises(UserError, match="variant must be one of"):
+        run(["noada", "both"], laion, flickr, tmp_path / "{variant}", tmp_path / "{variant}",
+            params, clip)  # fmt: skip
+
+
+def test_variants_train_at_once_only_on_cpu_cores_to_spare(monkeypatch):
+    s = Settings()  # threads 1, device auto
+    monkeypatch.setattr(stage, "pick_device", lambda name: torch.device("cpu"))
+    monkeypatch.setattr(stage, "spare_cores", lambda busy: 2)
+    assert stage.at_once(s, 2) and not stage.at_once(s, 1) and not stage.at_once(s, 3)
+    assert not stage.at_once(dataclasses.replace(s, threads=0), 2)  # torch's default: all cores
+    assert not stage.at_once(dataclasses.replace(s, threads=2), 2)
+    monkeypatch.setattr(stage, "pick_device", lambda name: torch.device("cuda"))
+    assert not stage.at_once(s, 2)
 
 
 def _run(emb_dirs, out: Path, variant: str = "ada", **settings) -> tuple[dict, list[dict]]:

@@ -1,4 +1,4 @@
-"""train_caption@{noada,ada}: the embedding-space caption decoder, three phases.
+"""train_caption: the embedding-space caption decoders (noada, ada), three phases each.
 
 `pretrain` on LAION captions, `adapt` (LAION captions + the domain discriminator behind
 the GRL on LAION vs Flickr30k images), `finetune` on the captions of the labelled
@@ -21,11 +21,18 @@ Outputs: the model folder (model.safetensors + config.json: the `DecoderConfig`,
 CLIP the embeddings came from and a training summary) and the per-epoch `plots` TSV.
 Under torchrun only rank 0 writes, and each rank's summary names its rank and a digest of
 its weights (the decoder's and the discriminator's).
+
+`run` trains several variants. On the CPU, given `threads` cores for each, they train at
+once, one process each: every run is single-process and seeded, so its numbers are those
+it has alone (tests check the weights), in the time of the slowest. Otherwise (CUDA,
+torchrun, `threads: 0`, too few cores) one after another.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -55,7 +62,15 @@ from pipeline.nn.caption_decoder import (
     save_caption_model,
 )
 from pipeline.settings import as_dict, check, check_device, load
-from pipeline.training import BestEpoch, cpu_threads, seed_everything, write_plot
+from pipeline.errors import UserError
+from pipeline.training import (
+    BestEpoch,
+    cpu_threads,
+    pick_device,
+    seed_everything,
+    spare_cores,
+    write_plot,
+)
 
 LOSS_NAMES = {"caption_loss": "caption", "source_loss": "LAION", "text_loss": "text"}  # summary
 MIN_SELECT_IMAGES = 16  # fewest Flickr30k val images the kept epoch is chosen on
@@ -283,3 +298,45 @@ def main(
         digest = "".join(distributed.weights_digest(m) for m in (trainer.model, trainer.disc))
         summary += f"; rank {distributed.rank()}/{distributed.world_size()}, weights {digest}"
     return summary
+
+
+VARIANT_FIELD = "{variant}"  # in `run`'s out and plots paths: the variant's name
+
+
+def at_once(s: Settings, n: int) -> bool:
+    """Whether `n` variants train at once: on the CPU, outside torchrun, with `threads`
+    cores for each."""
+    return (n > 1 and s.threads >= 1 and not distributed.is_distributed()
+            and pick_device(s.device).type == "cpu" and spare_cores(0) >= n * s.threads)  # fmt: skip
+
+
+def run(
+    variants: list[str],
+    laion: Path,
+    flickr30k: Path,
+    out: str | Path,
+    plots: str | Path,
+    params: Path | dict[str, Any],
+    clip: str | Path | None = None,
+) -> list[str]:
+    """Train each of `variants` (`main`), at once where `at_once` allows; `out` and `plots`
+    name each variant's folder and TSV with "{variant}" (required for more than one).
+    Returns the summaries, in the order of `variants`."""
+    if not variants:
+        raise UserError("name at least one --variant")
+    if len(set(variants)) < len(variants):
+        raise UserError(f"a variant is named twice: {', '.join(variants)}")
+    for v in variants:
+        grl_strength(v)  # an unknown variant fails before any training
+    for name, path in (("--out", out), ("--plots", plots)):
+        if len(variants) > 1 and VARIANT_FIELD not in str(path):
+            raise UserError(f"{name} {path}: with several variants it must hold {VARIANT_FIELD}")
+    jobs = [dict(variant=v, laion=laion, flickr30k=flickr30k, params=params, clip=clip,
+                 out=Path(str(out).replace(VARIANT_FIELD, v)),
+                 plots=Path(str(plots).replace(VARIANT_FIELD, v))) for v in variants]  # fmt: skip
+    if not at_once(load(Settings, params), len(jobs)):
+        return [main(**job) for job in jobs]
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(len(jobs), mp_context=spawn) as pool:
+        futures = [pool.submit(main, **job) for job in jobs]
+        return [f.result() for f in futures]
