@@ -53,6 +53,7 @@ from pipeline.caption.training import (
 )
 from pipeline.compute import Compute
 from pipeline.compute import session as compute_session
+from pipeline.errors import UserError
 from pipeline.nn.caption_decoder import (
     SOURCE,
     TARGET,
@@ -62,7 +63,6 @@ from pipeline.nn.caption_decoder import (
     save_caption_model,
 )
 from pipeline.settings import as_dict, check, check_device, load
-from pipeline.errors import UserError
 from pipeline.training import (
     BestEpoch,
     cpu_threads,
@@ -331,9 +331,10 @@ def run(
     for name, path in (("--out", out), ("--plots", plots)):
         if len(variants) > 1 and VARIANT_FIELD not in str(path):
             raise UserError(f"{name} {path}: with several variants it must hold {VARIANT_FIELD}")
-    jobs = [dict(variant=v, laion=laion, flickr30k=flickr30k, params=params, clip=clip,
-                 out=Path(str(out).replace(VARIANT_FIELD, v)),
-                 plots=Path(str(plots).replace(VARIANT_FIELD, v))) for v in variants]  # fmt: skip
+    paths = {"out": out, "plots": plots}
+    common = {"laion": laion, "flickr30k": flickr30k, "params": params, "clip": clip}
+    jobs = [{"variant": v, **common, **{k: Path(str(p).replace(VARIANT_FIELD, v))
+                                        for k, p in paths.items()}} for v in variants]  # fmt: skip
     if not at_once(load(Settings, params), len(jobs)):
         return [main(**job) for job in jobs]
     spawn = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
