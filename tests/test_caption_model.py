@@ -338,31 +338,6 @@ def test_variants_trained_together_are_those_trained_alone(emb_dirs, tmp_path):
             params, clip)  # fmt: skip
 
 
-def test_concept_head_learns_the_training_captions_words_and_the_decoder_reads_it(
-    emb_dirs, tmp_path
-):
-    from pipeline.caption.decode import greedy_search
-
-    section = {**TINY, "model": {**TINY["model"], "concepts": 64, "concept_tags": 3}}
-    _record, rows = _run(emb_dirs, tmp_path / "m", "noada", **section)
-    model = load_caption_model(tmp_path / "m")
-    ngrams = model.config.concept_ngrams
-    assert 0 < len(ngrams) <= 64 and all(len(g) in (1, 2) for g in ngrams)
-    assert not {BOS, EOS, PAD} & {t for g in ngrams for t in g}
-    losses = [float(r["concept_loss"]) for r in rows]
-    assert losses[-1] < losses[0]  # the head learns
-    assert all(r["concept_loss"] == "nan" for r in _run(emb_dirs, tmp_path / "n", "noada")[1])
-    # the context holds one more vector: the head's probabilities, mapped
-    emb = torch.randn(3, DIM)
-    k = model.config.prefix_len + model.config.concept_tags + int(model.config.domain_token)
-    assert model.context(emb).shape == (3, k, model.config.width)
-    prior = torch.sigmoid(model.concept_prior[: len(ngrams)])
-    assert ((0 < prior) & (prior < 1)).all() and prior.max() > 0.05  # the training shares
-    assert len(greedy_search(model, emb, max_len=6)) == 3
-    with pytest.raises(SettingError, match="concepts"):
-        tiny_config(concepts=1, concept_ngrams=((4,), (5,)))
-
-
 def test_variants_train_at_once_only_on_cpu_cores_to_spare(monkeypatch):
     s = Settings()  # threads 1, device auto
     monkeypatch.setattr(stage, "pick_device", lambda name: torch.device("cpu"))

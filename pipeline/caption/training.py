@@ -51,13 +51,7 @@ from pipeline import distributed
 from pipeline.caption.data import CaptionSet, TrainingData
 from pipeline.compute import autocast, scaler
 from pipeline.errors import UserError
-from pipeline.nn.caption_decoder import (
-    SOURCE,
-    TARGET,
-    CaptionDecoder,
-    concept_loss,
-    split_batch,
-)
+from pipeline.nn.caption_decoder import SOURCE, TARGET, CaptionDecoder, split_batch
 from pipeline.nn.discriminator import DomainDiscriminator, domain_adversarial_loss
 from pipeline.nn.grl import warm_start_coeff
 
@@ -78,7 +72,6 @@ PLOT_COLUMNS = (
     "laion_val_loss",  # the held-out LAION captions' loss
     "select_loss",  # the loss the kept epoch is chosen on (train_caption.selection_set)
     "text_loss",  # the loss on Flickr30k captions from noisy text embeddings (text_weight)
-    "concept_loss",  # the concept head's loss on the step's caption rows (model.concepts)
 )
 
 
@@ -223,8 +216,7 @@ class Trainer:
         out: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=dev)
         with autocast(dev):
-            images = torch.cat([p[3] for p in parts]).to(dev).float()
-            pred = self.model(images, inputs, domains)
+            pred = self.model(torch.cat([p[3] for p in parts]).to(dev).float(), inputs, domains)
             start = 0
             for name, weight, _, emb, *_ in parts:
                 rows = slice(start, start + len(emb))
@@ -232,10 +224,6 @@ class Trainer:
                 out[name] = part.detach()
                 loss = part if (len(parts), weight) == (1, 1.0) else loss + weight * part
                 start += len(emb)
-            if self.model.config.concepts:
-                c = concept_loss(self.model, images, ids.to(dev))
-                out["concept_loss"] = c.detach()
-                loss = loss + c
             if domain is not None:
                 src, tgt = (x.to(dev).float() for x in domain)
                 feats = self.model.prefix(torch.cat([src, tgt]))
@@ -310,8 +298,7 @@ class Trainer:
             reduced = distributed.all_reduce_sum([mean[k] for k in keys])
             mean = {k: v / world for k, v in zip(keys, reduced, strict=True)}
         nan = float("nan")
-        names = ("caption_loss", "source_loss", "text_loss", "concept_loss", "disc_loss",
-                 "adv_loss", "disc_acc")  # fmt: skip
+        names = ("caption_loss", "source_loss", "text_loss", "disc_loss", "adv_loss", "disc_acc")
         return {**{k: mean.get(k, nan) for k in names}, "lambda": coeff}
 
     @torch.no_grad()

@@ -10,17 +10,8 @@ Architecture (source paper section 2.3; prefix conditioning as in ClipCap, Mokad
 - with `domain_token`, a learned vector per domain (SOURCE: LAION, TARGET: Flickr30k)
   follows the prefix, after the gradient reversal (the discriminator never sees it); the
   captions of each domain are trained with their own, and captions are made with TARGET's;
-- with `concepts` > 0, a linear multi-label head on the CLIP image embedding predicts
-  which of the training captions' most frequent words and word pairs the image's captions
-  hold (`pipeline.caption.concepts`), and the decoder reads the image's `concept_tags`
-  most telling ones as tokens (object tags as in Oscar, Li et al. 2020, arXiv
-  2004.06165): the concepts whose predicted log-odds most exceed their training prior
-  (pointwise mutual information), each the mean of its words' token embeddings plus its
-  probability times a learned vector. The head learns from its own loss only (its
-  outputs are detached: a probe trained beside the decoder); the tags come after the
-  gradient reversal, as the domain token does;
 - a causal Transformer decoder (pre-LayerNorm GPT blocks; `layers`, `heads`, `dropout`)
-  reads `[prefix ; (tags) ; (domain) ; BOS t1 ... t_{n-1}]`;
+  reads `[prefix ; (domain) ; BOS t1 ... t_{n-1}]`;
 - a projection maps each output to the token-embedding space: the prediction for the
   next token's embedding.
 
@@ -32,9 +23,7 @@ regression targets the unit-normalised table rows times `target_scale` (raw rows
 otherwise); the default scale sqrt(token_width) gives the targets unit-variance
 components, so the elementwise `mse` equals the squared distance of unit vectors
 (≈ 2·(1 - cos)) and its gradients are on the scale of the domain loss's, whatever the
-width. With `concepts`, each caption row adds the head's binary cross-entropy against the
-concepts its own tokens hold (mean over rows and concepts). (With raw CLIP rows, whose
-norms differ, the L2 nearest neighbour of an averaged
+width. (With raw CLIP rows, whose norms differ, the L2 nearest neighbour of an averaged
 prediction is a small-norm "hub" row, and greedy captions collapse; see the stage's
 report.) Decoding (`pipeline.caption.decode`) maps each prediction to its nearest table row in
 the same space the loss measured it in (`search_space`).
@@ -56,7 +45,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.caption.concepts import ConceptIndex
 from pipeline.errors import UserError
 from pipeline.readers import read_json
 from pipeline.settings import SettingError, check
@@ -87,8 +75,6 @@ class DecoderSettings:
     ce_temperature: float = 0.05  # temperature of the ce logits (and of beam scores)
     aux_ce: float = 0.0  # weight of an auxiliary ce loss added to mse / cosine
     domain_token: bool = True  # a learned per-domain vector after the prefix (target at test)
-    concepts: int = 0  # caption words / word pairs a head predicts of each image (0: none)
-    concept_tags: int = 8  # ... of which the decoder reads the most telling as tokens
 
     def __post_init__(self) -> None:
         for key in ("width", "layers", "heads", "mlp_ratio", "prefix_len"):
@@ -101,9 +87,6 @@ class DecoderSettings:
         check(self.target_scale is None or self.target_scale > 0, "target_scale", "must be > 0")
         check(self.ce_temperature > 0, "ce_temperature", "must be > 0")
         check(self.aux_ce >= 0, "aux_ce", "must be >= 0")
-        check(self.concepts >= 0, "concepts", "must be >= 0")
-        check(not self.concepts or 1 <= self.concept_tags <= self.concepts, "concept_tags",
-              "must be in [1, concepts]")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,14 +104,9 @@ class DecoderConfig(DecoderSettings):
     bos_token_id: int
     eos_token_id: int
     pad_token_id: int
-    concept_ngrams: tuple[tuple[int, ...], ...] = ()  # the head's concepts (token id n-grams)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ngrams = tuple(tuple(int(t) for t in g) for g in self.concept_ngrams)  # JSON: lists
-        object.__setattr__(self, "concept_ngrams", ngrams)
-        check(len(self.concept_ngrams) <= self.concepts, "concepts",
-              f"{len(self.concept_ngrams)} concept n-grams for {self.concepts} concepts")  # fmt: skip
         for key in ("image_dim", "vocab_size", "token_width"):
             check(getattr(self, key) >= 1, key, "must be >= 1")
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -147,13 +125,10 @@ class DecoderConfig(DecoderSettings):
         bos_token_id: int,
         eos_token_id: int,
         pad_token_id: int,
-        concept_ngrams: tuple[tuple[int, ...], ...] = (),
     ) -> DecoderConfig:
-        """`settings` completed with what the embeddings, their token table and the
-        training captions (the concepts) fix."""
+        """`settings` completed with what the embeddings and their token table fix."""
         return cls(
             **dataclasses.asdict(settings),
-            concept_ngrams=concept_ngrams,
             image_dim=image_dim,
             vocab_size=token_table.shape[0],
             token_width=token_table.shape[1],
@@ -209,7 +184,6 @@ class CaptionDecoder(nn.Module):
         self.register_buffer("token_table", token_table.detach().float().clone())
         self.register_buffer("unit_table", torch.empty(0), persistent=False)
         self.register_buffer("target_table", torch.empty(0), persistent=False)
-        self.register_buffer("concept_emb", torch.empty(0), persistent=False)
         self._refresh_tables()
         self.register_load_state_dict_post_hook(lambda mod, _keys: mod._refresh_tables())
 
@@ -218,16 +192,10 @@ class CaptionDecoder(nn.Module):
             nn.Linear(cfg.image_dim, hidden), nn.GELU(), nn.Linear(hidden, k * w)
         )
         self.tok_in = nn.Linear(tw, w)
-        n_extra = (1 if cfg.domain_token else 0) + (cfg.concept_tags if cfg.concepts else 0)
-        if cfg.concepts:
-            self.concept_head = nn.Linear(cfg.image_dim, cfg.concepts)
-            self.tag_prob = nn.Parameter(torch.zeros(w))  # times a tag's probability
-            # log-odds of each concept in the training captions (`set_concept_prior`)
-            self.register_buffer("concept_prior", torch.zeros(cfg.concepts))
-            self.concept_index = ConceptIndex(cfg.concept_ngrams, v, cfg.concepts)
+        n_domain = 1 if cfg.domain_token else 0
         if cfg.domain_token:  # rows SOURCE and TARGET
             self.domain = nn.Parameter(torch.zeros(2, w))
-        self.pos = nn.Parameter(torch.zeros(k + n_extra + cfg.max_len, w))
+        self.pos = nn.Parameter(torch.zeros(k + n_domain + cfg.max_len, w))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers)
@@ -254,11 +222,6 @@ class CaptionDecoder(nn.Module):
         self.unit_table = F.normalize(self.token_table, dim=-1)
         base = self.unit_table if self.config.target_norm else self.token_table
         self.target_table = base * float(self.config.target_scale)
-        if self.config.concepts:  # each concept: the mean of its words' input embeddings
-            rows = torch.zeros(self.config.concepts, self.token_table.shape[1])
-            for j, gram in enumerate(self.config.concept_ngrams):
-                rows[j] = self.unit_table[list(gram)].mean(0)
-            self.concept_emb = rows.to(self.unit_table) * math.sqrt(self.config.token_width)
 
     @property
     def search_space(self) -> str:
@@ -271,45 +234,15 @@ class CaptionDecoder(nn.Module):
         x = image_emb.to(self.pos.dtype) * math.sqrt(self.config.image_dim)
         return self.adapter(x).view(len(x), self.config.prefix_len, self.config.width)
 
-    def concept_logits(self, image_emb: torch.Tensor) -> torch.Tensor:
-        """The concept head's logits (B, concepts); input scaled as the adapter's."""
-        return self.concept_head(image_emb.to(self.pos.dtype) * math.sqrt(self.config.image_dim))
-
-    def concept_tags(self, image_emb: torch.Tensor) -> torch.Tensor:
-        """The ids (B, concept_tags) of each image's most telling concepts: predicted
-        log-odds minus the training prior, highest first (concepts no caption filled last)."""
-        score = self.concept_logits(image_emb).float() - self.concept_prior
-        score[:, len(self.config.concept_ngrams) :] = -torch.inf
-        return score.topk(self.config.concept_tags, dim=1).indices
-
-    @torch.no_grad()
-    def set_concept_prior(self, id_sets, chunk: int = 4096) -> None:
-        """The prior: each concept's share of the caption rows of `id_sets` (token id
-        tensors), as log-odds (shares clamped to [1e-4, 1 - 1e-4])."""
-        count, n = torch.zeros_like(self.concept_prior), 0
-        for ids in id_sets:
-            for i in range(0, len(ids), chunk):
-                count += self.concept_index(ids[i : i + chunk].to(count.device)).sum(0)
-                n += len(ids[i : i + chunk])
-        self.concept_prior.copy_(torch.logit((count / max(n, 1)).clamp(1e-4, 1 - 1e-4)))
-
     def context(self, image_emb: torch.Tensor, domain: torch.Tensor | int = TARGET) -> torch.Tensor:
-        """What the decoder reads before the tokens: the prefix, then with `concepts` the
-        image's tags (`concept_tags`, detached from the head), then with `domain_token` the
-        domain's vector (`domain`: one id, or one per row; SOURCE 0, TARGET 1). The
-        discriminator sees `prefix` only: the rest comes after the gradient reversal."""
+        """What the decoder reads before the tokens: the prefix, then with `domain_token`
+        the domain's vector (`domain`: one id, or one per row; SOURCE 0, TARGET 1). The
+        discriminator sees `prefix` only: the token comes after the gradient reversal."""
         p = self.prefix(image_emb)
-        parts = [p]
-        if self.config.concepts:
-            with torch.no_grad():
-                top = self.concept_tags(image_emb)
-                probs = torch.sigmoid(self.concept_logits(image_emb).float().gather(1, top))
-            tags = self.tok_in(self.concept_emb[top]) + probs.unsqueeze(-1) * self.tag_prob
-            parts.append(tags.to(p.dtype))
-        if self.config.domain_token:
-            d = self.domain[torch.as_tensor(domain, device=p.device)].to(p.dtype)
-            parts.append(d.expand(len(p), -1).unsqueeze(1))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else p
+        if not self.config.domain_token:
+            return p
+        d = self.domain[torch.as_tensor(domain, device=p.device)].to(p.dtype)
+        return torch.cat([p, d.expand(len(p), -1).unsqueeze(1)], dim=1)
 
     def decode(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Predicted next-token embeddings (B, T, token_width) for input tokens (B, T)."""
@@ -374,13 +307,6 @@ class CaptionDecoder(nn.Module):
         if self.config.aux_ce > 0:
             loss = loss + float(self.config.aux_ce) * F.cross_entropy(self.ce_logits(pred), ids)
         return loss
-
-
-def concept_loss(model: CaptionDecoder, image_emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The concept head's binary cross-entropy against the concepts of the caption rows
-    `ids` (mean over rows and concepts)."""
-    logits = model.concept_logits(image_emb).float()
-    return F.binary_cross_entropy_with_logits(logits, model.concept_index(ids))
 
 
 def reorder_cache(cache: list[KV], rows: torch.Tensor) -> list[KV]:

@@ -40,7 +40,6 @@ import torch
 from tqdm import tqdm
 
 from pipeline import distributed
-from pipeline.caption.concepts import caption_rows, concept_vocabulary
 from pipeline.caption.data import CaptionSet, TrainingData, load_training_data, split_images
 from pipeline.caption.shift import TargetShift
 from pipeline.caption.training import (
@@ -240,19 +239,10 @@ def main(
                                   device, s.labelled_fraction, s.seed + 2, shift,
                                   s.laion_val_images, text=s.text_weight > 0)  # fmt: skip
         select, selection = selection_set(data, s.seed + 4)
-        rows_ = caption_rows(data.laion, data.flickr30k_labelled)
-        ngrams = (concept_vocabulary(rows_, s.model.concepts, data.special_ids.values())
-                  if s.model.concepts else [])  # fmt: skip
         config = DecoderConfig.for_data(
-            s.model, image_dim=data.image_dim, token_table=data.token_table,
-            concept_ngrams=ngrams, **data.special_ids,
-        )  # fmt: skip
-        if 0 < len(ngrams) < s.model.concept_tags:
-            raise UserError(f"train_caption.model.concept_tags {s.model.concept_tags}: the "
-                            f"training captions hold only {len(ngrams)} concepts")  # fmt: skip
+            s.model, image_dim=data.image_dim, token_table=data.token_table, **data.special_ids
+        )
         trainer = Trainer(CaptionDecoder(config, data.token_table), s, device)
-        if s.model.concepts:
-            trainer.model.set_concept_prior([data.laion.ids, data.flickr30k_labelled.ids])
         distributed.broadcast_params(trainer.model, trainer.disc)  # same start on every rank
         g_data = torch.Generator().manual_seed(s.seed)
         plan = training_plan(s, data, strength)
