@@ -93,7 +93,7 @@ class Settings:
     grad_clip: float = 1.0  # max gradient norm of the decoder (0: no clipping)
     pretrain_epochs: int = 5  # epochs on LAION captions
     adapt_epochs: int = 3  # epochs on LAION captions with the domain loss
-    finetune_epochs: int = 4  # epochs (passes over all Flickr30k train captions) of finetune
+    finetune_epochs: int = 8  # epochs (passes over all Flickr30k train captions) of finetune
     source_weight: float = 1.0  # weight of the LAION caption loss in finetune (0: none)
     text_weight: float = 0.0  # weight of the text arm in finetune: all Flickr30k train
     # captions decoded from their noisy CLIP text embeddings, no image (CapDec; 0: off;
