@@ -40,6 +40,9 @@ class SettingError(UserError):
         self.key = key
         self.message = message
 
+    def __reduce__(self):  # rebuilt from both arguments (a child process raises it too)
+        return (SettingError, (self.key, self.message))
+
 
 def check(ok: bool, key: str, message: str) -> None:
     """Raise a `SettingError` for `key` unless `ok` (use in `__post_init__`)."""

@@ -100,3 +100,13 @@ def test_params_file_errors(tmp_path):
     broken.write_text("a: [1,\n")
     with pytest.raises(UserError, match="cannot parse"):
         read_params(broken)
+
+
+def test_setting_error_survives_pickling():
+    """train_caption's variants may raise it in a child process: it must cross back whole."""
+    import pickle
+
+    from pipeline.settings import SettingError
+
+    back = pickle.loads(pickle.dumps(SettingError("model.width", "must be >= 1")))
+    assert (back.key, back.message, str(back)) == ("model.width", "must be >= 1", "must be >= 1")
