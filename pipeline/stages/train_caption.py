@@ -331,10 +331,9 @@ def run(
     for name, path in (("--out", out), ("--plots", plots)):
         if len(variants) > 1 and VARIANT_FIELD not in str(path):
             raise UserError(f"{name} {path}: with several variants it must hold {VARIANT_FIELD}")
-    paths = {"out": out, "plots": plots}
     common = {"laion": laion, "flickr30k": flickr30k, "params": params, "clip": clip}
-    jobs = [{"variant": v, **common, **{k: Path(str(p).replace(VARIANT_FIELD, v))
-                                        for k, p in paths.items()}} for v in variants]  # fmt: skip
+    jobs = [{**common, "variant": v, "out": Path(str(out).replace(VARIANT_FIELD, v)),
+             "plots": Path(str(plots).replace(VARIANT_FIELD, v))} for v in variants]  # fmt: skip
     if not at_once(load(Settings, params), len(jobs)):
         return [main(**job) for job in jobs]
     spawn = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
